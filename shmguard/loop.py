@@ -1,0 +1,85 @@
+"""The one event loop: a selectors (epoll) loop of fd callbacks. No threads, no timers that poll."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import time
+from collections.abc import Callable
+
+Callback = Callable[[], None]
+
+
+class EventLoop:
+    """Calls a callback when its fd is readable or writable, and deadlines (for timeouts, never polling)."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._deadlines: list[tuple[float, int, Callback]] = []
+        self._order = itertools.count()
+        self._running = False
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        self._readers.pop(fd, None)
+        self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        self._writers.pop(fd, None)
+        self._update(fd)
+
+    def call_at(self, when: float, callback: Callback) -> None:
+        """Run callback once at time.monotonic() >= when."""
+        heapq.heappush(self._deadlines, (when, next(self._order), callback))
+
+    def call_later(self, delay: float, callback: Callback) -> None:
+        self.call_at(time.monotonic() + delay, callback)
+
+    def _update(self, fd: int) -> None:
+        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
+            selectors.EVENT_WRITE if fd in self._writers else 0
+        )
+        registered = fd in self._selector.get_map()
+        if events and registered:
+            self._selector.modify(fd, events)
+        elif events:
+            self._selector.register(fd, events)
+        elif registered:
+            self._selector.unregister(fd)
+
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        self._running = True
+        while self._running:
+            self.run_once()
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """Wait for one batch of events (or the next deadline) and dispatch it."""
+        if self._deadlines:
+            wait = max(0.0, self._deadlines[0][0] - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        for key, events in self._selector.select(timeout):
+            fd = key.fd
+            # A callback may close and unregister another fd of this batch: look up each one afresh.
+            if events & selectors.EVENT_WRITE and fd in self._writers:
+                self._writers[fd]()
+            if events & selectors.EVENT_READ and fd in self._readers:
+                self._readers[fd]()
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            heapq.heappop(self._deadlines)[2]()
+
+    def close(self) -> None:
+        self._selector.close()

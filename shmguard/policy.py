@@ -1,0 +1,430 @@
+"""Policy: what the region, the sockets, the guard and the supervisor must look like.
+
+Policies are TOML files: the built-in ones live in shmguard/policies/, a user's can be any path.
+Every error names the file, the key and the reason, so `shmguard policy check` can print them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import pwd
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PolicyError
+
+BUILTIN_DIR = Path(__file__).parent / "policies"
+MIN_SIZE = 4096
+MAX_VECTORS = 64  # QEMU's example server caps vectors at 64
+RESPONSES = ("block", "repair", "alert")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int, maximum: int | None = None) -> int:
+    """Parse 4096, 4K, 4M, 1G; the result must be a power of two of at least 4096 bytes (QEMU aborts otherwise)."""
+    if isinstance(text, bool):
+        raise ValueError(f"size {text!r} is not a number")
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+        if not match:
+            raise ValueError(f"size {text!r} is not a number of bytes (examples: 4096, 4K, 4M, 1G)")
+        value = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    if value < MIN_SIZE:
+        raise ValueError(f"size {text!r} is below the minimum of 4096 bytes")
+    if value & (value - 1):
+        raise ValueError(f"size {text!r} ({value} bytes) is not a power of two, which QEMU requires")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"size {text!r} ({value} bytes) exceeds the policy maximum of {maximum} bytes")
+    return value
+
+
+def parse_mode(text: str | int) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    elif isinstance(text, str) and re.fullmatch(r"0?o?[0-7]{3,4}", text):
+        value = int(text.lstrip("0o") or "0", 8)
+    else:
+        raise ValueError(f"mode {text!r} is not an octal mode such as \"0660\"")
+    if value & ~0o777:
+        raise ValueError(f"mode {text!r} may not set setuid, setgid or sticky bits")
+    return value
+
+
+def resolve_uid(name: str | int) -> int:
+    if isinstance(name, int):
+        return name
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ValueError(f"user {name!r} does not exist on this host (create it or name another)") from None
+
+
+def resolve_gid(name: str | int) -> int:
+    if isinstance(name, int):
+        return name
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError(
+            f"group {name!r} does not exist on this host (create it with `groupadd --system {name}`)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may do something: uids, or members (primary or supplementary) of groups. '*' admits anyone."""
+
+    uids: tuple[int, ...] = ()
+    gids: tuple[int, ...] = ()
+    anyone: bool = False
+
+    def admits(self, uid: int, gid: int) -> bool:
+        if self.anyone or uid in self.uids or gid in self.gids:
+            return True
+        return bool(self.gids) and not self.gids_of(uid).isdisjoint(self.gids)
+
+    @staticmethod
+    def gids_of(uid: int) -> set[int]:
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            return set()
+        groups = {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
+        return groups | {entry.pw_gid}
+
+    def describe(self) -> dict:
+        if self.anyone:
+            return {"anyone": True}
+        return {"uids": list(self.uids), "gids": list(self.gids)}
+
+
+@dataclass(frozen=True)
+class RegionPolicy:
+    backend: str = "memfd"
+    path: str = "/dev/shm/ivshmem"
+    size: int = 4 << 20
+    max_size: int = 1 << 30
+    owner: int = 0
+    group: int = 0
+    mode: int = 0o660
+    mlock: bool = True
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    socket: str = "/run/shmguard/ivshmem.sock"
+    owner: int = 0
+    group: int = 0
+    mode: int = 0o660
+    vectors: int = 2
+    max_peers: int = 64
+    max_queue: int = 8192  # queued messages per peer before it is disconnected
+    peers: Access = field(default_factory=Access)
+
+
+@dataclass(frozen=True)
+class ControlPolicy:
+    socket: str = "/run/shmguard/control.sock"
+    mode: int = 0o660
+    writers: Access = field(default_factory=Access)
+    ringers: Access = field(default_factory=Access)
+    readers: Access = field(default_factory=Access)
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    on_resize: str = "block"
+    on_attributes: str = "repair"
+    on_unlink: str = "repair"
+    on_socket: str = "repair"
+
+
+@dataclass(frozen=True)
+class AuditPolicy:
+    path: str = "/var/log/shmguard/audit.log"
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class HardeningPolicy:
+    required: bool = True
+    no_new_privs: bool = True
+    dumpable: bool = False
+    capabilities: tuple[str, ...] = ()
+    user: str = ""
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class QemuPolicy:
+    on_exit: str = "stay"  # "stay": keep serving peers; "exit": stop the supervisor
+    memory: str = "256M"
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    source: str
+    region: RegionPolicy
+    server: ServerPolicy
+    control: ControlPolicy
+    guard: GuardPolicy
+    audit: AuditPolicy
+    hardening: HardeningPolicy
+    qemu: QemuPolicy
+
+    def with_overrides(self, *, size=None, vectors=None, socket=None, control_socket=None, audit_log=None) -> Policy:
+        """Apply command-line overrides; each is validated like the policy file itself."""
+        region, server, control, audit = self.region, self.server, self.control, self.audit
+        if size is not None:
+            region = dataclasses.replace(region, size=parse_size(size, region.max_size))
+        if vectors is not None:
+            server = dataclasses.replace(server, vectors=_check_vectors(vectors))
+        if socket is not None:
+            server = dataclasses.replace(server, socket=str(socket))
+        if control_socket is not None:
+            control = dataclasses.replace(control, socket=str(control_socket))
+        if audit_log is not None:
+            audit = dataclasses.replace(audit, path=str(audit_log))
+        return dataclasses.replace(self, region=region, server=server, control=control, audit=audit)
+
+    def describe(self) -> dict:
+        """The effective policy as plain data, for `policy show`."""
+        def plain(value):
+            if isinstance(value, Access):
+                return value.describe()
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, tuple):
+                return list(value)
+            return value
+
+        data = plain(self)
+        for section, key in (("region", "mode"), ("server", "mode"), ("control", "mode")):
+            data[section][key] = f"0{data[section][key]:o}"
+        return data
+
+
+def _check_vectors(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VECTORS:
+        raise ValueError(f"vectors {value!r} must be a whole number from 1 to {MAX_VECTORS}")
+    return value
+
+
+class _Reader:
+    """Reads one TOML table, converting values and collecting every error with its key."""
+
+    def __init__(self, source: str, data: dict, errors: list[str]):
+        self.source, self.data, self.errors = source, data, errors
+
+    def section(self, name: str) -> _Section:
+        table = self.data.get(name, {})
+        if not isinstance(table, dict):
+            self.errors.append(f"{self.source}: [{name}]: must be a table")
+            table = {}
+        return _Section(self, name, table)
+
+    def check_unknown(self, known: set[str]) -> None:
+        for key in self.data:
+            if key not in known and key != "description":
+                self.errors.append(f"{self.source}: [{key}]: unknown section (known: {', '.join(sorted(known))})")
+
+
+class _Section:
+    def __init__(self, reader: _Reader, name: str, table: dict):
+        self.reader, self.name, self.table, self.used = reader, name, table, set()
+
+    def get(self, key: str, default, convert=None):
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        try:
+            if convert is not None:
+                return convert(value)
+            if type(value) is not type(default):
+                raise ValueError(f"expected {type(default).__name__}, got {value!r}")
+            return value
+        except ValueError as exc:
+            self.reader.errors.append(f"{self.reader.source}: {self.name}.{key}: {exc}")
+            return default
+
+    def done(self) -> None:
+        for key in self.table:
+            if key not in self.used:
+                known = ", ".join(sorted(self.used))
+                self.reader.errors.append(f"{self.reader.source}: {self.name}.{key}: unknown key (known: {known})")
+
+
+def _choice(*allowed):
+    def convert(value):
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return convert
+
+
+def _access(value) -> Access:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of users (\"root\", 0), \"@group\" entries, or \"*\"")
+    uids, gids, anyone = [], [], False
+    for item in value:
+        if item == "*":
+            anyone = True
+        elif isinstance(item, str) and item.startswith("@"):
+            gids.append(resolve_gid(item[1:]))
+        elif isinstance(item, (str, int)) and not isinstance(item, bool):
+            uids.append(resolve_uid(item))
+        else:
+            raise ValueError(f"entry {item!r} is not a user, \"@group\" or \"*\"")
+    return Access(tuple(uids), tuple(gids), anyone)
+
+
+def _identity(kind):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"expected a {kind} name or number, got {value!r}")
+        return resolve_uid(value) if kind == "user" else resolve_gid(value)
+
+    return convert
+
+
+def _string_list(value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings")
+    return tuple(value)
+
+
+def parse_policy(text: str, source: str, name: str) -> tuple[Policy | None, list[str]]:
+    """Parse policy TOML; returns the policy (None if invalid) and every error found."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return None, [f"{source}: not valid TOML: {exc}"]
+    errors: list[str] = []
+    reader = _Reader(source, data, errors)
+    reader.check_unknown({"region", "server", "control", "guard", "audit", "hardening", "qemu"})
+    user, group = _identity("user"), _identity("group")
+
+    s = reader.section("region")
+    max_size = s.get("max_size", 1 << 30, lambda v: parse_size(v))
+    region = RegionPolicy(
+        backend=s.get("backend", "memfd", _choice("memfd", "file")),
+        path=s.get("path", "/dev/shm/ivshmem"),
+        size=s.get("size", 4 << 20, lambda v: parse_size(v, max_size)),
+        max_size=max_size,
+        owner=s.get("owner", 0, user),
+        group=s.get("group", 0, group),
+        mode=s.get("mode", 0o660, parse_mode),
+        mlock=s.get("mlock", True),
+    )
+    s.done()
+    if region.backend == "file" and not region.path.startswith("/"):
+        errors.append(f"{source}: region.path: {region.path!r} must be an absolute path")
+
+    s = reader.section("server")
+    server = ServerPolicy(
+        socket=s.get("socket", "/run/shmguard/ivshmem.sock"),
+        owner=s.get("owner", 0, user),
+        group=s.get("group", 0, group),
+        mode=s.get("mode", 0o660, parse_mode),
+        vectors=s.get("vectors", 2, _check_vectors),
+        max_peers=s.get("max_peers", 64, _positive("max_peers", 65536)),
+        max_queue=s.get("max_queue", 8192, _positive("max_queue", 1 << 20)),
+        peers=s.get("peers", Access(), _access),
+    )
+    s.done()
+
+    s = reader.section("control")
+    control = ControlPolicy(
+        socket=s.get("socket", "/run/shmguard/control.sock"),
+        mode=s.get("mode", 0o660, parse_mode),
+        writers=s.get("writers", Access(), _access),
+        ringers=s.get("ringers", Access(), _access),
+        readers=s.get("readers", Access(), _access),
+    )
+    s.done()
+
+    s = reader.section("guard")
+    response = _choice(*RESPONSES)
+    guard = GuardPolicy(
+        on_resize=s.get("on_resize", "block", response),
+        on_attributes=s.get("on_attributes", "repair", response),
+        on_unlink=s.get("on_unlink", "repair", response),
+        on_socket=s.get("on_socket", "repair", response),
+    )
+    s.done()
+    if guard.on_resize == "block" and region.backend != "memfd":
+        errors.append(f"{source}: guard.on_resize: \"block\" needs region.backend = \"memfd\" "
+                      "(a file in /dev/shm cannot be sealed); use \"repair\"")
+
+    s = reader.section("audit")
+    audit = AuditPolicy(path=s.get("path", "/var/log/shmguard/audit.log"), durable=s.get("durable", True))
+    s.done()
+
+    s = reader.section("hardening")
+    hardening = HardeningPolicy(
+        required=s.get("required", True),
+        no_new_privs=s.get("no_new_privs", True),
+        dumpable=s.get("dumpable", False),
+        capabilities=s.get("capabilities", (), _string_list),
+        user=s.get("user", ""),
+        group=s.get("group", ""),
+    )
+    s.done()
+
+    s = reader.section("qemu")
+    qemu = QemuPolicy(on_exit=s.get("on_exit", "stay", _choice("stay", "exit")), memory=s.get("memory", "256M"))
+    s.done()
+
+    if errors:
+        return None, errors
+    return Policy(name, source, region, server, control, guard, audit, hardening, qemu), []
+
+
+def _positive(key: str, limit: int):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(f"must be a whole number from 1 to {limit}")
+        return value
+
+    return convert
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
+
+
+def locate(name_or_path: str) -> Path:
+    """A built-in policy name (strict, standard, compat) or a path to a TOML file."""
+    if "/" not in name_or_path and not name_or_path.endswith(".toml"):
+        path = BUILTIN_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise PolicyError(f"no built-in policy {name_or_path!r} (built-in: {', '.join(builtin_names())}; "
+                              "or give a path to a .toml file)")
+        return path
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise PolicyError(f"{name_or_path}: policy file not found")
+    return path
+
+
+def check_policy(name_or_path: str) -> list[str]:
+    """Every error in a policy, empty if it is valid."""
+    path = locate(name_or_path)
+    return parse_policy(path.read_text(), str(path), path.stem)[1]
+
+
+def load_policy(name_or_path: str) -> Policy:
+    path = locate(name_or_path)
+    policy, errors = parse_policy(path.read_text(), str(path), path.stem)
+    if errors:
+        more = f" (and {len(errors) - 1} more; run `shmguard policy check {path}`)" if len(errors) > 1 else ""
+        raise PolicyError(errors[0] + more)
+    return policy

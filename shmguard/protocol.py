@@ -1,0 +1,96 @@
+"""The ivshmem server wire format (REFERENCE §1): 8-byte little-endian int64 messages, at most one fd each.
+
+Encoding and the order of a greeting live here; the server and client decide when to send and receive.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+
+MESSAGE = struct.Struct("<q")
+PROTOCOL_VERSION = 0
+SHM_MESSAGE = -1
+MAX_PEER_ID = 65535
+FD_SIZE = array.array("i").itemsize
+
+
+class SharedFd:
+    """An fd shared by the peer table and the send queues; closed when the last holder releases it."""
+
+    __slots__ = ("fd", "_holders")
+
+    def __init__(self, fd: int):
+        self.fd, self._holders = fd, 1
+
+    def acquire(self) -> SharedFd:
+        self._holders += 1
+        return self
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            os.close(self.fd)
+
+
+Message = tuple[int, SharedFd | None]
+
+
+def greeting(new_id: int, shm: SharedFd, others: Sequence[tuple[int, Sequence[SharedFd]]],
+             own: Sequence[SharedFd]) -> Iterator[Message]:
+    """What a joining peer receives, in the only order QEMU survives (REFERENCE §1 and §2)."""
+    yield PROTOCOL_VERSION, None
+    yield new_id, None
+    yield SHM_MESSAGE, shm
+    for peer_id, fds in others:
+        for fd in fds:
+            yield peer_id, fd
+    for fd in own:
+        yield new_id, fd
+
+
+def announcement(new_id: int, own: Sequence[SharedFd]) -> Iterator[Message]:
+    """What every connected peer receives when new_id joins: one message per vector, in order."""
+    for fd in own:
+        yield new_id, fd
+
+
+def send_message(sock: socket.socket, value: int, fd: int | None = None) -> int:
+    """Send one message; returns bytes sent (the fd travels with the first byte)."""
+    data = MESSAGE.pack(value)
+    if fd is None:
+        return sock.send(data)
+    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+def recv_message(sock: socket.socket) -> tuple[int, list[int]] | None:
+    """Receive one whole message and the fds that came with it; None on EOF. Blocking."""
+    data, fds = b"", []
+    while len(data) < MESSAGE.size:
+        chunk, ancdata, flags, _ = sock.recvmsg(MESSAGE.size - len(data), socket.CMSG_SPACE(4 * FD_SIZE))
+        fds.extend(_fds_from(ancdata))
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            raise OSError("server sent more fds with one message than the protocol allows")
+        if not chunk:
+            _close_all(fds)
+            return None
+        data += chunk
+    return MESSAGE.unpack(data)[0], fds
+
+
+def _fds_from(ancdata) -> list[int]:
+    fds = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -1,0 +1,182 @@
+"""Region: the shared memory itself, a sealed memfd or a file in /dev/shm, and the only code that touches it.
+
+Every write goes through `write()`: offset and length within the size, checked against fstat on the file
+backend (a truncated mapping kills the process with SIGBUS, which CPython cannot catch).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import stat
+from dataclasses import dataclass
+
+from .errors import RegionError
+from .policy import RegionPolicy, parse_size
+
+SEALS = {
+    "seal": fcntl.F_SEAL_SEAL,
+    "shrink": fcntl.F_SEAL_SHRINK,
+    "grow": fcntl.F_SEAL_GROW,
+    "write": fcntl.F_SEAL_WRITE,
+}
+REQUIRED_SEALS = ("shrink", "grow", "seal")
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What fstat/lstat say about the region; the guard compares it with the policy."""
+
+    size: int
+    uid: int
+    gid: int
+    mode: int
+    inode: int
+    nlink: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileState:
+        return cls(st.st_size, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_ino, st.st_nlink)
+
+    def describe(self) -> dict:
+        return {"size": self.size, "uid": self.uid, "gid": self.gid, "mode": f"0{self.mode:o}",
+                "inode": self.inode, "nlink": self.nlink}
+
+
+class Region:
+    """A shared-memory region of fixed size, held open (pinned) for the life of the supervisor."""
+
+    def __init__(self, fd: int, size: int, backend: str, path: str | None = None):
+        self.fd, self.size, self.backend, self.path = fd, size, backend, path
+        self.mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    @classmethod
+    def create(cls, policy: RegionPolicy, name: str = "shmguard") -> Region:
+        if policy.backend == "memfd":
+            return create_memfd(policy.size, name)
+        return create_file(policy.path, policy.size, policy.owner, policy.group, policy.mode)
+
+    def state(self) -> FileState:
+        return FileState.of(os.fstat(self.fd))
+
+    def seals(self) -> set[str]:
+        try:
+            bits = fcntl.fcntl(self.fd, fcntl.F_GET_SEALS)
+        except OSError:
+            return set()
+        return {name for name, bit in SEALS.items() if bits & bit}
+
+    @property
+    def sealed(self) -> bool:
+        return set(REQUIRED_SEALS) <= self.seals()
+
+    def check_bounds(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise RegionError(f"offset {offset} and length {length} must not be negative")
+        if offset + length > self.size:
+            raise RegionError(
+                f"{length} bytes at offset {offset} do not fit the {self.size}-byte region "
+                f"(at most {max(0, self.size - offset)} bytes fit there)"
+            )
+
+    def _check_intact(self) -> None:
+        """On the file backend, refuse to touch the mapping unless the file still has its full size."""
+        if self.backend == "memfd" and self.sealed:
+            return
+        actual = os.fstat(self.fd).st_size
+        if actual != self.size:
+            raise RegionError(f"region is {actual} bytes instead of {self.size} (tampered with); "
+                              "refusing to touch the mapping until it is repaired")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.check_bounds(offset, len(data))
+        self._check_intact()
+        self.mapping[offset:offset + len(data)] = data
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        """Read with pread: a read never faults, even if the file was truncated under us."""
+        length = self.size - offset if length is None else length
+        self.check_bounds(offset, length)
+        return os.pread(self.fd, length, offset)
+
+    def snapshot(self) -> bytes:
+        return self.read(0, self.size)
+
+    def restore(self, contents: bytes) -> None:
+        """Put back size and contents (the guard's repair); the mapping stays the same."""
+        if len(contents) != self.size:
+            raise RegionError("snapshot does not match the region size")
+        if os.fstat(self.fd).st_size != self.size:
+            os.ftruncate(self.fd, self.size)
+        self.mapping[:] = contents
+
+    def close(self) -> None:
+        self.mapping.close()
+        os.close(self.fd)
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "size": self.size, "path": self.path, "seals": sorted(self.seals())}
+
+
+def create_memfd(size: int, name: str = "shmguard") -> Region:
+    """A memfd sized and sealed so that nobody, root included, can ever change its size."""
+    size = parse_size(size)
+    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        region = Region(fd, size, "memfd")
+    except BaseException:
+        os.close(fd)
+        raise
+    missing = set(REQUIRED_SEALS) - region.seals()
+    if missing:
+        region.close()
+        raise RegionError(f"memfd seals {sorted(missing)} did not take; this kernel cannot seal the region")
+    return region
+
+
+def create_file(path: str, size: int, owner: int, group: int, mode: int) -> Region:
+    """Create the file with O_EXCL and the policy's identity, or adopt one that already matches it exactly."""
+    size = parse_size(size)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0)
+        created = True
+    except FileExistsError:
+        fd = _open_existing(path, flags, size, owner, group, mode)
+        created = False
+    except OSError as exc:
+        raise RegionError(f"{path}: cannot create the region: {exc.strerror}") from None
+    try:
+        if created:
+            os.fchown(fd, owner, group)
+            os.fchmod(fd, mode)
+            os.ftruncate(fd, size)
+        return Region(fd, size, "file", path)
+    except BaseException:
+        os.close(fd)
+        if created:
+            os.unlink(path)
+        raise
+
+
+def _open_existing(path: str, flags: int, size: int, owner: int, group: int, mode: int) -> int:
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RegionError(f"{path}: is a symbolic link; refusing it (remove it and start again)") from None
+        raise RegionError(f"{path}: cannot open the existing file: {exc.strerror}") from None
+    st = os.fstat(fd)
+    wanted = {"regular file": True, "owner": owner, "group": group, "mode": f"0{mode:o}", "size": size}
+    found = {"regular file": stat.S_ISREG(st.st_mode), "owner": st.st_uid, "group": st.st_gid,
+             "mode": f"0{stat.S_IMODE(st.st_mode):o}", "size": st.st_size}
+    wrong = [f"{key} is {found[key]} (policy: {wanted[key]})" for key in wanted if found[key] != wanted[key]]
+    if wrong:
+        os.close(fd)
+        raise RegionError(f"{path}: already exists and does not match the policy: {'; '.join(wrong)}. "
+                          "Remove it, or make it match, and start again")
+    return fd

@@ -1,0 +1,390 @@
+"""IvshmemServer: the ivshmem server protocol over a UNIX socket, safe against QEMU's known crashes.
+
+One selectors loop drives it. Each peer has its own send queue, so a greeting is never truncated and a
+slow peer delays nobody; a peer whose queue passes the policy's bound is disconnected.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import ShmguardError
+from .loop import EventLoop
+from .policy import ServerPolicy
+from .protocol import MAX_PEER_ID, MESSAGE, SharedFd, announcement, greeting
+
+log = logging.getLogger("shmguard.server")
+EventSink = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> PeerCred:
+        return cls(*struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)))
+
+    def exe(self) -> str:
+        try:
+            return os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return "unknown"
+
+    def describe(self) -> dict:
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe()}
+
+
+@dataclass(eq=False)
+class Peer:
+    id: int
+    vectors: list[SharedFd]
+    joined: int  # the join counter when it joined: it has seen every leave after this
+    cred: PeerCred | None = None  # None for the supervisor's own (local) peer
+    sock: socket.socket | None = None
+    queue: deque[tuple[bytes, SharedFd | None]] = field(default_factory=deque)
+
+    def describe(self) -> dict:
+        who = self.cred.describe() if self.cred else {"local": True}
+        return {"id": self.id, "vectors": len(self.vectors), **who}
+
+
+class PeerIds:
+    """Hands out ids 0..65535 in order; a departed id comes back only once no connected peer has seen it leave.
+
+    QEMU frees a departed peer's state and crashes if that id reappears while it remembers the leave
+    (REFERENCE §2), so an id is reusable only when every connected peer joined after it left.
+    """
+
+    def __init__(self, limit: int = MAX_PEER_ID + 1):
+        self.limit, self.next_fresh = limit, 0
+        self.departed: deque[tuple[int, int]] = deque()  # (id, leave counter), oldest first
+
+    def allocate(self, oldest_join: int | None) -> int | None:
+        if self.next_fresh < self.limit:
+            self.next_fresh += 1
+            return self.next_fresh - 1
+        if self.departed and (oldest_join is None or self.departed[0][1] < oldest_join):
+            return self.departed.popleft()[0]
+        return None
+
+    def release(self, peer_id: int, counter: int) -> None:
+        self.departed.append((peer_id, counter))
+
+    def unused(self, peer_id: int) -> None:
+        """Give back an id that was never announced: nobody saw it, so it is free at once."""
+        self.departed.appendleft((peer_id, -1))
+
+
+class IvshmemServer:
+    def __init__(self, policy: ServerPolicy, shm_fd: int, loop: EventLoop, on_event: EventSink | None = None):
+        self.policy, self.loop = policy, loop
+        self.shm = SharedFd(os.dup(shm_fd))
+        self.on_event = on_event or (lambda action, **fields: None)
+        self.peers: dict[int, Peer] = {}
+        self.ids = PeerIds()
+        self.counter = 0  # counts joins and leaves, to know who has seen which leave
+        self.listener: BoundSocket | None = None
+        self._reserve_fd: int | None = None
+
+    # --- the listening socket -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.listener = bind_socket(self.policy.socket, self.policy.owner, self.policy.group, self.policy.mode)
+        self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
+        log.info("serving %s (vectors=%d, max peers=%d)", self.policy.socket, self.policy.vectors,
+                 self.policy.max_peers)
+
+    def rebind(self) -> None:
+        """Put the socket back at its path (after it was removed or replaced); connected peers are unaffected."""
+        old = self.listener
+        self.loop.remove_reader(old.sock.fileno())
+        self.listener = bind_socket(self.policy.socket, self.policy.owner, self.policy.group, self.policy.mode,
+                                    replace=True)
+        self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
+        old.sock.close()
+
+    def _on_accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._shed_connection()
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EINTR):
+                    continue
+                raise
+            self._admit(sock)
+
+    def _shed_connection(self) -> None:
+        """Out of fds: accept and close the waiting connection with our reserve fd, so we do not spin."""
+        log.warning("out of file descriptors: refusing a connection, still serving %d peers", len(self.peers))
+        os.close(self._reserve_fd)
+        try:
+            sock, _ = self.listener.sock.accept()
+            sock.close()
+        except OSError:
+            pass
+        self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.on_event("refused", result="refused", detail={"reason": "out of file descriptors"})
+
+    # --- joining and leaving --------------------------------------------------------------------------
+
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        cred = PeerCred.of(sock)
+        reason = self._refusal(cred)
+        if reason is None:
+            peer_id = self.ids.allocate(self._oldest_join())
+            reason = "no peer id is free (every departed id is still remembered by a connected peer)" \
+                if peer_id is None else None
+        if reason is None:
+            try:
+                vectors = new_vectors(self.policy.vectors)
+            except OSError as exc:
+                self.ids.unused(peer_id)
+                reason = f"cannot create eventfds: {exc.strerror}"
+        if reason is not None:
+            log.warning("refused peer pid=%d uid=%d gid=%d: %s", cred.pid, cred.uid, cred.gid, reason)
+            self.on_event("refused", result="refused", actor=cred, detail={"reason": reason, "what": "peer"})
+            sock.close()
+            return
+        self._join(Peer(peer_id, vectors, self.counter, cred, sock))
+
+    def _refusal(self, cred: PeerCred) -> str | None:
+        if not self.policy.peers.admits(cred.uid, cred.gid):
+            return f"uid {cred.uid} is not allowed by the policy"
+        if len(self.peers) >= self.policy.max_peers:
+            return f"the policy's maximum of {self.policy.max_peers} peers is reached"
+        return None
+
+    def _oldest_join(self) -> int | None:
+        return min((p.joined for p in self.peers.values()), default=None)
+
+    def _join(self, peer: Peer) -> None:
+        self.counter += 1
+        others = [(p.id, p.vectors) for p in self.peers.values()]
+        self.peers[peer.id] = peer
+        if peer.sock is not None:
+            self.loop.add_reader(peer.sock.fileno(), lambda: self._on_peer_readable(peer))
+            self._enqueue(peer, greeting(peer.id, self.shm, others, peer.vectors))
+        for other in list(self.peers.values()):
+            if other is not peer:
+                self._enqueue(other, announcement(peer.id, peer.vectors))
+        if peer.cred:
+            log.info("peer %d joined: pid=%d uid=%d exe=%s", peer.id, peer.cred.pid, peer.cred.uid, peer.cred.exe())
+            self.on_event("peer-join", actor=peer.cred, detail={"peer": peer.id})
+
+    def add_local_peer(self) -> Peer:
+        """The supervisor's own peer: it owns eventfds that guests ring, and rings theirs directly."""
+        peer_id = self.ids.allocate(self._oldest_join())
+        if peer_id is None:
+            raise ShmguardError("no peer id is free for the supervisor's own peer")
+        peer = Peer(peer_id, new_vectors(self.policy.vectors), self.counter)
+        self._join(peer)
+        return peer
+
+    def _on_peer_readable(self, peer: Peer) -> None:
+        try:
+            data = peer.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.remove_peer(peer, f"socket error: {exc.strerror}")
+            return
+        self.remove_peer(peer, "sent data (clients never send)" if data else "disconnected")
+
+    def remove_peer(self, peer: Peer, reason: str) -> None:
+        if self.peers.get(peer.id) is not peer:
+            return
+        del self.peers[peer.id]
+        self.counter += 1
+        self.ids.release(peer.id, self.counter)
+        if peer.sock is not None:
+            self.loop.remove_reader(peer.sock.fileno())
+            self.loop.remove_writer(peer.sock.fileno())
+            for _, fd in peer.queue:
+                if fd is not None:
+                    fd.release()
+            peer.queue.clear()
+            peer.sock.close()
+        for fd in peer.vectors:
+            fd.release()
+        log.info("peer %d left: %s", peer.id, reason)
+        self.on_event("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
+        for other in list(self.peers.values()):
+            self._enqueue(other, [(peer.id, None)])
+
+    # --- sending --------------------------------------------------------------------------------------
+
+    def _enqueue(self, peer: Peer, messages) -> None:
+        if peer.sock is None:
+            return  # the local peer reads nothing from the wire
+        was_idle = not peer.queue
+        for value, fd in messages:
+            peer.queue.append((MESSAGE.pack(value), fd.acquire() if fd else None))
+        if len(peer.queue) > self.policy.max_queue:
+            self.remove_peer(peer, f"send queue passed {self.policy.max_queue} messages (peer is not reading)")
+            return
+        if was_idle:
+            self._flush(peer)
+
+    def _flush(self, peer: Peer) -> None:
+        while peer.queue:
+            data, fd = peer.queue[0]
+            try:
+                sent = send_message_raw(peer.sock, data, fd)
+            except BlockingIOError:
+                self.loop.add_writer(peer.sock.fileno(), lambda: self._flush(peer))
+                return
+            except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
+                self.remove_peer(peer, f"send failed: {exc.strerror}")
+                return
+            if sent < len(data):  # the fd went with the first byte; the rest goes plain
+                peer.queue[0] = (data[sent:], None)
+            else:
+                peer.queue.popleft()
+            if fd is not None and sent > 0:
+                fd.release()
+        self.loop.remove_writer(peer.sock.fileno())
+
+    # --- ringing --------------------------------------------------------------------------------------
+
+    def ring(self, peer_id: int, vector: int) -> None:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise ShmguardError(f"no peer {peer_id} is connected (connected: {sorted(self.peers) or 'none'})")
+        if not 0 <= vector < len(peer.vectors):
+            raise ShmguardError(f"peer {peer_id} has vectors 0..{len(peer.vectors) - 1}, not {vector}")
+        os.eventfd_write(peer.vectors[vector].fd, 1)
+
+    def close(self) -> None:
+        """Orderly shutdown: every peer sees every other leave, then the socket goes away."""
+        for peer in list(self.peers.values()):
+            self.remove_peer(peer, "server shutting down")
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.sock.fileno())
+            self.listener.remove()
+            self.listener = None
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+        self.shm.release()
+
+
+def new_vectors(count: int) -> list[SharedFd]:
+    vectors: list[SharedFd] = []
+    try:
+        for _ in range(count):
+            vectors.append(SharedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)))
+    except OSError:
+        for fd in vectors:
+            fd.release()
+        raise
+    return vectors
+
+
+def send_message_raw(sock: socket.socket, data: bytes, fd: SharedFd | None) -> int:
+    if fd is None:
+        return sock.send(data)
+    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fd.fd))])
+
+
+def _fd_array(fd: int) -> bytes:
+    return struct.pack("i", fd)
+
+
+@dataclass
+class BoundSocket:
+    """A listening socket and the identity of the file it is bound to (the guard compares them)."""
+
+    sock: socket.socket
+    path: str
+    device: int
+    inode: int
+
+    def is_at_path(self) -> bool:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (self.device, self.inode)
+
+    def remove(self) -> None:
+        """Unlink the path only if it is still ours, never a file someone put there since; then close."""
+        if self.is_at_path():
+            os.unlink(self.path)
+        self.sock.close()
+
+
+def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = False) -> BoundSocket:
+    """Bind a listening socket that appears at `path` only once its owner, group and mode are final."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    if not replace:
+        check_stale_socket(path)
+    staging = f"{path}.{os.getpid()}.new"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    old_umask = os.umask(0o777)  # the staging socket is born mode 0000: never more open than the policy
+    try:
+        _unlink_if_socket(staging)
+        sock.bind(staging)
+    except OSError as exc:
+        sock.close()
+        raise ShmguardError(f"{path}: cannot create the socket: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chown(staging, owner, group, follow_symlinks=False)
+        os.chmod(staging, mode)  # our own fresh socket file in a directory we checked
+        sock.listen(128)
+        st = os.lstat(staging)
+        os.rename(staging, path)
+    except BaseException:
+        sock.close()
+        _unlink_if_socket(staging)
+        raise
+    return BoundSocket(sock, path, st.st_dev, st.st_ino)
+
+
+def check_stale_socket(path: str) -> None:
+    """Refuse anything at `path` but a socket that nobody answers on (which is removed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ShmguardError(f"{path}: exists and is not a socket; refusing to replace it (remove it yourself)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: nothing is listening
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise ShmguardError(f"{path}: another server is listening there; stop it or choose another --socket")
+
+
+def _unlink_if_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
