@@ -120,6 +120,20 @@ class Region:
         return {"backend": self.backend, "size": self.size, "path": self.path, "seals": sorted(self.seals())}
 
 
+def text_payload(message: bytes, offset: int, size: int, allow_unterminated: bool = False) -> bytes:
+    """A text message as the seed's script writes it: the text, then NUL padding to the end of the region."""
+    room = size - offset
+    if offset < 0 or offset >= size:
+        raise RegionError(f"offset {offset} is outside the {size}-byte region (0..{size - 1})")
+    if len(message) > room:
+        raise RegionError(f"a {len(message)}-byte message does not fit at offset {offset}: "
+                          f"the region has {room} bytes from there")
+    if len(message) == room and not allow_unterminated:
+        raise RegionError(f"a {len(message)}-byte message at offset {offset} leaves no room for its NUL "
+                          f"terminator (at most {room - 1} bytes; or pass --allow-unterminated)")
+    return message + bytes(room - len(message))
+
+
 def create_memfd(size: int, name: str = "shmguard") -> Region:
     """A memfd sized and sealed so that nobody, root included, can ever change its size."""
     size = parse_size(size)

@@ -208,7 +208,7 @@ class IvshmemServer:
             return
         self.remove_peer(peer, "sent data (clients never send)" if data else "disconnected")
 
-    def remove_peer(self, peer: Peer, reason: str) -> None:
+    def remove_peer(self, peer: Peer, reason: str, announce: bool = True) -> None:
         if self.peers.get(peer.id) is not peer:
             return
         del self.peers[peer.id]
@@ -226,8 +226,9 @@ class IvshmemServer:
             fd.release()
         log.info("peer %d left: %s", peer.id, reason)
         self.on_event("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
-        for other in list(self.peers.values()):
-            self._enqueue(other, [(peer.id, None)])
+        if announce:
+            for other in list(self.peers.values()):
+                self._enqueue(other, [(peer.id, None)])
 
     # --- sending --------------------------------------------------------------------------------------
 
@@ -272,10 +273,16 @@ class IvshmemServer:
             raise ShmguardError(f"peer {peer_id} has vectors 0..{len(peer.vectors) - 1}, not {vector}")
         os.eventfd_write(peer.vectors[vector].fd, 1)
 
-    def close(self) -> None:
-        """Orderly shutdown: every peer sees every other leave, then the socket goes away."""
-        for peer in list(self.peers.values()):
-            self.remove_peer(peer, "server shutting down")
+    def close(self, linger: float = 1.0) -> None:
+        """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes."""
+        everyone = list(self.peers.values())
+        for peer in everyone:
+            self._enqueue(peer, [(other.id, None) for other in everyone if other is not peer])
+        for peer in everyone:
+            if peer.sock is not None and peer.queue:
+                peer.sock.settimeout(linger)  # a last, bounded, blocking flush
+                self._flush(peer)
+            self.remove_peer(peer, "server shutting down", announce=False)
         if self.listener is not None:
             self.loop.remove_reader(self.listener.sock.fileno())
             self.listener.remove()

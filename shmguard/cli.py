@@ -1,0 +1,202 @@
+"""The `shmguard` command: parses, calls the library, prints text or --json. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from .errors import ShmguardError
+from .policy import builtin_names, check_policy, load_policy
+
+POLICY_HELP = f"Built-in policy ({', '.join(builtin_names())}) or path to a policy TOML file."
+
+
+def user_errors(func):
+    """Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ShmguardError as exc:
+            click.echo(f"shmguard: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def emit(data, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+def policy_option(func):
+    return click.option("--policy", "policy_name", default="strict", show_default=True, help=POLICY_HELP)(func)
+
+
+def socket_option(func):
+    return click.option("--socket", "socket_path", help="ivshmem socket path (default: the policy's).")(func)
+
+
+def resolve_socket(policy_name: str, socket_path: str | None) -> str:
+    return socket_path or load_policy(policy_name).server.socket
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shmguard")
+def main() -> None:
+    """shmguard: a production supervisor for QEMU inter-VM shared memory (ivshmem).
+
+    It owns a sealed region that nobody can resize, serves it to QEMU over an authenticated ivshmem
+    socket, guards any path it exposes, and writes only audited, size-respecting messages.
+    """
+
+
+# --- run ------------------------------------------------------------------------------------------------
+
+
+@main.command()
+@policy_option
+@click.option("--size", help="Region size: a power of two >= 4096 (4096, 4K, 4M, 1G).")
+@click.option("--vectors", type=int, help="Interrupt vectors per peer (1..64).")
+@socket_option
+@click.option("--audit-log", help="Audit log path (default: the policy's).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@user_errors
+def run(policy_name, size, vectors, socket_path, audit_log, verbose):
+    """Run the supervisor in the foreground, logging to stderr, until SIGTERM or SIGINT."""
+    from .supervisor import Supervisor
+
+    setup_logging(verbose)
+    policy = load_policy(policy_name).with_overrides(size=size, vectors=vectors, socket=socket_path,
+                                                    audit_log=audit_log)
+    supervisor = Supervisor(policy)
+    try:
+        supervisor.start()
+    except BaseException:
+        supervisor.stop()
+        raise
+    sys.exit(supervisor.run())
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="shmguard: %(levelname)s: %(message)s")
+
+
+# --- policy ---------------------------------------------------------------------------------------------
+
+
+@main.group()
+def policy() -> None:
+    """Show or check policies."""
+
+
+@policy.command("show")
+@click.argument("name", default="strict")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@user_errors
+def policy_show(name, as_json):
+    """Print the effective policy NAME (built-in name or path)."""
+    data = load_policy(name).describe()
+    emit(data, as_json, _format_policy(data))
+
+
+def _format_policy(data: dict) -> str:
+    lines = [f"policy {data['name']} ({data['source']})"]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines.append(f"[{section}]")
+            lines.extend(f"  {key} = {value}" for key, value in values.items())
+    return "\n".join(lines)
+
+
+@policy.command("check")
+@click.argument("path")
+@user_errors
+def policy_check(path):
+    """Check a policy file; print every error with file, key and reason."""
+    errors = check_policy(path)
+    for error in errors:
+        click.echo(error, err=True)
+    if errors:
+        sys.exit(2)
+    click.echo(f"{path}: OK")
+
+
+# --- peers and doorbells --------------------------------------------------------------------------------
+
+
+def _connected_client(policy_name, socket_path, vectors=None):
+    from .client import IvshmemClient
+
+    return IvshmemClient(resolve_socket(policy_name, socket_path), vectors=vectors).connect()
+
+
+@main.command()
+@policy_option
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@user_errors
+def peers(policy_name, socket_path, as_json):
+    """List the peers connected to an ivshmem server (joins briefly as a peer to see them)."""
+    with _connected_client(policy_name, socket_path) as client:
+        data = client.describe()
+    lines = [f"own id {data['own_id']} (this query), {data['own_vectors']} vectors, shm {data['shm_size']} bytes"]
+    lines += [f"peer {peer_id}: {count} vectors" for peer_id, count in data["peers"].items()]
+    emit(data, as_json, "\n".join(lines))
+
+
+def parse_vector(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise ShmguardError(f"vector {text!r} must be a number or 'all'")
+    return int(text)
+
+
+@main.command()
+@click.argument("peer", type=int)
+@click.argument("vector")
+@policy_option
+@socket_option
+@user_errors
+def notify(peer, vector, policy_name, socket_path):
+    """Ring PEER on VECTOR (a number or 'all')."""
+    with _connected_client(policy_name, socket_path) as client:
+        count = client.notify(peer, parse_vector(vector))
+    click.echo(f"rang peer {peer} on {count} vector{'s' if count != 1 else ''}")
+
+
+@main.command()
+@click.option("--vector", "vectors", type=int, multiple=True, help="Only these vectors (repeatable).")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 124).")
+@policy_option
+@socket_option
+@user_errors
+def wait(vectors, timeout, policy_name, socket_path):
+    """Join as a peer and wait until rung; print the vector. Exit 0 when rung, 124 on timeout."""
+    with _connected_client(policy_name, socket_path) as client:
+        click.echo(f"peer {client.own_id} waiting", err=True)
+        vector = client.wait(list(vectors) or None, timeout)
+    if vector is None:
+        click.echo("timeout", err=True)
+        sys.exit(124)
+    click.echo(f"vector {vector}")
+
+
+@main.command()
+@policy_option
+@socket_option
+@user_errors
+def client(policy_name, socket_path):
+    """Interactive client with the commands of QEMU's ivshmem-client (dump, int, help)."""
+    from .interactive import run_interactive
+
+    with _connected_client(policy_name, socket_path) as ivshmem:
+        run_interactive(ivshmem, sys.stdin, click.echo)

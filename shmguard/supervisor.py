@@ -1,0 +1,352 @@
+"""Supervisor: composes region, server, audit, control socket, guard and QEMU into one event loop."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import resource
+import signal
+import socket
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+from . import layout, sdnotify
+from .audit import Actor, AuditLog
+from .control import ControlServer, Request
+from .errors import ControlError, RegionError
+from .loop import EventLoop
+from .policy import Policy
+from .region import Region, text_payload
+from .server import IvshmemServer, PeerCred
+
+log = logging.getLogger("shmguard")
+
+
+@dataclass(frozen=True)
+class GuestOptions:
+    """Which guest to boot under QEMU; kernel None means the built-in guest."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+    qemu_args: tuple[str, ...] = ()
+
+    @property
+    def builtin(self) -> bool:
+        return self.kernel is None
+
+
+@dataclass(eq=False)
+class AckWaiter:
+    """A write request waiting for the guest's acknowledgement of its message."""
+
+    request: Request
+    reply: dict
+    crc32: int
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class GuestState:
+    """What the supervisor knows of the guest it rings: is it ready, and who waits for its acks."""
+
+    handshake: bool = False  # the built-in guest says "ready" and acknowledges; other guests do not
+    ready: bool = False
+    pending_rings: list[tuple[int, int]] = field(default_factory=list)  # (peer, vector) held until ready
+    waiters: deque[AckWaiter] = field(default_factory=deque)
+    acks: int = 0
+    last_reply: str = ""
+
+
+def raise_fd_limit() -> None:
+    """Peers cost one socket plus one eventfd per vector: use the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Supervisor:
+    def __init__(self, policy: Policy, guest: GuestOptions | None = None):
+        self.policy, self.guest_options = policy, guest
+        self.loop = EventLoop()
+        self.audit: AuditLog | None = None
+        self.region: Region | None = None
+        self.server: IvshmemServer | None = None
+        self.host = None
+        self.guest = GuestState()
+        self.exit_code = 0
+        self._signal_sockets: tuple[socket.socket, socket.socket] | None = None
+        self._stop_hooks: list[callable] = []
+
+    # --- start-up ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        raise_fd_limit()
+        self.audit = AuditLog.open(self.policy.audit.path, self.policy.audit.durable)
+        if self.audit.torn_tail:
+            log.warning("audit log %s: %s (sealed off with a torn-tail record)", self.audit.path, self.audit.torn_tail)
+        self.region = Region.create(self.policy.region)
+        log.info("region: %s backend, %d bytes%s", self.region.backend, self.region.size,
+                 f", sealed {sorted(self.region.seals())}" if self.region.sealed else f" at {self.region.path}")
+        self.server = IvshmemServer(self.policy.server, self.region.fd, self.loop, on_event=self.record)
+        self.server.start()
+        self.host = self.server.add_local_peer()
+        for vector, fd in enumerate(self.host.vectors):
+            self.loop.add_reader(fd.fd, lambda v=vector, f=fd.fd: self._on_host_rung(v, f))
+        self._start_control()
+        self._install_signals()
+        self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
+                                     "socket": self.policy.server.socket, "host_peer": self.host.id})
+        sdnotify.ready(f"serving {self.policy.server.socket}")
+
+    def _install_signals(self) -> None:
+        """Signals wake the loop through a socket, so they are handled in the loop, not in a handler."""
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._signal_sockets = (reader, writer)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *_: None)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self.loop.add_reader(reader.fileno(), self._on_signal)
+
+    def _on_signal(self) -> None:
+        try:
+            received = self._signal_sockets[0].recv(64)
+        except BlockingIOError:
+            return
+        for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                self.loop.stop()
+
+    # --- the control socket --------------------------------------------------------------------------
+
+    def _start_control(self) -> None:
+        policy = self.policy
+        max_request = self.region.size * 2 + 65536  # a whole region in base64, plus the request around it
+        self.control = ControlServer(policy.control, policy.server.owner, policy.server.group, self.loop, max_request)
+        self.control.route("write", policy.control.writers, self._handle_write)
+        self.control.route("ring", policy.control.ringers, self._handle_ring)
+        self.control.route("status", policy.control.readers, self._handle_status)
+        self.control.on_refused = lambda cred, op, reason: self.record(
+            "refused", actor=cred, result="refused", detail={"op": op, "reason": reason})
+        self.control.start()
+        self.add_stop_hook(self.control.close)
+
+    def _handle_write(self, request: Request) -> None:
+        """Validate everything first: a refused write leaves the region and the log exactly as they were."""
+        body = request.body
+        data = _decode_data(body.get("data"))
+        offset = _whole_number(body.get("offset", 0), "offset")
+        try:
+            if body.get("text"):
+                payload = text_payload(data, offset, self.region.size, bool(body.get("allow_unterminated")))
+            else:
+                self.region.check_bounds(offset, len(data))
+                payload = data
+        except RegionError as exc:
+            raise ControlError(str(exc)) from None
+        targets = self.ring_targets(body["ring"]) if body.get("ring") else []
+        try:
+            self.region.write(offset, payload)
+        except RegionError as exc:
+            raise ControlError(str(exc)) from None
+        sha = hashlib.sha256(data).hexdigest()
+        record = self.record("write", actor=request.cred, offset=offset, length=len(data), sha256=sha,
+                             detail={"padding": len(payload) - len(data)})
+        reply = {"seq": record["seq"], "sha256": sha, "offset": offset, "length": len(data)}
+        rings = [self.ring(peer, vector, request.cred) for peer, vector in targets]
+        reply["rang"] = rings
+        if body.get("wait") and any(r["guest"] for r in rings) and self.guest.handshake:
+            message = data.split(b"\0", 1)[0]
+            waiter = AckWaiter(request, reply, zlib.crc32(message))
+            self.guest.waiters.append(waiter)
+            timeout = float(body.get("timeout", 60))
+            self.loop.call_later(timeout, lambda: self._ack_timeout(waiter, timeout))
+            return
+        request.reply(**reply)
+
+    def _handle_ring(self, request: Request) -> None:
+        targets = self.ring_targets(request.body.get("target"))
+        request.reply(rang=[self.ring(peer, vector, request.cred) for peer, vector in targets])
+
+    def _handle_status(self, request: Request) -> None:
+        request.reply(**self.status())
+
+    def status(self) -> dict:
+        return {
+            "policy": self.policy.name,
+            "region": self.region.describe(),
+            "socket": self.policy.server.socket,
+            "host_peer": self.host.id,
+            "peers": [peer.describe() for peer in self.server.peers.values()],
+            "guest": {"peer": self.guest_peer_id(), "handshake": self.guest.handshake, "ready": self.guest.ready,
+                      "acks": self.guest.acks, "last_reply": self.guest.last_reply},
+            "audit": {"path": str(self.audit.path), "last_seq": self.audit.last_seq},
+        }
+
+    # --- ringing peers -------------------------------------------------------------------------------
+
+    def guest_peer_id(self) -> int | None:
+        """The guest is the QEMU this supervisor started, else the only peer that is not the host."""
+        others = [p for p in self.server.peers.values() if p.cred is not None]
+        qemu_pid = self.qemu_pid()
+        ours = [p for p in others if p.cred.pid == qemu_pid]
+        if ours:
+            return ours[0].id
+        return others[0].id if len(others) == 1 and qemu_pid is None else None
+
+    def qemu_pid(self) -> int | None:
+        return None
+
+    def ring_targets(self, target) -> list[tuple[int, int]]:
+        """'guest', 'all', 'PEER' or 'PEER:VECTOR' as (peer, vector) pairs; raises ControlError if unknown."""
+        peers = self.server.peers
+        if target == "guest":
+            peer_id = self.guest_peer_id()
+            if peer_id is None:
+                if self.guest.handshake:  # our guest has not connected yet: ring it once it is ready
+                    return [(-1, 0)]
+                raise ControlError("no guest is connected (ring a peer id instead; see `shmguard status`)")
+            return [(peer_id, 0)]
+        if target == "all":
+            return [(p.id, v) for p in peers.values() if p.cred is not None for v in range(len(p.vectors))]
+        peer_text, _, vector_text = str(target).partition(":")
+        if not peer_text.isdigit() or (vector_text and not vector_text.isdigit()):
+            raise ControlError(f"ring target {target!r} is not 'guest', 'all', PEER or PEER:VECTOR")
+        peer_id, vector = int(peer_text), int(vector_text or 0)
+        if peer_id not in peers or peer_id == self.host.id:
+            raise ControlError(f"no peer {peer_id} to ring (peers: {sorted(set(peers) - {self.host.id}) or 'none'})")
+        if vector >= len(peers[peer_id].vectors):
+            raise ControlError(f"peer {peer_id} has vectors 0..{len(peers[peer_id].vectors) - 1}, not {vector}")
+        return [(peer_id, vector)]
+
+    def ring(self, peer_id: int, vector: int, cred) -> dict:
+        """Ring now, or hold the ring until the built-in guest has said it is ready (a doorbell rung
+        before the guest enabled MSI-X is lost)."""
+        is_guest = peer_id == -1 or peer_id == self.guest_peer_id()
+        held = is_guest and self.guest.handshake and not self.guest.ready
+        if held:
+            self.guest.pending_rings.append((peer_id, vector))
+        else:
+            self.server.ring(peer_id, vector)
+        self.record("ring", actor=cred, detail={"peer": peer_id, "vector": vector, "held_until_ready": held})
+        return {"peer": peer_id, "vector": vector, "guest": is_guest, "held_until_ready": held}
+
+    def _ack_timeout(self, waiter: AckWaiter, timeout: float) -> None:
+        if waiter in self.guest.waiters:
+            self.guest.waiters.remove(waiter)
+            waiter.request.fail(f"the guest did not acknowledge within {timeout:g} s (the write itself is "
+                                f"recorded as seq {waiter.reply['seq']})", **waiter.reply)
+
+    # --- events --------------------------------------------------------------------------------------
+
+    def record(self, action: str, *, actor: PeerCred | Actor | None = None, result: str = "ok", **fields) -> dict:
+        if isinstance(actor, PeerCred):
+            actor = Actor.from_pid(actor.pid, actor.uid, actor.gid)
+        return self.audit.append(action, actor=actor, result=result, **fields)
+
+    def _on_host_rung(self, vector: int, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        reply = self.read_reply()
+        if vector == layout.READY_VECTOR and reply.startswith("ready"):
+            self.on_guest_ready(reply)
+        elif vector == layout.ACK_VECTOR and reply.startswith("ack"):
+            self.on_guest_ack(reply)
+        else:
+            log.info("host rung on vector %d (reply area: %r)", vector, reply[:80])
+
+    def read_reply(self) -> str:
+        raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)
+        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    def on_guest_ready(self, reply: str) -> None:
+        self.guest.ready, self.guest.last_reply = True, reply
+        log.info("guest ready: %s", reply)
+        self.record("guest-ready", detail={"reply": reply, "peer": self.guest_peer_id()})
+        pending, self.guest.pending_rings = self.guest.pending_rings, []
+        guest_id = self.guest_peer_id()
+        for peer_id, vector in pending:
+            self.server.ring(guest_id if peer_id == -1 else peer_id, vector)
+
+    def on_guest_ack(self, reply: str) -> None:
+        self.guest.acks += 1
+        self.guest.last_reply = reply
+        log.info("guest acknowledged: %s", reply)
+        if not self.guest.waiters:
+            return
+        waiter = self.guest.waiters.popleft()
+        words = reply.split()
+        crc = int(words[3], 16) if len(words) == 4 else None
+        rtt_ms = (time.monotonic() - waiter.started) * 1000
+        waiter.request.reply(**waiter.reply, ack=reply, round_trip_ms=round(rtt_ms, 3),
+                             delivered_exactly=crc == waiter.crc32)
+
+    # --- running and stopping ------------------------------------------------------------------------
+
+    def add_stop_hook(self, hook: callable) -> None:
+        self._stop_hooks.append(hook)
+
+    def run(self) -> int:
+        try:
+            self.loop.run()
+        finally:
+            self.stop()
+        return self.exit_code
+
+    def stop(self) -> None:
+        for hook in reversed(self._stop_hooks):
+            hook()
+        self._stop_hooks.clear()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.region is not None:
+            self.record("stop", detail={"exit_code": self.exit_code})
+            if self.region.backend == "file":
+                _unlink_if_ours(self.region.path, self.region.state().inode)
+            self.region.close()
+            self.region = None
+        if self.audit is not None:
+            self.audit.close()
+            self.audit = None
+        if self._signal_sockets:
+            signal.set_wakeup_fd(-1)
+            for sock in self._signal_sockets:
+                sock.close()
+            self._signal_sockets = None
+
+
+def _decode_data(value) -> bytes:
+    if not isinstance(value, str):
+        raise ControlError("a write needs \"data\": the bytes in base64")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise ControlError("\"data\" is not valid base64") from None
+
+
+def _whole_number(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(f"{name} {value!r} must be a whole number")
+    return value
+
+
+def _unlink_if_ours(path: str, inode: int) -> None:
+    """Release the region's path, but never a file that someone else put there."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("%s: cannot remove the region file: %s", path, exc.strerror)
