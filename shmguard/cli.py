@@ -200,3 +200,157 @@ def client(policy_name, socket_path):
 
     with _connected_client(policy_name, socket_path) as ivshmem:
         run_interactive(ivshmem, sys.stdin, click.echo)
+
+
+# --- writes, rings and status through the control socket ------------------------------------------------
+
+
+def control_option(func):
+    return click.option("--control-socket", "control_path", help="Control socket path (default: the policy's).")(func)
+
+
+def control_call(policy_name: str, control_path: str | None, body: dict, timeout: float | None = 30.0) -> dict:
+    from .control import request
+
+    reply = request(control_path or load_policy(policy_name).control.socket, body, timeout)
+    if not reply.get("ok"):
+        raise ShmguardError(reply.get("error", "the supervisor refused the request"))
+    return reply
+
+
+@main.command()
+@click.option("-m", "--message", help="Text to write; NUL padding follows it to the end of the region.")
+@click.option("-f", "--file", "file_path", type=click.Path(dir_okay=False), help="Write this file's bytes as is.")
+@click.option("--stdin", "from_stdin", is_flag=True, help="Write standard input's bytes as is.")
+@click.option("--offset", default=0, type=int, show_default=True, help="Where in the region to write.")
+@click.option("--ring", help="After the write is recorded, ring 'guest', 'all', PEER or PEER:VECTOR.")
+@click.option("--no-wait", is_flag=True, help="Do not wait for the guest's acknowledgement.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the acknowledgement.")
+@click.option("--allow-unterminated", is_flag=True, help="Let a -m message fill its room with no NUL after it.")
+@policy_option
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="Print the supervisor's reply as JSON.")
+@user_errors
+def write(message, file_path, from_stdin, offset, ring, no_wait, timeout, allow_unterminated, policy_name,
+          control_path, as_json):
+    """Write a message into the region through the supervisor: bounded, never resizing, audited."""
+    import base64
+
+    data = _message_bytes(message, file_path, from_stdin)
+    body = {"op": "write", "data": base64.b64encode(data).decode(), "offset": offset, "text": message is not None,
+            "allow_unterminated": allow_unterminated, "ring": ring, "wait": bool(ring) and not no_wait,
+            "timeout": timeout}
+    reply = control_call(policy_name, control_path, body, timeout=timeout + 30)
+    emit(reply, as_json, _format_write(reply))
+
+
+def _message_bytes(message, file_path, from_stdin) -> bytes:
+    import os
+
+    chosen = [name for name, given in (("-m", message is not None), ("-f", file_path), ("--stdin", from_stdin))
+              if given]
+    if len(chosen) != 1:
+        raise ShmguardError("give exactly one of -m TEXT, -f FILE or --stdin")
+    if message is not None:
+        return os.fsencode(message)  # the argument's bytes exactly, even when they are not UTF-8
+    if from_stdin:
+        return sys.stdin.buffer.read()
+    try:
+        with open(file_path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ShmguardError(f"{file_path}: cannot read: {exc.strerror}") from None
+
+
+def _format_write(reply: dict) -> str:
+    lines = [f"wrote {reply['length']} bytes at offset {reply['offset']} (audit seq {reply['seq']}, "
+             f"sha256 {reply['sha256'][:16]}…)"]
+    for ring in reply.get("rang", []):
+        held = " (held until the guest was ready)" if ring["held_until_ready"] else ""
+        lines.append(f"rang peer {ring['peer']} vector {ring['vector']}{held}")
+    if "ack" in reply:
+        exact = "exactly" if reply["delivered_exactly"] else "WITH A DIFFERENT CHECKSUM"
+        lines.append(f"guest acknowledged in {reply['round_trip_ms']:.1f} ms, delivered {exact}: {reply['ack']}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("target")
+@policy_option
+@control_option
+@user_errors
+def ring(target, policy_name, control_path):
+    """Ring TARGET through the supervisor: 'guest', 'all', PEER or PEER:VECTOR (audited)."""
+    reply = control_call(policy_name, control_path, {"op": "ring", "target": target})
+    for rang in reply["rang"]:
+        click.echo(f"rang peer {rang['peer']} vector {rang['vector']}")
+
+
+@main.command()
+@policy_option
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@user_errors
+def status(policy_name, control_path, as_json):
+    """Show the running supervisor: region, peers, guest, guard and audit state."""
+    reply = control_call(policy_name, control_path, {"op": "status"})
+    reply.pop("ok", None)
+    emit(reply, as_json, _format_status(reply))
+
+
+def _format_status(data: dict) -> str:
+    region = data["region"]
+    lines = [f"policy {data['policy']}; region {region['backend']} {region['size']} bytes"
+             + (f" at {region['path']}" if region.get("path") else "")
+             + (f", seals {','.join(region['seals'])}" if region["seals"] else ", not sealed"),
+             f"socket {data['socket']}; host peer {data['host_peer']}"]
+    for peer in data["peers"]:
+        who = "host (this supervisor)" if peer.get("local") else f"pid {peer['pid']} uid {peer['uid']} {peer['exe']}"
+        lines.append(f"  peer {peer['id']}: {peer['vectors']} vectors, {who}")
+    guest = data["guest"]
+    lines.append(f"guest: peer {guest['peer']}, {'ready' if guest['ready'] else 'not ready'}, "
+                 f"{guest['acks']} acks")
+    if "guard" in data:
+        lines.append(f"guard: {json.dumps(data['guard'], sort_keys=True)}")
+    lines.append(f"audit: {data['audit']['path']}, last seq {data['audit']['last_seq']}")
+    return "\n".join(lines)
+
+
+# --- the audit log ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """Verify or show the audit log."""
+
+
+def _audit_path(path: str | None, policy_name: str) -> str:
+    return path or load_policy(policy_name).audit.path
+
+
+@audit.command("verify")
+@click.argument("path", required=False)
+@policy_option
+@user_errors
+def audit_verify(path, policy_name):
+    """Check the hash chain of PATH (default: the policy's log); print OK or the first bad line."""
+    from .audit import verify
+
+    result = verify(_audit_path(path, policy_name))
+    click.echo(result.summary(), err=not result.ok)
+    if not result.ok:
+        sys.exit(1)
+
+
+@audit.command("show")
+@click.option("--since", type=int, help="Only records after this sequence number.")
+@click.option("--path", help="Audit log path (default: the policy's).")
+@policy_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@user_errors
+def audit_show(since, path, policy_name, as_json):
+    """Print the audit log's records."""
+    from .audit import format_record, read_records
+
+    for record in read_records(_audit_path(path, policy_name), since):
+        click.echo(json.dumps(record, sort_keys=True) if as_json else format_record(record))

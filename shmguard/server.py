@@ -177,17 +177,17 @@ class IvshmemServer:
 
     def _join(self, peer: Peer) -> None:
         self.counter += 1
-        others = [(p.id, p.vectors) for p in self.peers.values()]
+        others = list(self.peers.values())
         self.peers[peer.id] = peer
-        if peer.sock is not None:
-            self.loop.add_reader(peer.sock.fileno(), lambda: self._on_peer_readable(peer))
-            self._enqueue(peer, greeting(peer.id, self.shm, others, peer.vectors))
-        for other in list(self.peers.values()):
-            if other is not peer:
-                self._enqueue(other, announcement(peer.id, peer.vectors))
         if peer.cred:
             log.info("peer %d joined: pid=%d uid=%d exe=%s", peer.id, peer.cred.pid, peer.cred.uid, peer.cred.exe())
             self.on_event("peer-join", actor=peer.cred, detail={"peer": peer.id})
+        for other in others:  # announce first: if the newcomer's greeting fails, its leave follows the join
+            self._enqueue(other, announcement(peer.id, peer.vectors))
+        if peer.sock is not None and self.peers.get(peer.id) is peer:
+            self.loop.add_reader(peer.sock.fileno(), lambda: self._on_peer_readable(peer))
+            still_here = [(p.id, p.vectors) for p in self.peers.values() if p is not peer]
+            self._enqueue(peer, greeting(peer.id, self.shm, still_here, peer.vectors))
 
     def add_local_peer(self) -> Peer:
         """The supervisor's own peer: it owns eventfds that guests ring, and rings theirs directly."""

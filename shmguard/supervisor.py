@@ -99,6 +99,7 @@ class Supervisor:
         for vector, fd in enumerate(self.host.vectors):
             self.loop.add_reader(fd.fd, lambda v=vector, f=fd.fd: self._on_host_rung(v, f))
         self._start_control()
+        # guard: started here, once the region and both sockets exist
         self._install_signals()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import uuid
@@ -37,8 +38,10 @@ def policy_file(tmp_path: Path, base: str = "strict", **sections: dict) -> Path:
     data = tomllib.loads((BUILTIN_DIR / f"{base}.toml").read_text())
     data.pop("description", None)
     tag = uuid.uuid4().hex[:8]
-    data["server"]["socket"] = str(tmp_path / "ivshmem.sock")
-    data["control"]["socket"] = str(tmp_path / "control.sock")
+    sockets = Path(tempfile.mkdtemp(prefix="shmguard-test-", dir="/tmp"))
+    sockets.chmod(0o755)  # reachable by the unprivileged uids of attack tests; the sockets' own modes decide
+    data["server"]["socket"] = str(sockets / "ivshmem.sock")
+    data["control"]["socket"] = str(sockets / "control.sock")
     data["audit"]["path"] = str(tmp_path / "audit.log")
     data["audit"]["durable"] = False
     if data["region"]["backend"] == "file":
@@ -65,6 +68,8 @@ class RunningSupervisor:
         self.log_path = policy_path.with_suffix(".log")
         notify_path = str(policy_path.with_suffix(".notify"))
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if os.path.exists(notify_path):  # left by an earlier run of the same policy
+            os.unlink(notify_path)
         self.notify.bind(notify_path)
         env = dict(os.environ, NOTIFY_SOCKET=notify_path)
         self.proc = subprocess.Popen([*SHMGUARD, "run", "--policy", str(policy_path), *args],
@@ -110,6 +115,10 @@ class RunningSupervisor:
                 self.proc.kill()
                 self.proc.wait()
         self.notify.close()
+        try:
+            os.rmdir(os.path.dirname(self.socket))  # the per-test socket directory, if the supervisor emptied it
+        except OSError:
+            pass
         return self.proc.returncode
 
 
