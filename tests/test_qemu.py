@@ -1,0 +1,268 @@
+"""shmguard.qemu against a real QEMU: command line, process handling, console, monitor, KVM-or-TCG."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shmguard.errors import ShmguardError
+from shmguard.guest import GuestImage, build_guest
+from shmguard.qemu import (
+    QemuProcess,
+    choose_accel,
+    clean_console_line,
+    monitor_command,
+    probe_boot,
+    qemu_command,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+class TinyIvshmemServer:
+    """Just enough of the ivshmem protocol for one QEMU: it joins as peer 1, next to a host peer 0."""
+
+    def __init__(self, path: Path, vectors: int = 2, size: int = 4096):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.shm = os.memfd_create("test-ivshmem")
+        os.ftruncate(self.shm, size)
+        self.vectors = vectors
+        self.peers: list[socket.socket] = []
+
+    def accept(self, timeout: float = 10.0) -> socket.socket:
+        assert select.select([self.listener], [], [], timeout)[0], "QEMU never connected"
+        peer, _ = self.listener.accept()
+        eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2 * self.vectors)]
+        greeting = [(0, None), (1, None), (-1, self.shm)]
+        greeting += [(0, fd) for fd in eventfds[: self.vectors]] + [(1, fd) for fd in eventfds[self.vectors :]]
+        for value, fd in greeting:
+            fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+            peer.sendmsg([struct.pack("<q", value)], fds)
+        for fd in eventfds:
+            os.close(fd)
+        self.peers.append(peer)
+        return peer
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.close()
+        self.listener.close()
+        os.close(self.shm)
+
+
+@pytest.fixture
+def server(tmp_path):
+    serving = TinyIvshmemServer(tmp_path / "ivshmem.sock")
+    yield serving
+    serving.close()
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    return build_guest(log=lambda _line: None)
+
+
+def sh(script: str) -> QemuProcess:
+    """QemuProcess runs any argv: a shell stands in for QEMU where only the process handling matters."""
+    return QemuProcess(["sh", "-c", script])
+
+
+def read_lines_until_eof(process: QemuProcess, timeout: float = 10.0) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not process.console_eof and time.monotonic() < deadline:
+        select.select([process.console_fd], [], [], 0.5)
+        lines += process.read_console()
+    return lines
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+def test_command_without_guest_parks_the_cpu_and_keeps_the_device():
+    command = qemu_command(socket_path="/run/s.sock", vectors=4, guest=None, host_peer_id=None, accel="tcg")
+    assert command[0] == "qemu-system-x86_64"
+    assert " ".join(command).startswith("qemu-system-x86_64 -M q35 -accel tcg -m 256M")
+    assert "-S" in command and "-kernel" not in command and "-no-reboot" in command
+    assert command[command.index("-chardev") + 1] == "socket,path=/run/s.sock,id=ivs"
+    assert "ivshmem-doorbell,chardev=ivs,vectors=4" in command
+    assert "intel-iommu,intremap=off" in command
+
+
+def test_command_with_guest_boots_it_and_names_the_host():
+    guest = GuestImage(Path("/k/vmlinux"), Path("/k/initrd.cpio"), "console=ttyS0 quiet")
+    command = qemu_command(
+        socket_path="/s", vectors=2, guest=guest, host_peer_id=7, accel="kvm", memory="128M",
+        monitor_path="/m.sock", extra_args=["-smp", "2"],
+    )
+    assert command[command.index("-kernel") + 1] == "/k/vmlinux"
+    assert command[command.index("-initrd") + 1] == "/k/initrd.cpio"
+    assert command[command.index("-append") + 1] == "console=ttyS0 quiet shmguard.host=7"
+    assert command[command.index("-monitor") + 1] == "unix:/m.sock,server=on,wait=off"
+    assert command[command.index("-accel") + 1] == "kvm" and command[command.index("-m") + 1] == "128M"
+    assert command[-2:] == ["-smp", "2"] and "-S" not in command
+
+
+def test_command_without_host_leaves_the_guest_printing_only():
+    guest = GuestImage(Path("/k/vmlinuz"), None, "console=ttyS0")
+    command = qemu_command(socket_path="/s", vectors=2, guest=guest, host_peer_id=None, accel="tcg")
+    assert command[command.index("-append") + 1] == "console=ttyS0" and "-initrd" not in command
+
+
+def test_command_refuses_a_host_id_without_a_guest():
+    with pytest.raises(ValueError):
+        qemu_command(socket_path="/s", vectors=2, guest=None, host_peer_id=0, accel="tcg")
+
+
+# ---- a real QEMU -----------------------------------------------------------------------------------
+
+
+def test_qemu_without_guest_joins_the_server_and_shows_the_device(server, tmp_path):
+    monitor = str(tmp_path / "monitor.sock")
+    command = qemu_command(
+        socket_path=str(tmp_path / "ivshmem.sock"), vectors=2, guest=None, host_peer_id=None, accel="tcg",
+        monitor_path=monitor,
+    )
+    with QemuProcess(command) as qemu:
+        server.accept()
+        assert "1af4:1110" in monitor_command(monitor, "info pci")
+        assert qemu.poll() is None
+        assert qemu.read_console() == []  # nothing runs, so nothing prints; and reading never blocks
+        assert qemu.terminate() == 0  # QEMU exits cleanly on SIGTERM
+    assert qemu.poll() == 0
+
+
+def test_qemu_stderr_reaches_the_console(tmp_path):
+    missing_socket = str(tmp_path / "nobody-listens.sock")
+    command = qemu_command(socket_path=missing_socket, vectors=2, guest=None, host_peer_id=None, accel="tcg")
+    with QemuProcess(command) as qemu:
+        lines = read_lines_until_eof(qemu)
+        assert qemu.wait(10) != 0
+    assert any("nobody-listens.sock" in line for line in lines), lines
+
+
+def test_qemu_dies_with_its_parent(server, tmp_path):
+    command = qemu_command(
+        socket_path=str(tmp_path / "ivshmem.sock"), vectors=2, guest=None, host_peer_id=None, accel="tcg"
+    )
+    parent_code = (
+        "import sys, time; from shmguard.qemu import QemuProcess\n"
+        f"qemu = QemuProcess({command!r}); print(qemu.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        qemu_pid = int(parent.stdout.readline())
+        server.accept()  # QEMU is up and connected
+        parent.kill()
+        parent.wait()
+        assert wait_until_gone(qemu_pid, 10), "QEMU outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+def wait_until_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):  # killed, waiting for its new parent to reap it
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_missing_qemu_is_one_clear_error():
+    with pytest.raises(ShmguardError, match="apt-get install qemu-system-x86"):
+        QemuProcess(["/nonexistent/qemu-system-x86_64"])
+
+
+# ---- console and process handling ------------------------------------------------------------------
+
+
+def test_console_lines_are_clean_and_partial_lines_wait():
+    with sh(r"printf 'SeaBIOS\r\n\033c\033[?7l\033[2Jready\r\nhal'; sleep 0.5; printf 'f\nrest'") as process:
+        select.select([process.console_fd], [], [], 5)
+        time.sleep(0.1)
+        assert process.read_console() == ["SeaBIOS", "ready"]
+        lines = read_lines_until_eof(process)
+    assert lines == ["half", "rest"]  # a last line without its end is delivered at EOF
+
+
+def test_console_read_never_blocks():
+    with sh("sleep 5") as process:
+        started = time.monotonic()
+        assert process.read_console() == []
+        assert time.monotonic() - started < 0.5
+        assert process.poll() is None
+
+
+def test_clean_console_line_keeps_text_and_drops_escapes():
+    assert clean_console_line(b"\x1b[0mreceived IRQ and full message: a\tb\r") == "received IRQ and full message: a\tb"
+    assert clean_console_line(b"caf\xc3\xa9 \xff") == "café \ufffd"
+
+
+def test_terminate_escalates_to_sigkill():
+    with sh("trap '' TERM; echo armed; sleep 30") as process:
+        assert select.select([process.console_fd], [], [], 5)[0]
+        assert process.read_console() == ["armed"]
+        started = time.monotonic()
+        assert process.terminate(timeout=0.3) == -signal.SIGKILL
+        assert time.monotonic() - started < 3
+
+
+def test_monitor_that_never_answers_is_one_clear_error(tmp_path):
+    with pytest.raises(ShmguardError, match="does not answer"):
+        monitor_command(str(tmp_path / "absent.sock"), "info pci", timeout=0.3)
+
+
+# ---- KVM or TCG ------------------------------------------------------------------------------------
+
+
+def test_choose_accel_keeps_the_verdict_of_this_boot(tmp_path):
+    cache = tmp_path / "accel.json"
+    cache.write_text(json.dumps({"boot_id": BOOT_ID, "accel": "kvm", "reason": "proved earlier"}))
+    started = time.monotonic()
+    assert choose_accel(cache) == ("kvm", "proved earlier")
+    assert time.monotonic() - started < 0.5
+
+
+def test_choose_accel_probes_again_after_a_reboot(tmp_path, guest):
+    cache = tmp_path / "accel.json"
+    cache.write_text(json.dumps({"boot_id": "an-earlier-boot", "accel": "kvm", "reason": "stale"}))
+    started = time.monotonic()
+    accel, reason = choose_accel(cache, kernel=guest.kernel)
+    assert time.monotonic() - started < 10  # never hangs: the probe has a short deadline
+    assert accel in ("kvm", "tcg") and reason and reason != "stale"
+    assert json.loads(cache.read_text()) == {"boot_id": BOOT_ID, "accel": accel, "reason": reason}
+    if not os.path.exists("/dev/kvm"):
+        assert (accel, reason) == ("tcg", "/dev/kvm does not exist")
+
+
+def test_probe_recognises_a_kernel_that_boots(guest):
+    # TCG always works, so it shows what success looks like to the probe that KVM must pass.
+    assert probe_boot(guest.kernel, accel="tcg") == ("tcg", "tcg booted a kernel")
+
+
+def test_probe_rejects_what_is_not_a_kernel(tmp_path):
+    not_a_kernel = tmp_path / "vmlinux"
+    not_a_kernel.write_bytes(b"\x7fELF" + b"\0" * 60)
+    accel, reason = probe_boot(not_a_kernel, accel="tcg")
+    assert accel == "tcg" and reason.startswith("tcg failed to boot a kernel")
