@@ -65,17 +65,35 @@ def main() -> None:
 @click.option("--size", help="Region size: a power of two >= 4096 (4096, 4K, 4M, 1G).")
 @click.option("--vectors", type=int, help="Interrupt vectors per peer (1..64).")
 @socket_option
+@click.option("--control-socket", "control_path", help="Control socket path (default: the policy's).")
 @click.option("--audit-log", help="Audit log path (default: the policy's).")
+@click.option("--no-guest", is_flag=True, help="Serve peers only; boot no guest.")
+@click.option("--guest-kernel", type=click.Path(exists=True, dir_okay=False), help="Boot this kernel instead of "
+              "the built-in guest (e.g. a Zephyr build); it gets no ready/ack handshake.")
+@click.option("--guest-initrd", type=click.Path(exists=True, dir_okay=False), help="Initrd for --guest-kernel.")
+@click.option("--guest-append", default="console=ttyS0", show_default=True, help="Kernel command line for "
+              "--guest-kernel.")
+@click.option("--qemu-arg", "qemu_args", multiple=True, help="Extra QEMU argument (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 @user_errors
-def run(policy_name, size, vectors, socket_path, audit_log, verbose):
-    """Run the supervisor in the foreground, logging to stderr, until SIGTERM or SIGINT."""
-    from .supervisor import Supervisor
+def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_guest, guest_kernel, guest_initrd,
+        guest_append, qemu_args, verbose):
+    """Run the supervisor in the foreground, logging to stderr, until SIGTERM or SIGINT.
+
+    By default it also boots the built-in guest under QEMU (KVM once it has proved it can boot, TCG
+    otherwise), streams the guest's console into the log and reports when the guest is ready.
+    """
+    from .supervisor import GuestOptions, Supervisor
 
     setup_logging(verbose)
     policy = load_policy(policy_name).with_overrides(size=size, vectors=vectors, socket=socket_path,
-                                                    audit_log=audit_log)
-    supervisor = Supervisor(policy)
+                                                    control_socket=control_path, audit_log=audit_log)
+    if no_guest and (guest_kernel or guest_initrd or qemu_args):
+        raise ShmguardError("--no-guest boots nothing: drop --guest-kernel, --guest-initrd and --qemu-arg")
+    if guest_initrd and not guest_kernel:
+        raise ShmguardError("--guest-initrd needs --guest-kernel")
+    guest = None if no_guest else GuestOptions(guest_kernel, guest_initrd, guest_append, tuple(qemu_args))
+    supervisor = Supervisor(policy, guest)
     try:
         supervisor.start()
     except BaseException:

@@ -41,7 +41,7 @@ class IvshmemClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(self.timeout)
         try:
-            self.sock.connect(self.path)
+            self._connect_retrying()
             self._read_greeting()
         except TimeoutError:
             self.close()
@@ -53,6 +53,18 @@ class IvshmemClient:
             self.close()
             raise
         return self
+
+    def _connect_retrying(self) -> None:
+        """A full listen backlog answers EAGAIN at once on UNIX sockets: retry until the timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.sock.connect(self.path)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError from None
+                time.sleep(0.01)
 
     def _next(self) -> tuple[int, int | None]:
         message = recv_message(self.sock)

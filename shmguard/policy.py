@@ -340,6 +340,10 @@ def parse_policy(text: str, source: str, name: str) -> tuple[Policy | None, list
         peers=s.get("peers", Access(), _access),
     )
     s.done()
+    largest_greeting = 3 + server.vectors * (server.max_peers + 1)  # the host's own peer counts too
+    if server.max_queue < largest_greeting:
+        errors.append(f"{source}: server.max_queue: {server.max_queue} is smaller than the largest greeting "
+                      f"(3 + vectors x (max_peers + 1) = {largest_greeting} messages); raise it or lower max_peers")
 
     s = reader.section("control")
     control = ControlPolicy(

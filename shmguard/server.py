@@ -53,6 +53,7 @@ class Peer:
     cred: PeerCred | None = None  # None for the supervisor's own (local) peer
     sock: socket.socket | None = None
     queue: deque[tuple[bytes, SharedFd | None]] = field(default_factory=deque)
+    announced: bool = False  # have the other peers been told it joined?
 
     def describe(self) -> dict:
         who = self.cred.describe() if self.cred else {"local": True}
@@ -177,17 +178,20 @@ class IvshmemServer:
 
     def _join(self, peer: Peer) -> None:
         self.counter += 1
-        others = list(self.peers.values())
         self.peers[peer.id] = peer
         if peer.cred:
             log.info("peer %d joined: pid=%d uid=%d exe=%s", peer.id, peer.cred.pid, peer.cred.uid, peer.cred.exe())
             self.on_event("peer-join", actor=peer.cred, detail={"peer": peer.id})
-        for other in others:  # announce first: if the newcomer's greeting fails, its leave follows the join
-            self._enqueue(other, announcement(peer.id, peer.vectors))
-        if peer.sock is not None and self.peers.get(peer.id) is peer:
+        if peer.sock is not None:  # greet first: nothing may reach the newcomer before its greeting
             self.loop.add_reader(peer.sock.fileno(), lambda: self._on_peer_readable(peer))
-            still_here = [(p.id, p.vectors) for p in self.peers.values() if p is not peer]
-            self._enqueue(peer, greeting(peer.id, self.shm, still_here, peer.vectors))
+            others = [(p.id, p.vectors) for p in self.peers.values() if p is not peer]
+            self._enqueue(peer, greeting(peer.id, self.shm, others, peer.vectors))
+            if self.peers.get(peer.id) is not peer:
+                return  # its greeting failed; nobody else ever heard of it
+        peer.announced = True
+        for other in list(self.peers.values()):
+            if other is not peer and self.peers.get(other.id) is other:
+                self._enqueue(other, announcement(peer.id, peer.vectors))
 
     def add_local_peer(self) -> Peer:
         """The supervisor's own peer: it owns eventfds that guests ring, and rings theirs directly."""
@@ -226,7 +230,7 @@ class IvshmemServer:
             fd.release()
         log.info("peer %d left: %s", peer.id, reason)
         self.on_event("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
-        if announce:
+        if announce and peer.announced:
             for other in list(self.peers.values()):
                 self._enqueue(other, [(peer.id, None)])
 
@@ -358,7 +362,7 @@ def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = Fa
     try:
         os.chown(staging, owner, group, follow_symlinks=False)
         os.chmod(staging, mode)  # our own fresh socket file in a directory we checked
-        sock.listen(128)
+        sock.listen(socket.SOMAXCONN)
         st = os.lstat(staging)
         os.rename(staging, path)
     except BaseException:

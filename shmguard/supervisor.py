@@ -14,13 +14,17 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import layout, sdnotify
 from .audit import Actor, AuditLog
 from .control import ControlServer, Request
 from .errors import ControlError, RegionError
+from .guest import GuestImage, build_guest
+from .hardening import harden, lock_memory
 from .loop import EventLoop
 from .policy import Policy
+from .qemu import QemuProcess, choose_accel, qemu_command
 from .region import Region, text_payload
 from .server import IvshmemServer, PeerCred
 
@@ -80,6 +84,7 @@ class Supervisor:
         self.host = None
         self.guest = GuestState()
         self.exit_code = 0
+        self.qemu: QemuProcess | None = None
         self._signal_sockets: tuple[socket.socket, socket.socket] | None = None
         self._stop_hooks: list[callable] = []
 
@@ -91,6 +96,8 @@ class Supervisor:
         if self.audit.torn_tail:
             log.warning("audit log %s: %s (sealed off with a torn-tail record)", self.audit.path, self.audit.torn_tail)
         self.region = Region.create(self.policy.region)
+        if self.policy.region.mlock:
+            lock_memory(self.region.mapping)
         log.info("region: %s backend, %d bytes%s", self.region.backend, self.region.size,
                  f", sealed {sorted(self.region.seals())}" if self.region.sealed else f" at {self.region.path}")
         self.server = IvshmemServer(self.policy.server, self.region.fd, self.loop, on_event=self.record)
@@ -99,11 +106,71 @@ class Supervisor:
         for vector, fd in enumerate(self.host.vectors):
             self.loop.add_reader(fd.fd, lambda v=vector, f=fd.fd: self._on_host_rung(v, f))
         self._start_control()
-        # guard: started here, once the region and both sockets exist
+        from .guard import Guard  # the guard needs the region and both sockets, so it starts here
+        self.guard = Guard(self)
+        self.add_stop_hook(self.guard.close)
+        self.guard.start()
         self._install_signals()
+        self._harden()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})
+        if self.guest_options is not None:
+            self._start_guest(self.guest_options)
         sdnotify.ready(f"serving {self.policy.server.socket}")
+
+    def _harden(self) -> None:
+        """Drop what the policy does not need, once the region and sockets exist and before QEMU starts."""
+        if os.geteuid() == 0:
+            # Without CAP_CHOWN, a repair may still give a file to a group the process is a member of.
+            os.setgroups(sorted({self.policy.server.group, self.policy.region.group}))
+        report = harden(self.policy.hardening)
+        for warning in report.warnings:
+            log.warning("hardening: %s", warning)
+        log.info("hardened: %s", ", ".join(step.name for step in report.steps if step.ok))
+
+    # --- the guest under QEMU ------------------------------------------------------------------------
+
+    def _start_guest(self, options: GuestOptions) -> None:
+        image = build_guest(log=log.info) if options.builtin else GuestImage(
+            Path(options.kernel), Path(options.initrd) if options.initrd else None, options.append)
+        accel, reason = choose_accel(kernel=image.kernel)
+        log.info("QEMU accelerator: %s (%s)", accel, reason)
+        self.guest.handshake = options.builtin
+        argv = qemu_command(socket_path=self.policy.server.socket, vectors=self.policy.server.vectors, guest=image,
+                            host_peer_id=self.host.id if options.builtin else None, accel=accel,
+                            memory=self.policy.qemu.memory, extra_args=options.qemu_args)
+        self.qemu = QemuProcess(argv)
+        log.info("started QEMU pid %d: %s", self.qemu.pid, " ".join(argv))
+        self.loop.add_reader(self.qemu.console_fd, self._on_console)
+        self.add_stop_hook(self._stop_qemu)
+
+    def _on_console(self) -> None:
+        for line in self.qemu.read_console():
+            if line.strip():
+                log.info("guest: %s", line)
+        if self.qemu.console_eof:  # the pipe closes when QEMU exits
+            self.loop.remove_reader(self.qemu.console_fd)
+            self._on_qemu_exit(self.qemu.wait(5.0))
+
+    def _on_qemu_exit(self, status: int) -> None:
+        leaving = self.policy.qemu.on_exit == "exit"
+        log.warning("QEMU pid %d exited with status %d; %s", self.qemu.pid, status,
+                    "stopping (policy qemu.on_exit = exit)" if leaving else "still serving peers")
+        self.record("qemu-exit", result="exited", detail={"pid": self.qemu.pid, "status": status,
+                                                          "response": self.policy.qemu.on_exit})
+        self.guest.ready = False
+        for waiter in list(self.guest.waiters):
+            waiter.request.fail("QEMU exited before the guest acknowledged", **waiter.reply)
+        self.guest.waiters.clear()
+        if leaving:
+            self.exit_code = 3
+            self.loop.stop()
+
+    def _stop_qemu(self) -> None:
+        if self.qemu is not None:
+            if not self.qemu.console_eof:
+                self.loop.remove_reader(self.qemu.console_fd)
+            self.qemu.close()
 
     def _install_signals(self) -> None:
         """Signals wake the loop through a socket, so they are handled in the loop, not in a handler."""
@@ -204,7 +271,7 @@ class Supervisor:
         return others[0].id if len(others) == 1 and qemu_pid is None else None
 
     def qemu_pid(self) -> int | None:
-        return None
+        return self.qemu.pid if self.qemu is not None else None
 
     def ring_targets(self, target) -> list[tuple[int, int]]:
         """'guest', 'all', 'PEER' or 'PEER:VECTOR' as (peer, vector) pairs; raises ControlError if unknown."""
@@ -274,6 +341,7 @@ class Supervisor:
         self.guest.ready, self.guest.last_reply = True, reply
         log.info("guest ready: %s", reply)
         self.record("guest-ready", detail={"reply": reply, "peer": self.guest_peer_id()})
+        sdnotify.status("guest ready")
         pending, self.guest.pending_rings = self.guest.pending_rings, []
         guest_id = self.guest_peer_id()
         for peer_id, vector in pending:

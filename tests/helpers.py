@@ -58,7 +58,7 @@ def policy_file(tmp_path: Path, base: str = "strict", **sections: dict) -> Path:
 class RunningSupervisor:
     """`shmguard run` in a child process, ready once it sends READY=1 on a NOTIFY_SOCKET."""
 
-    def __init__(self, policy_path: Path, *args: str, timeout: float = 60.0):
+    def __init__(self, policy_path: Path, *args: str, guest: bool = False, timeout: float = 60.0):
         self.policy_path = policy_path
         self.policy = tomllib.loads(policy_path.read_text())
         self.socket = self.policy["server"]["socket"]
@@ -72,6 +72,7 @@ class RunningSupervisor:
             os.unlink(notify_path)
         self.notify.bind(notify_path)
         env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+        args = args if guest else ("--no-guest", *args)
         self.proc = subprocess.Popen([*SHMGUARD, "run", "--policy", str(policy_path), *args],
                                      stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"), env=env)
         self.wait_for("READY=1", timeout)

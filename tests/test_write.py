@@ -14,19 +14,18 @@ import pytest
 from helpers import OUTSIDER_USER, SHMGUARD, RunningSupervisor, as_user, policy_file
 from shmguard import control
 from shmguard.audit import verify
+from shmguard.client import IvshmemClient
 from shmguard.errors import ControlError
 
 SIZE = 4096
 
 
 def region_bytes(supervisor: RunningSupervisor) -> bytes:
-    """Read the sealed memfd through /proc, as root may."""
-    fd_dir = f"/proc/{supervisor.proc.pid}/fd"
-    for name in os.listdir(fd_dir):
-        if os.readlink(f"{fd_dir}/{name}").startswith("/memfd:shmguard"):
-            with open(f"{fd_dir}/{name}", "rb") as f:
-                return f.read()
-    raise AssertionError("the supervisor holds no region memfd")
+    """Read the region the way a peer sees it: through the fd the server handed to one long-lived peer
+    (joining afresh for every read would add join and leave records to the log under test)."""
+    if not hasattr(supervisor, "reader"):
+        supervisor.reader = IvshmemClient(supervisor.socket, vectors=2).connect()
+    return os.pread(supervisor.reader.shm_fd, supervisor.reader.shm_size, 0)
 
 
 def write(supervisor, data: bytes, **fields) -> dict:
@@ -46,7 +45,7 @@ def test_text_message_is_padded_with_nul_and_recorded(supervisor):
     assert '"seq": 2' in result.stdout
     region = region_bytes(supervisor)
     assert region == b"hello world" + bytes(SIZE - 11)
-    record = supervisor.audit_records()[-1]
+    record = [r for r in supervisor.audit_records() if r["action"] == "write"][-1]
     assert record["action"] == "write" and record["length"] == 11 and record["offset"] == 0
     assert record["sha256"] == hashlib.sha256(b"hello world").hexdigest()
     assert record["actor"]["uid"] == 0
@@ -61,13 +60,14 @@ def test_text_message_is_padded_with_nul_and_recorded(supervisor):
 ])
 def test_refused_writes_leave_region_and_log_untouched(supervisor, args, why):
     supervisor.cli("write", "-m", "before", "--policy", str(supervisor.policy_path))
-    region, log = region_bytes(supervisor), open(supervisor.audit, "rb").read()
+    region = region_bytes(supervisor)
+    log = open(supervisor.audit, "rb").read()
     result = supervisor.cli("write", *args, "--policy", str(supervisor.policy_path), input=b"y" * SIZE, check=False)
     assert result.returncode != 0
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and why in lines[0] and "Traceback" not in lines[0]
-    assert region_bytes(supervisor) == region
     assert open(supervisor.audit, "rb").read() == log
+    assert region_bytes(supervisor) == region
 
 
 def test_empty_non_utf8_and_full_size_messages(supervisor):
@@ -146,7 +146,7 @@ def test_write_from_a_uid_the_policy_does_not_allow_is_refused_and_recorded(tmp_
         with pytest.raises(ControlError, match="may not write"):
             as_user(OUTSIDER_USER, _write_as_cli, supervisor.control)
         assert region_bytes(supervisor) == before
-        refused = supervisor.audit_records()[-1]
+        refused = [r for r in supervisor.audit_records() if r["action"] == "refused"][-1]
         assert refused["action"] == "refused" and refused["result"] == "refused"
         assert refused["actor"]["uid"] == 65534 and refused["detail"]["op"] == "write"
         assert not [r for r in supervisor.audit_records() if r["action"] == "write"]

@@ -1,0 +1,785 @@
+"""Guard: watches the region's path and both sockets, re-reads the truth on every event, and responds.
+
+It is part of the supervisor's one event loop: an inotify fd and, as root, a fanotify fd that names offenders.
+An event only says "look now": the truth is fstat of the held region fd, lstat of the paths and the directory
+entries, compared with the policy (REFERENCE §4: a truncation arrives as IN_MODIFY like a write, `rm` of an
+open file as IN_ATTRIB only, writes through mmap as nothing at all). Repairs cause events of their own; those
+find nothing wrong and so do nothing.
+
+Responses ([guard] in the policy): block = the sealed memfd refuses any resize in the kernel; repair = put back
+size, contents, owner/group/mode, ACLs, the path and the sockets; alert = log and record only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import secrets
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from inotify_simple import INotify
+from inotify_simple import flags as F
+
+from .audit import Actor
+from .errors import RegionError, ShmguardError
+from .fanotify import (
+    FAN_ATTRIB,
+    FAN_DELETE_SELF,
+    FAN_MODIFY,
+    FAN_MOVE_SELF,
+    FAN_OPEN,
+    Fanotify,
+    Touch,
+    Witnesses,
+)
+from .region import FileState, Region
+
+log = logging.getLogger("shmguard.guard")
+
+REGION_EVENTS = F.MODIFY | F.CLOSE_WRITE | F.ATTRIB | F.MOVE_SELF | F.DELETE_SELF
+MEMFD_EVENTS = F.MODIFY | F.ATTRIB | F.OPEN  # nobody but us may open the memfd: any open is news
+SOCKET_EVENTS = F.ATTRIB | F.MOVE_SELF | F.DELETE_SELF
+DIR_EVENTS = (F.CREATE | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.ATTRIB | F.DELETE_SELF | F.MOVE_SELF
+              | F.ONLYDIR | F.DONT_FOLLOW)
+FAN_REGION = FAN_MODIFY | FAN_ATTRIB | FAN_MOVE_SELF | FAN_DELETE_SELF
+FAN_MEMFD = FAN_MODIFY | FAN_ATTRIB | FAN_OPEN
+FAN_SOCKET = FAN_ATTRIB | FAN_MOVE_SELF | FAN_DELETE_SELF
+
+# The fanotify events whose process is the offender of each kind of incident.
+OFFENCES = {
+    "shrink": FAN_MODIFY, "grow": FAN_MODIFY, "hole": FAN_MODIFY,
+    "attributes": FAN_ATTRIB, "acl": FAN_ATTRIB, "extra-link": FAN_ATTRIB, "anchor": FAN_ATTRIB,
+    "unlink": FAN_ATTRIB | FAN_DELETE_SELF, "rename": FAN_MOVE_SELF, "replaced": FAN_ATTRIB | FAN_MOVE_SELF,
+    "socket-removed": FAN_SOCKET, "socket-replaced": FAN_SOCKET, "socket-attributes": FAN_ATTRIB,
+    "region-opened": FAN_OPEN,
+}
+ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+ANCHOR_PREFIX = ".shmguard-anchor."
+AT_FDCWD = -100
+AT_SYMLINK_FOLLOW = 0x400
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+
+
+class GuardError(ShmguardError):
+    """A repair the kernel does not allow; the incident is recorded as failed."""
+
+
+# ---------------------------------------------------------------------------------------------------- syscalls
+
+
+def link_fd(fd: int, destination: str) -> None:
+    """Give the inode behind fd a new name. os.link cannot: it calls link(2), which does not follow
+    /proc/self/fd magic links. The kernel refuses (ENOENT) once the inode's last link is gone."""
+    if _libc.linkat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), AT_FDCWD, os.fsencode(destination),
+                    AT_SYMLINK_FOLLOW) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error), destination)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite never faults on a truncated file (it extends it), unlike a copy into the mapping (SIGBUS)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def pread_all(fd: int, length: int, offset: int = 0) -> bytes:
+    chunks, done = [], 0
+    while done < length:
+        chunk = os.pread(fd, length - done, offset + done)
+        if not chunk:
+            break  # the file is shorter than it should be
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
+def acl_names(target: int | str) -> list[str]:
+    try:
+        return [name for name in os.listxattr(target) if name in ACL_XATTRS]
+    except OSError:
+        return []  # a filesystem without xattrs has no ACLs either
+
+
+def allocate(fd: int, size: int) -> None:
+    """Back every page, so that a punched hole or a truncate-and-regrow shows as fewer st_blocks."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
+def describe_entry(path: str, st: os.stat_result | None) -> dict:
+    """What sits at a path, for an incident's before/after."""
+    if st is None:
+        return {"present": False}
+    kinds = {stat.S_IFREG: "file", stat.S_IFSOCK: "socket", stat.S_IFLNK: "symlink", stat.S_IFDIR: "directory"}
+    entry = {"present": True, "type": kinds.get(stat.S_IFMT(st.st_mode), "other"), "inode": st.st_ino,
+             "uid": st.st_uid, "gid": st.st_gid, "mode": f"0{stat.S_IMODE(st.st_mode):o}", "size": st.st_size}
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            entry["target"] = os.readlink(path)
+        except OSError:
+            pass
+    return entry
+
+
+def lstat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def region_state(st: os.stat_result) -> dict:
+    return {**FileState.of(st).describe(), "blocks": st.st_blocks}
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+
+
+class KnownGood:
+    """The contents a repair puts back: every audited write, and the region as last seen intact."""
+
+    def __init__(self, contents: bytes):
+        self.data = bytearray(contents)
+
+    def remember(self, offset: int, data: bytes) -> None:
+        self.data[offset:offset + len(data)] = data
+
+    def refresh(self, fd: int, size: int, full_blocks: int) -> bool:
+        """Take the file's contents, unless its size or allocation changed while we read it."""
+        before = os.fstat(fd)
+        if before.st_size != size or before.st_blocks < full_blocks:
+            return False
+        current = pread_all(fd, size)
+        after = os.fstat(fd)
+        if len(current) != size or (after.st_size, after.st_blocks) != (before.st_size, before.st_blocks):
+            return False
+        self.data[:] = current
+        return True
+
+
+class Anchor:
+    """A second hard link to the region in a private (0700) directory beside its path.
+
+    The kernel never links an inode again once its last link is gone (linkat: ENOENT, even for an O_TMPFILE
+    file after its first link), so without this `rm` of the path could never be undone.
+    """
+
+    def __init__(self, parent: str):
+        self.parent = parent
+        self.directory = tempfile.mkdtemp(prefix=f"{ANCHOR_PREFIX}{os.getpid()}.", dir=parent)
+        self.path = os.path.join(self.directory, "region")
+
+    @classmethod
+    def create(cls, region_path: str, fd: int) -> Anchor:
+        parent = os.path.dirname(region_path)
+        remove_stale_anchors(parent)
+        anchor = cls(parent)
+        link_fd(fd, anchor.path)
+        return anchor
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.directory)
+
+    def holds(self, inode: tuple[int, int]) -> bool:
+        st = lstat_or_none(self.path)
+        return st is not None and identity(st) == inode
+
+    def renew(self, fd: int) -> dict:
+        """A fresh private directory and link (someone with root removed ours)."""
+        self.remove()
+        self.directory = tempfile.mkdtemp(prefix=f"{ANCHOR_PREFIX}{os.getpid()}.", dir=self.parent)
+        self.path = os.path.join(self.directory, "region")
+        link_fd(fd, self.path)
+        return {"anchor": self.path}
+
+    def remove(self) -> None:
+        for path, remove in ((self.path, os.unlink), (self.directory, os.rmdir)):
+            try:
+                remove(path)
+            except OSError:
+                pass
+
+
+def remove_stale_anchors(parent: str) -> None:
+    """Anchors left by supervisors that died without cleaning up (each pins a region's memory)."""
+    for entry in os.scandir(parent):
+        parts = entry.name.split(".")
+        if not entry.name.startswith(ANCHOR_PREFIX) or len(parts) < 4 or not parts[2].isdigit():
+            continue
+        if _alive(int(parts[2])) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+            continue
+        for inner in os.scandir(entry.path):
+            os.unlink(inner.path)
+        os.rmdir(entry.path)
+        log.info("removed the stale anchor %s", entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class GuardedSocket:
+    """A listening socket the guard keeps at its path: the IvshmemServer's or the ControlServer's."""
+
+    name: str
+    endpoint: Callable[[], Any]  # has .listener (BoundSocket | None) and .rebind()
+    owner: int
+    group: int
+    mode: int
+
+    @property
+    def listener(self):
+        endpoint = self.endpoint()
+        return None if endpoint is None else endpoint.listener
+
+
+# ---------------------------------------------------------------------------------------------------- the guard
+
+
+class Guard:
+    def __init__(self, supervisor) -> None:
+        self.supervisor = supervisor
+        self.responses = supervisor.policy.guard
+        self.region: Region = supervisor.region
+        self.loop = supervisor.loop
+        self.size = self.region.size
+        self.fd = self.region.fd
+        self.inode = identity(os.fstat(self.fd))
+        self.known_good = KnownGood(self.region.snapshot())
+        self.anchor: Anchor | None = None
+        self.expected = self._expected_attributes()
+        self.full_blocks = 0
+        self.sockets = self._guarded_sockets()
+        self.inotify: INotify | None = None
+        self.witnesses: Witnesses | None = None
+        self.attribution = "not started"
+        self.incidents = 0
+        self.last_incident: dict | None = None
+        self._region_wd: int | None = None
+        self._dir_names: dict[int, set[str]] = {}  # directory watch -> the entry names that concern us
+        self._socket_watches: dict[str, tuple[tuple[int, int], int]] = {}
+        self._outstanding: dict[tuple[str, str], str] = {}  # unresolved incidents, recorded once
+        self._seen: set[tuple[str, str]] = set()
+        self._detected_ns = 0
+        self._original_write = None
+
+    @property
+    def is_file(self) -> bool:
+        return self.region.backend == "file"
+
+    @property
+    def region_path(self) -> str:
+        return self.region.path if self.is_file else f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def _expected_attributes(self) -> tuple[int, int, int]:
+        if self.is_file:
+            policy = self.supervisor.policy.region
+            return policy.owner, policy.group, policy.mode
+        st = os.fstat(self.fd)  # a memfd has no policy identity: keep the one it was born with
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    def _guarded_sockets(self) -> list[GuardedSocket]:
+        policy = self.supervisor.policy
+        server = policy.server
+        return [
+            GuardedSocket("ivshmem", lambda: self.supervisor.server, server.owner, server.group, server.mode),
+            GuardedSocket("control", lambda: getattr(self.supervisor, "control", None), server.owner,
+                          server.group, policy.control.mode),
+        ]
+
+    # --- starting and stopping ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        allocate(self.fd, self.size)
+        self.full_blocks = os.fstat(self.fd).st_blocks
+        if self.is_file:
+            self.anchor = Anchor.create(self.region.path, self.fd)
+        self._follow_audited_writes()
+        self.inotify = INotify(nonblocking=True)
+        self._start_attribution()
+        self._watch_everything()
+        self.loop.add_reader(self.inotify.fileno(), self._on_inotify)
+        self.check()  # whatever is already wrong is an incident too
+        log.info("guard: watching %s; offenders named by %s", ", ".join(self.watched_paths()), self.attribution)
+
+    def _start_attribution(self) -> None:
+        try:
+            fanotify = Fanotify.open()
+        except OSError as exc:
+            self.attribution = f"unavailable (fanotify_init: {exc.strerror}; it needs CAP_SYS_ADMIN)"
+            return
+        try:
+            fanotify.mark(f"/proc/self/fd/{self.fd}", FAN_REGION if self.is_file else FAN_MEMFD)
+        except OSError as exc:
+            fanotify.close()
+            self.attribution = f"unavailable (fanotify_mark: {exc.strerror})"
+            return
+        self.witnesses = Witnesses(fanotify)
+        self.loop.add_reader(fanotify.fd, self.witnesses.collect)
+        self.attribution = "fanotify"
+
+    def _follow_audited_writes(self) -> None:
+        """Until the supervisor calls remember() itself: every audited write also updates the known-good copy,
+        and on the file backend goes through pwrite, which a racing truncation cannot turn into SIGBUS."""
+        region, original = self.region, self.region.write
+        self._original_write = original
+
+        def write(offset: int, data: bytes) -> None:
+            if region.backend == "file":
+                write_by_pwrite(region, offset, data)
+            else:
+                original(offset, data)
+            self.remember(offset, data)
+
+        region.write = write
+
+    def remember(self, offset: int, data: bytes) -> None:
+        """The supervisor's hook after an audited write: that write survives every later repair."""
+        self.known_good.remember(offset, data)
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            self.loop.remove_reader(self.inotify.fileno())
+            self.inotify.close()
+            self.inotify = None
+        if self.witnesses is not None:
+            self.loop.remove_reader(self.witnesses.fanotify.fd)
+            self.witnesses.fanotify.close()
+            self.witnesses = None
+        if self.anchor is not None:
+            self.anchor.remove()
+            self.anchor = None
+        if self._original_write is not None:
+            self.region.__dict__.pop("write", None)
+            self._original_write = None
+
+    def watched_paths(self) -> list[str]:
+        paths = [self.region_path] + ([os.path.dirname(self.region.path)] if self.is_file else [])
+        for sock in self.sockets:
+            if sock.listener is not None:
+                paths += [sock.listener.path, os.path.dirname(sock.listener.path)]
+        return list(dict.fromkeys(paths))
+
+    def describe(self) -> dict:
+        """For `shmguard status`."""
+        return {
+            "watching": self.watched_paths(),
+            "responses": {name: getattr(self.responses, name) for name in
+                          ("on_resize", "on_attributes", "on_unlink", "on_socket")},
+            "attribution": self.attribution,
+            "anchor": self.anchor.path if self.anchor else None,
+            "incidents": self.incidents,
+            "last_incident": self.last_incident,
+        }
+
+    # --- watches -----------------------------------------------------------------------------------------
+
+    def _watch_everything(self) -> None:
+        self._region_wd = self.inotify.add_watch(f"/proc/self/fd/{self.fd}",
+                                                 REGION_EVENTS if self.is_file else MEMFD_EVENTS)
+        self._ensure_watches()
+
+    def _ensure_watches(self) -> None:
+        """(Re)watch the directories and the current socket inodes; cheap, so done after every check."""
+        if self.is_file:
+            names = {os.path.basename(self.region.path)} | ({self.anchor.name} if self.anchor else set())
+            self._watch_directory(os.path.dirname(self.region.path), names)
+        for sock in self.sockets:
+            listener = sock.listener
+            if listener is not None:
+                self._watch_directory(os.path.dirname(listener.path), {os.path.basename(listener.path)})
+                self._watch_socket(sock, listener)
+
+    def _watch_directory(self, directory: str, names: set[str]) -> None:
+        try:
+            wd = self.inotify.add_watch(directory, DIR_EVENTS)
+        except OSError:
+            return  # gone for now; the socket repair recreates it and the next check watches it again
+        self._dir_names.setdefault(wd, set()).update(names)
+
+    def _watch_socket(self, sock: GuardedSocket, listener) -> None:
+        inode = (listener.device, listener.inode)
+        known = self._socket_watches.get(sock.name)
+        if known is not None and known[0] == inode:
+            return
+        try:
+            fd = os.open(listener.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if identity(os.fstat(fd)) != inode:
+                return  # not our socket at the path: the check repairs that first
+            wd = self.inotify.add_watch(f"/proc/self/fd/{fd}", SOCKET_EVENTS)
+            if self.witnesses is not None:
+                self.witnesses.fanotify.mark(f"/proc/self/fd/{fd}", FAN_SOCKET)
+        except OSError as exc:
+            log.warning("guard: cannot watch socket %s: %s", listener.path, exc.strerror)
+            return
+        finally:
+            os.close(fd)
+        if known is not None and known[1] != wd:
+            self._forget_watch(known[1])
+        self._socket_watches[sock.name] = (inode, wd)
+
+    def _forget_watch(self, wd: int) -> None:
+        try:
+            self.inotify.rm_watch(wd)
+        except OSError:
+            pass  # the inode is already gone, and the watch with it
+
+    def _on_inotify(self) -> None:
+        events = self.inotify.read(timeout=0)
+        for event in events:
+            if event.mask & F.IGNORED:
+                self._dir_names.pop(event.wd, None)
+        relevant = [event for event in events if self._concerns_us(event)]
+        if not relevant:
+            return
+        on_region = [event.mask for event in relevant if event.wd == self._region_wd]
+        self.check(modified=any(mask & (F.MODIFY | F.CLOSE_WRITE) for mask in on_region),
+                   opened=any(mask & F.OPEN for mask in on_region))
+
+    def _concerns_us(self, event) -> bool:
+        if event.mask & (F.Q_OVERFLOW | F.IGNORED):
+            return bool(event.mask & F.Q_OVERFLOW)  # an overflow may hide anything: look at everything
+        names = self._dir_names.get(event.wd)
+        return names is None or not event.name or event.name in names
+
+    # --- the check ---------------------------------------------------------------------------------------
+
+    def check(self, modified: bool = False, opened: bool = False) -> None:
+        """Compare the truth with the policy and respond to every difference."""
+        self._detected_ns = time.monotonic_ns()
+        self._seen = set()
+        if self.witnesses is not None:
+            self.witnesses.collect()
+        steps = [lambda: self._check_contents(modified), lambda: self._check_opened(opened),
+                 self._check_attributes, self._check_acl]
+        if self.is_file:
+            steps += [self._check_path, self._check_anchor, self._check_extra_links]
+        steps += [lambda sock=sock: self._check_socket(sock) for sock in self.sockets]
+        for step in steps:
+            try:
+                step()
+            except OSError as exc:  # the truth could not be read; the next event looks again
+                log.error("guard: check failed: %s", exc)
+        self._outstanding = {key: value for key, value in self._outstanding.items() if key in self._seen}
+        self._ensure_watches()
+        if self.witnesses is not None:
+            self.witnesses.forget()
+
+    def _check_contents(self, modified: bool) -> None:
+        st = os.fstat(self.fd)
+        if st.st_size != self.size:
+            kind = "shrink" if st.st_size < self.size else "grow"
+            self._incident(kind, self.region_path, {"region": region_state(st)}, self.responses.on_resize,
+                           self._restore_contents)
+        elif st.st_blocks < self.full_blocks:
+            # Pages were freed at the same size: a punched hole, or a truncate-and-regrow between two looks.
+            response = "alert" if self.responses.on_resize == "alert" else "repair"
+            self._incident("hole", self.region_path, {"region": region_state(st), "full_blocks": self.full_blocks},
+                           response, self._restore_contents)
+        elif modified:
+            self.known_good.refresh(self.fd, self.size, self.full_blocks)
+
+    def _restore_contents(self) -> dict:
+        if os.fstat(self.fd).st_size != self.size:
+            os.ftruncate(self.fd, self.size)
+        pwrite_all(self.fd, self.known_good.data, 0)
+        allocate(self.fd, self.size)
+        return {"region": region_state(os.fstat(self.fd))}
+
+    def _check_opened(self, opened: bool) -> None:
+        if opened:  # only the memfd is watched for opens: nobody but the supervisor ever opens it
+            self._incident("region-opened", self.region_path, {"region": region_state(os.fstat(self.fd))},
+                           self.responses.on_resize, None)
+
+    def _check_attributes(self) -> None:
+        st = os.fstat(self.fd)
+        if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != self.expected:
+            self._incident("attributes", self.region_path, {"region": region_state(st)},
+                           self.responses.on_attributes, self._restore_attributes)
+
+    def _restore_attributes(self) -> dict:
+        uid, gid, mode = self.expected
+        os.fchown(self.fd, uid, gid)
+        os.fchmod(self.fd, mode)  # after chown, which may clear bits
+        return {"region": region_state(os.fstat(self.fd))}
+
+    def _check_acl(self) -> None:
+        names = acl_names(self.fd)
+        if names:  # an ACL can grant access that the mode bits do not show
+            self._incident("acl", self.region_path, {"xattrs": names}, self.responses.on_attributes,
+                           self._remove_acl)
+
+    def _remove_acl(self) -> dict:
+        for name in acl_names(self.fd):
+            os.removexattr(self.fd, name)
+        self._restore_attributes()
+        return {"xattrs": acl_names(self.fd), "region": region_state(os.fstat(self.fd))}
+
+    # --- the region's names (file backend) -----------------------------------------------------------------
+
+    def _check_path(self) -> None:
+        path = self.region.path
+        entry = lstat_or_none(path)
+        if entry is not None and identity(entry) == self.inode:
+            return
+        strays = self._stray_names()
+        kind = "replaced" if entry is not None else "rename" if strays else "unlink"
+        before = {"path": describe_entry(path, entry), "region": region_state(os.fstat(self.fd)), "strays": strays}
+        self._incident(kind, path, before, self.responses.on_unlink, lambda: self._relink(strays))
+
+    def _relink(self, strays: list[str]) -> dict:
+        """Our inode back at the path in one rename (whatever else was there is replaced), strays removed."""
+        if os.fstat(self.fd).st_nlink == 0:
+            raise GuardError("every link to the region is gone and the kernel never relinks such an inode "
+                             "(linkat: ENOENT); peers keep it through their fds, the path cannot come back")
+        path = self.region.path
+        temporary = self._link_beside(path)
+        try:
+            moved_aside = rename_over(temporary, path)
+        except OSError:
+            _unlink_quietly(temporary)
+            raise
+        removed = [name for name in strays if self._unlink_if_ours(name)]
+        return {"path": describe_entry(path, lstat_or_none(path)), "removed": removed,
+                "moved_aside": moved_aside, "region": region_state(os.fstat(self.fd))}
+
+    def _link_beside(self, path: str) -> str:
+        directory, base = os.path.split(path)
+        for _ in range(8):  # a random name in a shared directory: someone may hold one we pick
+            temporary = os.path.join(directory, f".{base}.relink-{secrets.token_hex(6)}")
+            try:
+                link_fd(self.fd, temporary)
+                return temporary
+            except FileExistsError:
+                continue
+            except OSError:
+                if self.anchor is None or not self.anchor.holds(self.inode):
+                    raise
+                os.link(self.anchor.path, temporary)  # the anchor is a plain name on the same filesystem
+                return temporary
+        raise GuardError(f"{directory}: cannot find a free name to relink the region")
+
+    def _stray_names(self) -> list[str]:
+        """Other names of our inode in the region's directory and the anchor's (rename, hard link)."""
+        path = self.region.path
+        directories = [os.path.dirname(path)] + ([self.anchor.directory] if self.anchor else [])
+        keep = {path} | ({self.anchor.path} if self.anchor else set())
+        found = []
+        for directory in directories:
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.path not in keep and entry.inode() == self.inode[1] and self._is_ours(entry.path):
+                    found.append(entry.path)
+        return found
+
+    def _is_ours(self, path: str) -> bool:
+        st = lstat_or_none(path)
+        return st is not None and identity(st) == self.inode
+
+    def _unlink_if_ours(self, path: str) -> bool:
+        if not self._is_ours(path):
+            return False
+        _unlink_quietly(path)
+        return not self._is_ours(path)
+
+    def _check_anchor(self) -> None:
+        if self.anchor is None or self.anchor.holds(self.inode) or os.fstat(self.fd).st_nlink == 0:
+            return
+        self._incident("anchor", self.anchor.path, {"anchor": describe_entry(self.anchor.path,
+                                                                             lstat_or_none(self.anchor.path))},
+                       self.responses.on_unlink, lambda: self.anchor.renew(self.fd))
+
+    def _check_extra_links(self) -> None:
+        st = os.fstat(self.fd)
+        expected = int(self._is_ours(self.region.path)) + int(self.anchor is not None and self.anchor.holds(
+            self.inode))
+        if st.st_nlink <= expected:
+            return
+        strays = self._stray_names()
+        before = {"nlink": st.st_nlink, "expected": expected, "strays": strays}
+        self._incident("extra-link", self.region.path, before, self.responses.on_unlink,
+                       lambda: self._remove_strays(strays))
+
+    def _remove_strays(self, strays: list[str]) -> dict:
+        removed = [name for name in strays if self._unlink_if_ours(name)]
+        left = os.fstat(self.fd).st_nlink
+        if not removed:
+            raise GuardError(f"a hard link to the region outside {os.path.dirname(self.region.path)} "
+                             f"(st_nlink {left}) cannot be found without walking the whole filesystem")
+        return {"removed": removed, "nlink": left}
+
+    # --- sockets -----------------------------------------------------------------------------------------
+
+    def _check_socket(self, sock: GuardedSocket) -> None:
+        listener = sock.listener
+        if listener is None:
+            return  # shutting down
+        path = listener.path
+        entry = lstat_or_none(path)
+        if entry is not None and identity(entry) == (listener.device, listener.inode):
+            attributes = (entry.st_uid, entry.st_gid, stat.S_IMODE(entry.st_mode))
+            if attributes != (sock.owner, sock.group, sock.mode):
+                self._incident("socket-attributes", path, {"socket": sock.name, "entry": describe_entry(path, entry)},
+                               self.responses.on_attributes, lambda: self._restore_socket_attributes(sock))
+            return
+        kind = "socket-removed" if entry is None else "socket-replaced"
+        self._incident(kind, path, {"socket": sock.name, "entry": describe_entry(path, entry)},
+                       self.responses.on_socket, lambda: self._rebind(sock))
+
+    def _restore_socket_attributes(self, sock: GuardedSocket) -> dict:
+        listener = sock.listener
+        fd = os.open(listener.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if identity(os.fstat(fd)) != (listener.device, listener.inode):
+                raise GuardError(f"{listener.path}: the socket was replaced while being repaired")
+            os.chown(f"/proc/self/fd/{fd}", sock.owner, sock.group)  # the inode we checked, never a symlink
+            os.chmod(f"/proc/self/fd/{fd}", sock.mode)
+        finally:
+            os.close(fd)
+        return {"entry": describe_entry(listener.path, lstat_or_none(listener.path))}
+
+    def _rebind(self, sock: GuardedSocket) -> dict:
+        """A fresh listening socket renamed over the path: a foreign file there is replaced in that one rename
+        (its identity is in the incident's `before`); a directory there is moved aside first."""
+        path = sock.listener.path
+        entry = lstat_or_none(path)
+        moved_aside = move_aside(path) if entry is not None and stat.S_ISDIR(entry.st_mode) else None
+        clear_staging(path)
+        sock.endpoint().rebind()
+        self._ensure_watches()
+        return {"entry": describe_entry(path, lstat_or_none(path)), "moved_aside": moved_aside}
+
+    # --- incidents ---------------------------------------------------------------------------------------
+
+    def _incident(self, kind: str, path: str, before: dict, response: str,
+                  repair: Callable[[], dict] | None) -> None:
+        key = (kind, path)
+        self._seen.add(key)
+        signature = json.dumps(before, sort_keys=True, default=str)
+        if self._outstanding.get(key) == signature:
+            return  # already recorded, still unresolved: one record, not one per event
+        offender = self._offender(kind)
+        result, after = respond(response, before, repair)
+        done_ns = time.monotonic_ns()
+        detail = {
+            "kind": kind, "path": path, "before": before, "after": after, "response": response,
+            "repair_ms": round((done_ns - self._detected_ns) / 1e6, 3),
+            "offender": offender.describe() if offender else "unknown",
+            "detected_ns": self._detected_ns, "done_ns": done_ns,
+        }
+        self._log(kind, path, result, detail)
+        actor = None
+        if offender is not None and offender.uid is not None and offender.gid is not None:
+            actor = Actor(offender.pid, offender.uid, offender.gid, offender.exe)
+        self.supervisor.record("incident", actor=actor, result=result, detail=detail)
+        self.incidents += 1
+        self.last_incident = {"kind": kind, "path": path, "result": result, "repair_ms": detail["repair_ms"]}
+        if result in ("alerted", "failed"):
+            self._outstanding[key] = signature
+
+    def _offender(self, kind: str) -> Touch | None:
+        if self.witnesses is None:
+            return None
+        return self.witnesses.offender(OFFENCES.get(kind, FAN_MODIFY | FAN_ATTRIB))
+
+    @staticmethod
+    def _log(kind: str, path: str, result: str, detail: dict) -> None:
+        offender = detail["offender"]
+        who = offender if offender == "unknown" else f"pid {offender['pid']} uid {offender['uid']} " \
+                                                       f"({offender['exe']})"
+        level = logging.ERROR if result == "failed" else logging.WARNING
+        log.log(level, "guard: %s at %s by %s: %s in %.3f ms%s", kind, path, who, result, detail["repair_ms"],
+                f" ({detail['after'].get('error')})" if result == "failed" else "")
+
+
+def respond(response: str, before: dict, repair: Callable[[], dict] | None) -> tuple[str, dict]:
+    """Carry out the policy's response; returns the audit result and the state after."""
+    if response == "block":
+        return "blocked", before  # the seals already refused the change in the kernel
+    if response == "alert" or repair is None:
+        return "alerted", before
+    try:
+        return "repaired", repair()
+    except (OSError, ShmguardError) as exc:
+        return "failed", {"error": str(exc)}
+
+
+def rename_over(source: str, path: str) -> str | None:
+    """rename(2) replaces any non-directory at path atomically; a directory there is moved aside first."""
+    try:
+        os.rename(source, path)
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+    aside = move_aside(path)
+    os.rename(source, path)
+    return aside
+
+
+def move_aside(path: str) -> str:
+    aside = f"{path}.foreign-{time.time_ns()}"
+    os.rename(path, aside)
+    return aside
+
+
+def clear_staging(path: str) -> None:
+    """bind_socket binds at `<path>.<pid>.new` first: something else squatting there would make it fail."""
+    staging = f"{path}.{os.getpid()}.new"
+    st = lstat_or_none(staging)
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            move_aside(staging)
+        else:
+            _unlink_quietly(staging)
+
+
+def write_by_pwrite(region: Region, offset: int, data: bytes) -> None:
+    """Region.write for the file backend, by pwrite instead of the mapping (see Guard._follow_audited_writes)."""
+    region.check_bounds(offset, len(data))
+    actual = os.fstat(region.fd).st_size
+    if actual != region.size:
+        raise RegionError(f"region is {actual} bytes instead of {region.size} (tampered with); "
+                          "refusing to write until it is repaired")
+    pwrite_all(region.fd, data, offset)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
