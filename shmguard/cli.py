@@ -372,3 +372,37 @@ def audit_show(since, path, policy_name, as_json):
 
     for record in read_records(_audit_path(path, policy_name), since):
         click.echo(json.dumps(record, sort_keys=True) if as_json else format_record(record))
+
+
+# --- the built-in guest and the demo ----------------------------------------------------------------------
+
+
+@main.group()
+def guest() -> None:
+    """The built-in guest: a Debian kernel plus a small vfio-pci agent."""
+
+
+@guest.command("build")
+@click.option("--quiet", is_flag=True, help="Print nothing unless something fails.")
+@user_errors
+def guest_build(quiet):
+    """Build (or reuse the cached) guest image; prints its kernel, initrd and command line."""
+    from .guest import build_guest
+
+    image = build_guest(log=(lambda _line: None) if quiet else lambda line: click.echo(line, err=True))
+    if not quiet:
+        click.echo(f"kernel  {image.kernel}\ninitrd  {image.initrd}\ncmdline {image.cmdline}")
+
+
+@main.command()
+@click.option("--policy", "policy_name", default="strict", show_default=True, help=POLICY_HELP)
+@click.option("--no-attacks", is_flag=True, help="Skip the attack battery.")
+@click.option("--keep", is_flag=True, help="Keep the demo's directory (logs, audit log).")
+@user_errors
+def demo(policy_name, no_attacks, keep):
+    """Run the whole doorbell flow with the built-in guest; exit 0 only if every message was delivered."""
+    from .demo import format_report, run_demo
+
+    report = run_demo(click.echo, policy_name, attacks=not no_attacks, keep=keep)
+    click.echo(format_report(report))
+    sys.exit(0 if report.ok else 1)

@@ -114,9 +114,9 @@ class Supervisor:
         self._harden()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})
+        sdnotify.ready(f"serving {self.policy.server.socket}")  # peers can connect from here on
         if self.guest_options is not None:
             self._start_guest(self.guest_options)
-        sdnotify.ready(f"serving {self.policy.server.socket}")
 
     def _harden(self) -> None:
         """Drop what the policy does not need, once the region and sockets exist and before QEMU starts."""

@@ -7,18 +7,15 @@ import os
 import pickle
 import pwd
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import tomllib
 import uuid
 from pathlib import Path
 
+from shmguard.launcher import SHMGUARD, SupervisorProcess
 from shmguard.policy import BUILTIN_DIR
 
-SHMGUARD = [sys.executable, "-m", "shmguard"]
 MEMBER_USER = "shmguard-member"  # a system user in the ivshmem group (created by scripts/bootstrap)
 OUTSIDER_USER = "nobody"
 
@@ -55,8 +52,8 @@ def policy_file(tmp_path: Path, base: str = "strict", **sections: dict) -> Path:
     return path
 
 
-class RunningSupervisor:
-    """`shmguard run` in a child process, ready once it sends READY=1 on a NOTIFY_SOCKET."""
+class RunningSupervisor(SupervisorProcess):
+    """`shmguard run --policy FILE` in a child process (--no-guest unless guest=True), ready at READY=1."""
 
     def __init__(self, policy_path: Path, *args: str, guest: bool = False, timeout: float = 60.0):
         self.policy_path = policy_path
@@ -65,35 +62,9 @@ class RunningSupervisor:
         self.control = self.policy["control"]["socket"]
         self.audit = self.policy["audit"]["path"]
         self.region_path = self.policy["region"].get("path") if self.policy["region"]["backend"] == "file" else None
-        self.log_path = policy_path.with_suffix(".log")
-        notify_path = str(policy_path.with_suffix(".notify"))
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        if os.path.exists(notify_path):  # left by an earlier run of the same policy
-            os.unlink(notify_path)
-        self.notify.bind(notify_path)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
         args = args if guest else ("--no-guest", *args)
-        self.proc = subprocess.Popen([*SHMGUARD, "run", "--policy", str(policy_path), *args],
-                                     stdout=subprocess.DEVNULL, stderr=self.log_path.open("wb"), env=env)
-        self.wait_for("READY=1", timeout)
-
-    def wait_for(self, word: str, timeout: float) -> str:
-        """Wait for a notify message containing `word` (READY=1, or STATUS=... lines)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited with {self.proc.returncode}:\n{self.log()}")
-            self.notify.settimeout(0.2)
-            try:
-                message = self.notify.recv(4096).decode()
-            except TimeoutError:
-                continue
-            if word in message:
-                return message
-        raise AssertionError(f"no {word} from the supervisor within {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(["--policy", str(policy_path), *args], policy_path.with_suffix(".log"),
+                         policy_path.with_suffix(".notify"), timeout)
 
     def audit_records(self) -> list[dict]:
         with open(self.audit) as f:
@@ -108,19 +79,12 @@ class RunningSupervisor:
         return result
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.notify.close()
+        status = super().stop(sig, timeout)
         try:
             os.rmdir(os.path.dirname(self.socket))  # the per-test socket directory, if the supervisor emptied it
         except OSError:
             pass
-        return self.proc.returncode
+        return status
 
 
 def as_user(user: str, func, *args, groups_from_user: bool = True):

@@ -1,0 +1,68 @@
+"""SupervisorProcess: `shmguard run` as a child process, ready when it says so over NOTIFY_SOCKET.
+
+The same datagram protocol systemd uses (READY=1, STATUS=...) tells a parent when peers can connect and
+when the guest is ready, so nothing has to poll a socket path or parse a log to know.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import ShmguardError
+
+SHMGUARD = [sys.executable, "-m", "shmguard"]
+
+
+class SupervisorProcess:
+    def __init__(self, run_args: list[str], log_path: Path, notify_path: Path, timeout: float = 60.0):
+        self.log_path, self.notify_path = log_path, notify_path
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        if notify_path.exists():  # left by an earlier run in the same place
+            notify_path.unlink()
+        self.notify.bind(str(notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen([*SHMGUARD, "run", *run_args], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=log, env=env)
+        self.wait_for("READY=1", timeout)
+
+    def wait_for(self, word: str, timeout: float) -> str:
+        """Wait for a notify message containing `word`; a supervisor that exits first is an error."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ShmguardError(f"the supervisor exited with status {self.proc.returncode}; "
+                                    f"its log: {self.log_path}\n{self.log_tail()}")
+            self.notify.settimeout(min(0.2, max(0.01, deadline - time.monotonic())))
+            try:
+                message = self.notify.recv(4096).decode(errors="replace")
+            except TimeoutError:
+                continue
+            if word in message:
+                return message
+        raise ShmguardError(f"no {word} from the supervisor within {timeout:g} s; its log: {self.log_path}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.notify.close()
+        if self.notify_path.exists():
+            self.notify_path.unlink()
+        return self.proc.returncode
