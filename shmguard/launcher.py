@@ -20,12 +20,15 @@ SHMGUARD = [sys.executable, "-m", "shmguard"]
 
 
 class SupervisorProcess:
-    def __init__(self, run_args: list[str], log_path: Path, notify_path: Path, timeout: float = 60.0):
+    def __init__(self, run_args: list[str], log_path: Path, notify_path: Path, timeout: float = 60.0,
+                 notify_mode: int | None = None):
         self.log_path, self.notify_path = log_path, notify_path
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         if notify_path.exists():  # left by an earlier run in the same place
             notify_path.unlink()
         self.notify.bind(str(notify_path))
+        if notify_mode is not None:  # a supervisor that drops to another user must still reach it
+            notify_path.chmod(notify_mode)
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen([*SHMGUARD, "run", *run_args], stdin=subprocess.DEVNULL,

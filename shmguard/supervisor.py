@@ -21,7 +21,7 @@ from .audit import Actor, AuditLog
 from .control import ControlServer, Request
 from .errors import ControlError, RegionError
 from .guest import GuestImage, build_guest
-from .hardening import harden, lock_memory
+from .hardening import drop_identity, harden, lock_memory
 from .loop import EventLoop
 from .policy import Policy
 from .qemu import QemuProcess, choose_accel, qemu_command
@@ -114,16 +114,21 @@ class Supervisor:
         self._harden()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})
-        sdnotify.ready(f"serving {self.policy.server.socket}")  # peers can connect from here on
+        if not sdnotify.ready(f"serving {self.policy.server.socket}") and "NOTIFY_SOCKET" in os.environ:
+            log.warning("could not send READY=1 to NOTIFY_SOCKET %s", os.environ["NOTIFY_SOCKET"])
         if self.guest_options is not None:
             self._start_guest(self.guest_options)
 
     def _harden(self) -> None:
         """Drop what the policy does not need, once the region and sockets exist and before QEMU starts."""
-        if os.geteuid() == 0:
+        hardening = self.policy.hardening
+        if hardening.user:
+            drop_identity(hardening.user, hardening.group, keep=hardening.capabilities)
+            log.info("running as user %s from here on", hardening.user)
+        elif os.geteuid() == 0:
             # Without CAP_CHOWN, a repair may still give a file to a group the process is a member of.
             os.setgroups(sorted({self.policy.server.group, self.policy.region.group}))
-        report = harden(self.policy.hardening)
+        report = harden(hardening)
         for warning in report.warnings:
             log.warning("hardening: %s", warning)
         log.info("hardened: %s", ", ".join(step.name for step in report.steps if step.ok))

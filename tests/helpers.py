@@ -6,9 +6,11 @@ import json
 import os
 import pickle
 import pwd
+import re
 import signal
 import subprocess
 import tempfile
+import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -63,8 +65,18 @@ class RunningSupervisor(SupervisorProcess):
         self.audit = self.policy["audit"]["path"]
         self.region_path = self.policy["region"].get("path") if self.policy["region"]["backend"] == "file" else None
         args = args if guest else ("--no-guest", *args)
+        # The notify socket sits beside the sockets, reachable by a supervisor that drops to another user.
         super().__init__(["--policy", str(policy_path), *args], policy_path.with_suffix(".log"),
-                         policy_path.with_suffix(".notify"), timeout)
+                         Path(self.socket).with_name("notify"), timeout, notify_mode=0o622)
+
+    def wait_for_log(self, pattern: str, timeout: float = 60) -> re.Match:
+        """The first match of a regular expression in the supervisor's log, once it appears."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := re.search(pattern, self.log()):
+                return match
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in the supervisor's log within {timeout} s:\n{self.log()}")
 
     def audit_records(self) -> list[dict]:
         with open(self.audit) as f:

@@ -115,7 +115,7 @@ def test_qemu_killed_from_outside_is_reported_and_recorded(tmp_path, on_exit):
                                    guest=True, timeout=120)
     try:
         supervisor.wait_for("guest ready", 120)
-        qemu_pid = int(re.search(r"started QEMU pid (\d+)", supervisor.log()).group(1))
+        qemu_pid = int(supervisor.wait_for_log(r"started QEMU pid (\d+)").group(1))
         os.kill(qemu_pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while "QEMU pid" not in supervisor.log().split("started QEMU")[-1] and time.monotonic() < deadline:
