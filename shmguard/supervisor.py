@@ -331,16 +331,17 @@ class Supervisor:
         except BlockingIOError:
             return
         reply = self.read_reply()
-        if vector == layout.READY_VECTOR and reply.startswith("ready"):
+        if vector == layout.READY_VECTOR and reply == f"ready {self.guest_peer_id()}":
             self.on_guest_ready(reply)
-        elif vector == layout.ACK_VECTOR and reply.startswith("ack"):
+        elif vector == layout.ACK_VECTOR and reply.startswith("ack ") and self.guest.handshake:
             self.on_guest_ack(reply)
         else:
             log.info("host rung on vector %d (reply area: %r)", vector, reply[:80])
 
     def read_reply(self) -> str:
         raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)
-        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+        text = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+        return "".join(c if c.isprintable() else "?" for c in text)  # the guest must not forge log lines
 
     def on_guest_ready(self, reply: str) -> None:
         self.guest.ready, self.guest.last_reply = True, reply
@@ -385,7 +386,9 @@ class Supervisor:
             self.server.close()
             self.server = None
         if self.region is not None:
-            self.record("stop", detail={"exit_code": self.exit_code})
+            last = self.record("stop", detail={"exit_code": self.exit_code})
+            # A copy outside the log (the journal) shows if records are later cut from its end.
+            log.info("audit log %s ends at seq %d, hash %s", self.audit.path, last["seq"], last["hash"])
             if self.region.backend == "file":
                 _unlink_if_ours(self.region.path, self.region.state().inode)
             self.region.close()
