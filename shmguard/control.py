@@ -94,11 +94,8 @@ class ControlServer:
         self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
 
     def rebind(self) -> None:
-        old = self.listener
-        self.loop.remove_reader(old.sock.fileno())
-        self.listener = bind_socket(self.policy.socket, self.owner, self.group, self.policy.mode, replace=True)
-        self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
-        old.sock.close()
+        """Put the socket back at its path; open connections are unaffected."""
+        self.listener = self.listener.rebound(self.loop, self._on_accept)
 
     def _on_accept(self) -> None:
         while True:

@@ -109,12 +109,7 @@ class IvshmemServer:
 
     def rebind(self) -> None:
         """Put the socket back at its path (after it was removed or replaced); connected peers are unaffected."""
-        old = self.listener
-        self.loop.remove_reader(old.sock.fileno())
-        self.listener = bind_socket(self.policy.socket, self.policy.owner, self.policy.group, self.policy.mode,
-                                    replace=True)
-        self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
-        old.sock.close()
+        self.listener = self.listener.rebound(self.loop, self._on_accept)
 
     def _on_accept(self) -> None:
         while True:
@@ -325,6 +320,9 @@ class BoundSocket:
 
     sock: socket.socket
     path: str
+    owner: int
+    group: int
+    mode: int
     device: int
     inode: int
 
@@ -334,6 +332,14 @@ class BoundSocket:
         except FileNotFoundError:
             return False
         return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (self.device, self.inode)
+
+    def rebound(self, loop: EventLoop, on_accept) -> BoundSocket:
+        """A fresh listening socket at the same path, with the same identity, taking over from this one."""
+        fresh = bind_socket(self.path, self.owner, self.group, self.mode, replace=True)
+        loop.remove_reader(self.sock.fileno())
+        loop.add_reader(fresh.sock.fileno(), on_accept)
+        self.sock.close()
+        return fresh
 
     def remove(self) -> None:
         """Unlink the path only if it is still ours, never a file someone put there since; then close."""
@@ -369,7 +375,7 @@ def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = Fa
         sock.close()
         _unlink_if_socket(staging)
         raise
-    return BoundSocket(sock, path, st.st_dev, st.st_ino)
+    return BoundSocket(sock, path, owner, group, mode, st.st_dev, st.st_ino)
 
 
 def check_stale_socket(path: str) -> None:
