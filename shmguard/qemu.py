@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import prctl
-
 from shmguard.errors import ShmguardError
 from shmguard.guest import GuestImage, build_guest, default_cache_dir
+from shmguard.hardening import child_preexec
 from shmguard.layout import HOST_PEER_PARAM
 
 QEMU = "qemu-system-x86_64"
@@ -75,7 +73,7 @@ class QemuProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=child_preexec(),  # dies with the supervisor; no new privileges
                 process_group=0,  # a Ctrl-C meant for the supervisor must not reach QEMU directly
             )
         except FileNotFoundError:
@@ -149,15 +147,6 @@ class QemuProcess:
 
 def clean_console_line(raw: bytes) -> str:
     return _ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace")).replace("\r", "")
-
-
-def _die_with_parent(parent_pid: int):
-    def in_child() -> None:
-        prctl.set_pdeathsig(signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return in_child
 
 
 def monitor_command(monitor_path: str, command: str, timeout: float = 5.0) -> str:
