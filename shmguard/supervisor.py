@@ -20,6 +20,7 @@ from . import layout, sdnotify
 from .audit import Actor, AuditLog
 from .control import ControlServer, Request
 from .errors import ControlError, RegionError
+from .guard import Guard
 from .guest import GuestImage, build_guest
 from .hardening import drop_identity, harden, lock_memory
 from .loop import EventLoop
@@ -85,6 +86,8 @@ class Supervisor:
         self.guest = GuestState()
         self.exit_code = 0
         self.qemu: QemuProcess | None = None
+        self.guard: Guard | None = None
+        self.control: ControlServer | None = None
         self._signal_sockets: tuple[socket.socket, socket.socket] | None = None
         self._stop_hooks: list[callable] = []
 
@@ -106,18 +109,19 @@ class Supervisor:
         for vector, fd in enumerate(self.host.vectors):
             self.loop.add_reader(fd.fd, lambda v=vector, f=fd.fd: self._on_host_rung(v, f))
         self._start_control()
-        from .guard import Guard  # the guard needs the region and both sockets, so it starts here
-        self.guard = Guard(self)
+        self.guard = Guard(self)  # it watches the region and both sockets, so it starts once they exist
         self.add_stop_hook(self.guard.close)
         self.guard.start()
         self._install_signals()
+        # The guest image may need building (apt-get, gcc): done while the process still may.
+        qemu_argv = self._prepare_guest(self.guest_options) if self.guest_options else None
         self._harden()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})
         if not sdnotify.ready(f"serving {self.policy.server.socket}") and "NOTIFY_SOCKET" in os.environ:
             log.warning("could not send READY=1 to NOTIFY_SOCKET %s", os.environ["NOTIFY_SOCKET"])
-        if self.guest_options is not None:
-            self._start_guest(self.guest_options)
+        if qemu_argv is not None:
+            self._start_qemu(qemu_argv)
 
     def _harden(self) -> None:
         """Drop what the policy does not need, once the region and sockets exist and before QEMU starts."""
@@ -135,15 +139,19 @@ class Supervisor:
 
     # --- the guest under QEMU ------------------------------------------------------------------------
 
-    def _start_guest(self, options: GuestOptions) -> None:
+    def _prepare_guest(self, options: GuestOptions) -> list[str]:
+        """The QEMU command line for the guest: the image built, the accelerator chosen."""
         image = build_guest(log=log.info) if options.builtin else GuestImage(
             Path(options.kernel), Path(options.initrd) if options.initrd else None, options.append)
         accel, reason = choose_accel(kernel=image.kernel)
         log.info("QEMU accelerator: %s (%s)", accel, reason)
         self.guest.handshake = options.builtin
-        argv = qemu_command(socket_path=self.policy.server.socket, vectors=self.policy.server.vectors, guest=image,
+        return qemu_command(socket_path=self.policy.server.socket, vectors=self.policy.server.vectors, guest=image,
                             host_peer_id=self.host.id if options.builtin else None, accel=accel,
                             memory=self.policy.qemu.memory, extra_args=options.qemu_args)
+
+    def _start_qemu(self, argv: list[str]) -> None:
+        """QEMU starts after hardening, so it inherits no capability the supervisor dropped."""
         self.qemu = QemuProcess(argv)
         log.info("started QEMU pid %d: %s", self.qemu.pid, " ".join(argv))
         self.loop.add_reader(self.qemu.console_fd, self._on_console)
