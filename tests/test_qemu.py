@@ -1,14 +1,12 @@
-"""shmguard.qemu against a real QEMU: command line, process handling, console, monitor, KVM-or-TCG."""
+"""shmguard.qemu against a real QEMU joined to the real supervisor: command line, process handling, console,
+monitor, KVM-or-TCG."""
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import select
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import RunningSupervisor, policy_file
+from shmguard import control
 from shmguard.errors import ShmguardError
 from shmguard.guest import GuestImage, build_guest
 from shmguard.qemu import (
@@ -31,44 +31,28 @@ REPO = Path(__file__).resolve().parent.parent
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-class TinyIvshmemServer:
-    """Just enough of the ivshmem protocol for one QEMU: it joins as peer 1, next to a host peer 0."""
-
-    def __init__(self, path: Path, vectors: int = 2, size: int = 4096):
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(1)
-        self.shm = os.memfd_create("test-ivshmem")
-        os.ftruncate(self.shm, size)
-        self.vectors = vectors
-        self.peers: list[socket.socket] = []
-
-    def accept(self, timeout: float = 10.0) -> socket.socket:
-        assert select.select([self.listener], [], [], timeout)[0], "QEMU never connected"
-        peer, _ = self.listener.accept()
-        eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2 * self.vectors)]
-        greeting = [(0, None), (1, None), (-1, self.shm)]
-        greeting += [(0, fd) for fd in eventfds[: self.vectors]] + [(1, fd) for fd in eventfds[self.vectors :]]
-        for value, fd in greeting:
-            fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
-            peer.sendmsg([struct.pack("<q", value)], fds)
-        for fd in eventfds:
-            os.close(fd)
-        self.peers.append(peer)
-        return peer
-
-    def close(self) -> None:
-        for peer in self.peers:
-            peer.close()
-        self.listener.close()
-        os.close(self.shm)
+@pytest.fixture(scope="module")
+def supervisor(tmp_path_factory):
+    """The real server: `shmguard run --no-guest`, which QEMU joins as a plain peer."""
+    running = RunningSupervisor(policy_file(tmp_path_factory.mktemp("qemu"), region={"size": 4096}))
+    yield running
+    assert running.stop() == 0, running.log()
 
 
-@pytest.fixture
-def server(tmp_path):
-    serving = TinyIvshmemServer(tmp_path / "ivshmem.sock")
-    yield serving
-    serving.close()
+def peers_by_pid(supervisor: RunningSupervisor) -> dict[int, dict]:
+    status = control.request(supervisor.control, {"op": "status"})
+    return {peer["pid"]: peer for peer in status["peers"] if "pid" in peer}
+
+
+def wait_for_peer(supervisor: RunningSupervisor, pid: int, present: bool = True, timeout: float = 10.0) -> dict:
+    """The supervisor's view of peer `pid` once it has joined (or {} once it has left)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        peer = peers_by_pid(supervisor).get(pid)
+        if (peer is not None) == present:
+            return peer or {}
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} {'never joined' if present else 'never left'}:\n{supervisor.log_tail()}")
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +115,23 @@ def test_command_refuses_a_host_id_without_a_guest():
 # ---- a real QEMU -----------------------------------------------------------------------------------
 
 
-def test_qemu_without_guest_joins_the_server_and_shows_the_device(server, tmp_path):
+def test_qemu_without_guest_joins_the_supervisor_and_shows_the_device(supervisor, tmp_path):
     monitor = str(tmp_path / "monitor.sock")
     command = qemu_command(
-        socket_path=str(tmp_path / "ivshmem.sock"), vectors=2, guest=None, host_peer_id=None, accel="tcg",
-        monitor_path=monitor,
+        socket_path=supervisor.socket, vectors=2, guest=None, host_peer_id=None, accel="tcg", monitor_path=monitor,
     )
     with QemuProcess(command) as qemu:
-        server.accept()
+        peer = wait_for_peer(supervisor, qemu.pid)
+        assert peer["vectors"] == 2 and peer["uid"] == os.getuid()
         assert "1af4:1110" in monitor_command(monitor, "info pci")
         assert qemu.poll() is None
         assert qemu.read_console() == []  # nothing runs, so nothing prints; and reading never blocks
         assert qemu.terminate() == 0  # QEMU exits cleanly on SIGTERM
     assert qemu.poll() == 0
+    wait_for_peer(supervisor, qemu.pid, present=False)
+    records = [r for r in supervisor.audit_records() if (r["actor"] or {}).get("pid") == qemu.pid]
+    assert [(r["action"], r["detail"]["peer"]) for r in records] == [("peer-join", peer["id"]),
+                                                                     ("peer-leave", peer["id"])]
 
 
 def test_qemu_stderr_reaches_the_console(tmp_path):
@@ -155,10 +143,8 @@ def test_qemu_stderr_reaches_the_console(tmp_path):
     assert any("nobody-listens.sock" in line for line in lines), lines
 
 
-def test_qemu_dies_with_its_parent(server, tmp_path):
-    command = qemu_command(
-        socket_path=str(tmp_path / "ivshmem.sock"), vectors=2, guest=None, host_peer_id=None, accel="tcg"
-    )
+def test_qemu_dies_with_its_parent(supervisor):
+    command = qemu_command(socket_path=supervisor.socket, vectors=2, guest=None, host_peer_id=None, accel="tcg")
     parent_code = (
         "import sys, time; from shmguard.qemu import QemuProcess\n"
         f"qemu = QemuProcess({command!r}); print(qemu.pid, flush=True); time.sleep(60)\n"
@@ -166,10 +152,11 @@ def test_qemu_dies_with_its_parent(server, tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, cwd=REPO)
     try:
         qemu_pid = int(parent.stdout.readline())
-        server.accept()  # QEMU is up and connected
+        wait_for_peer(supervisor, qemu_pid)  # QEMU is up and has joined the supervisor
         parent.kill()
         parent.wait()
         assert wait_until_gone(qemu_pid, 10), "QEMU outlived its parent"
+        wait_for_peer(supervisor, qemu_pid, present=False)  # and the supervisor saw it leave
     finally:
         parent.kill()
         parent.wait()

@@ -1,24 +1,20 @@
-"""The built-in guest, booted under a real QEMU: build cache, image contents, handshake, messages, acks."""
+"""The built-in guest: build cache and image contents, then booted under a real QEMU joined to the real supervisor."""
 
 from __future__ import annotations
 
-import array
+import base64
 import gzip
 import lzma
-import mmap
-import os
 import select
-import socket
-import struct
 import subprocess
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
+from helpers import RunningSupervisor, policy_file
+from shmguard import control
 from shmguard.errors import ShmguardError
 from shmguard.guest import (
     GUEST_SOURCES,
@@ -29,10 +25,9 @@ from shmguard.guest import (
     load_order,
     newc_archive,
 )
-from shmguard.layout import ACK_VECTOR, READY_VECTOR, REPLY_SIZE
-from shmguard.qemu import QemuProcess, qemu_command
+from shmguard.qemu import QemuProcess, choose_accel, qemu_command
 
-HOST, GUEST = 0, 1
+SIZE = 4096
 BOOT_TIMEOUT = 60.0  # TCG boots in about 2.5 s; a loaded CI machine gets slack
 
 
@@ -41,110 +36,26 @@ def guest() -> GuestImage:
     return build_guest(log=lambda _line: None)
 
 
-class HostPeerServer:
-    """An ivshmem server that is itself the host (peer 0) and serves one QEMU as the guest (peer 1)."""
-
-    def __init__(self, path: Path, vectors: int = 2, size: int = 4096):
-        self.path, self.size = path, size
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(1)
-        self.shm = os.memfd_create("test-region")
-        os.ftruncate(self.shm, size)
-        self.region = memoryview(mmap.mmap(self.shm, size))
-        self.host_vectors = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(vectors)]
-        self.guest_vectors = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(vectors)]
-        self.peer: socket.socket | None = None
-
-    def accept(self) -> None:
-        assert select.select([self.listener], [], [], 10)[0], "QEMU never connected"
-        self.peer, _ = self.listener.accept()
-        greeting = [(0, None), (GUEST, None), (-1, self.shm)]
-        greeting += [(HOST, fd) for fd in self.host_vectors] + [(GUEST, fd) for fd in self.guest_vectors]
-        for value, fd in greeting:
-            fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
-            self.peer.sendmsg([struct.pack("<q", value)], fds)
-
-    def write_message(self, text: bytes) -> None:
-        self.region[: len(text)] = text
-        if len(text) < self.size:
-            self.region[len(text)] = 0
-
-    def ring_guest(self, vector: int) -> None:
-        os.write(self.guest_vectors[vector], struct.pack("<Q", 1))
-
-    def reply(self) -> str:
-        area = bytes(self.region[self.size - REPLY_SIZE :])
-        return area[: area.index(b"\0")].decode()
-
-    def close(self) -> None:
-        self.region.release()
-        for fd in [self.shm, *self.host_vectors, *self.guest_vectors]:
-            os.close(fd)
-        if self.peer:
-            self.peer.close()
-        self.listener.close()
+def status(supervisor: RunningSupervisor) -> dict:
+    return control.request(supervisor.control, {"op": "status"})
 
 
-class BootedGuest:
-    """QEMU running the built-in guest against a HostPeerServer; the console is read while waiting."""
-
-    def __init__(self, server: HostPeerServer, qemu: QemuProcess):
-        self.server, self.qemu = server, qemu
-        self.console: list[str] = []
-        self._next_line = 0  # lines before it were matched already
-
-    def wait_for_ring(self, vector: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        host_fd = self.server.host_vectors[vector]
-        while time.monotonic() < deadline:
-            ready = select.select([self.qemu.console_fd, host_fd], [], [], deadline - time.monotonic())[0]
-            if self.qemu.console_fd in ready:  # keep the console flowing: a full pipe stalls the guest
-                self.console += self.qemu.read_console()
-            if host_fd in ready:
-                os.read(host_fd, 8)
-                return True
-        return False
-
-    def wait_for_line(self, prefix: str, timeout: float = 10.0) -> str:
-        """The next console line that starts with prefix; it and the lines before it are used up."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for index in range(self._next_line, len(self.console)):
-                if self.console[index].startswith(prefix):
-                    self._next_line = index + 1
-                    return self.console[index]
-            select.select([self.qemu.console_fd], [], [], 0.2)
-            self.console += self.qemu.read_console()
-        raise AssertionError(f"no console line {prefix!r} in {self.console[-5:]}")
-
-    def send(self, text: bytes, vector: int = 0) -> str:
-        self.server.write_message(text)
-        self.server.ring_guest(vector)
-        assert self.wait_for_ring(ACK_VECTOR, 30), f"no ack; console: {self.console[-3:]}"
-        return self.server.reply()
+def send(supervisor: RunningSupervisor, text: bytes, **fields) -> dict:
+    body = {"op": "write", "data": base64.b64encode(text).decode(), "text": True, "offset": 0, "ring": "guest",
+            **fields}
+    return control.request(supervisor.control, body, timeout=90)
 
 
-@contextmanager
-def booted_guest(tmp_path: Path, guest: GuestImage, host: int | None = HOST, iommu: bool = True):
-    server = HostPeerServer(tmp_path / "ivshmem.sock")
-    command = qemu_command(socket_path=str(server.path), vectors=2, guest=guest, host_peer_id=host, accel="tcg")
-    if not iommu:
-        at = command.index("intel-iommu,intremap=off")
-        del command[at - 1 : at + 1]
-    qemu = QemuProcess(command)
-    try:
-        server.accept()
-        yield BootedGuest(server, qemu)
-    finally:
-        qemu.close()
-        server.close()
+def guest_lines(supervisor: RunningSupervisor) -> list[str]:
+    """The guest's console lines that report a message, as the supervisor logged them."""
+    return [line.split("guest: ", 1)[1] for line in supervisor.log().splitlines() if "guest: received IRQ" in line]
 
 
-@pytest.fixture
-def booted(tmp_path, guest) -> Iterator[BootedGuest]:
-    with booted_guest(tmp_path, guest) as running:
-        yield running
+def wait_for_guest_lines(supervisor: RunningSupervisor, count: int, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(lines := guest_lines(supervisor)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lines
 
 
 # ---- the build ---------------------------------------------------------------------------------------
@@ -216,47 +127,103 @@ def test_decompress_kernel_finds_xz_and_gzip_payloads():
     assert decompress_kernel(b"no payload at all") is None
 
 
-# ---- booting it ----------------------------------------------------------------------------------------
+# ---- booting it under the supervisor ---------------------------------------------------------------
 
 
-def test_guest_says_ready_then_prints_and_acks_every_message(booted):
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory) -> Iterator[RunningSupervisor]:
+    """`shmguard run` with the built-in guest, once the guest has said it is ready."""
+    tmp_path = tmp_path_factory.mktemp("guest-boot")
+    supervisor = RunningSupervisor(policy_file(tmp_path, region={"size": SIZE}), guest=True, timeout=BOOT_TIMEOUT)
     started = time.monotonic()
-    assert booted.wait_for_ring(READY_VECTOR, BOOT_TIMEOUT), f"guest never rang; console: {booted.console}"
-    print(f"boot to ready under TCG: {time.monotonic() - started:.2f} s")
-    assert booted.server.reply() == f"ready {GUEST}"
-    assert booted.wait_for_line("shmguard-guest: ready") == "shmguard-guest: ready peer=1 vectors=2 size=4096"
+    supervisor.wait_for("guest ready", BOOT_TIMEOUT)
+    print(f"supervisor READY=1 to guest ready: {time.monotonic() - started:.2f} s")
+    yield supervisor
+    assert supervisor.stop() == 0, supervisor.log()
 
-    region_size = booted.server.size
-    cases = [
-        (b"hello from the host", 0, "full"),
-        (b"", 1, "full"),  # any vector carries a message
-        (b"T" * region_size, 0, "truncated"),  # no NUL at all: everything but the last byte is shown
-        (b"after the flood", 0, "truncated"),  # the region's last byte is still 'T'
+
+def test_guest_names_its_peer_id_on_the_console_and_in_its_ready_reply(builtin):
+    guest = status(builtin)["guest"]
+    assert guest["handshake"] and guest["ready"] and guest["peer"] is not None
+    builtin.wait_for_log(f"guest: shmguard-guest: ready peer={guest['peer']} vectors=2 size={SIZE}\n", 10)
+    ready = [r for r in builtin.audit_records() if r["action"] == "guest-ready"]
+    assert [r["detail"] for r in ready] == [{"reply": f"ready {guest['peer']}", "peer": guest["peer"]}]
+
+
+def test_guest_acks_exactly_what_it_printed_on_any_vector(builtin):
+    guest = status(builtin)["guest"]
+    peer, acks = guest["peer"], guest["acks"]
+    already = len(guest_lines(builtin))
+    cases = [  # (message, ring target, extra request fields, what the guest shows, how)
+        (b"", "guest", {}, b"", "full"),
+        (b"on vector one", f"{peer}:1", {}, b"on vector one", "full"),  # any vector carries a message
+        # No NUL at all: the guest shows all but the last byte, and acks what it showed, not what was written.
+        (b"T" * SIZE, "guest", {"allow_unterminated": True}, b"T" * (SIZE - 1), "truncated"),
+        (b"after the flood", "guest", {}, b"after the flood", "full"),  # the padding clears the last byte
     ]
-    for number, (message, vector, kind) in enumerate(cases, start=1):
-        started = time.monotonic()
-        reply = booted.send(message, vector)
-        round_trip = time.monotonic() - started
-        text = message[: region_size - 1]
-        assert reply == f"ack {number} {len(text)} {zlib.crc32(text):08x}"
-        line = booted.wait_for_line(f"received IRQ and {kind} message: {text[:40].decode()}")
-        assert line == f"received IRQ and {kind} message: {text.decode()}"
-        print(f"round trip for {len(text)} bytes: {round_trip * 1000:.1f} ms")
+    for number, (message, target, fields, shown, _) in enumerate(cases, start=acks + 1):
+        reply = send(builtin, message, ring=target, wait=True, timeout=30, **fields)
+        assert reply["ok"], reply
+        assert reply["ack"] == f"ack {number} {len(shown)} {zlib.crc32(shown):08x}"
+        assert reply["delivered_exactly"] == (shown == message), reply
+        print(f"round trip for {len(message)} bytes: {reply['round_trip_ms']:.1f} ms")
+    expected = [f"received IRQ and {kind} message: {shown.decode()}" for _, _, _, shown, kind in cases]
+    assert wait_for_guest_lines(builtin, already + len(cases))[already:] == expected
+    assert status(builtin)["guest"]["acks"] == acks + len(cases)
 
 
 def test_guest_without_host_prints_but_never_rings(tmp_path, guest):
-    with booted_guest(tmp_path, guest, host=None) as booted:
-        booted.wait_for_line("shmguard-guest: ready", BOOT_TIMEOUT)
-        booted.server.write_message(b"nobody listens")
-        booted.server.ring_guest(0)
-        booted.wait_for_line("received IRQ and full message: nobody listens")
-        assert not booted.wait_for_ring(ACK_VECTOR, 0.5) and not booted.wait_for_ring(READY_VECTOR, 0)
-        assert booted.server.reply() == ""
+    # An external guest to the supervisor: the built-in image without shmguard.host, so no handshake either way.
+    assert "shmguard.host" not in guest.cmdline
+    supervisor = RunningSupervisor(
+        policy_file(tmp_path, region={"size": SIZE}), "--guest-kernel", str(guest.kernel),
+        "--guest-initrd", str(guest.initrd), "--guest-append", guest.cmdline, guest=True, timeout=BOOT_TIMEOUT,
+    )
+    try:
+        peer = int(supervisor.wait_for_log(r"guest: shmguard-guest: ready peer=(\d+)", BOOT_TIMEOUT).group(1))
+        guest_state = status(supervisor)["guest"]
+        assert guest_state["peer"] == peer and not guest_state["handshake"] and not guest_state["ready"]
+        reply = send(supervisor, b"nobody listens")
+        assert reply["ok"] and "ack" not in reply, reply  # nothing waits for an ack that never comes
+        assert [(r["peer"], r["vector"], r["guest"], r["held_until_ready"]) for r in reply["rang"]] == [
+            (peer, 0, True, False)]
+        supervisor.wait_for_log("guest: received IRQ and full message: nobody listens\n", 10)
+        time.sleep(0.5)  # an ack would follow the print at once
+        guest_state = status(supervisor)["guest"]
+        assert guest_state["acks"] == 0 and guest_state["last_reply"] == ""
+        log = supervisor.log()
+        assert "guest acknowledged" not in log and "host rung" not in log and "guest ready" not in log, log
+    finally:
+        supervisor.stop()
+
+
+def wait_for_console_line(qemu: QemuProcess, prefix: str, timeout: float) -> str:
+    console: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        select.select([qemu.console_fd], [], [], 0.2)
+        for line in qemu.read_console():
+            console.append(line)
+            if line.startswith(prefix):
+                return line
+    raise AssertionError(f"no console line {prefix!r} within {timeout} s in {console[-5:]}")
 
 
 def test_guest_without_iommu_says_why_and_stays_up(tmp_path, guest):
-    with booted_guest(tmp_path, guest, iommu=False) as booted:
-        line = booted.wait_for_line("shmguard-guest: error:", BOOT_TIMEOUT)
-        assert "IOMMU" in line and "intel-iommu" in line
-        time.sleep(0.5)
-        assert booted.qemu.poll() is None  # the VM stays up so that its console stays readable
+    supervisor = RunningSupervisor(policy_file(tmp_path, region={"size": SIZE}))  # serves only: QEMU is ours
+    try:
+        host = status(supervisor)["host_peer"]
+        accel, _ = choose_accel(kernel=guest.kernel)
+        command = qemu_command(socket_path=supervisor.socket, vectors=supervisor.policy["server"]["vectors"],
+                               guest=guest, host_peer_id=host, accel=accel)
+        at = command.index("intel-iommu,intremap=off")
+        del command[at - 1 : at + 1]
+        with QemuProcess(command) as qemu:
+            line = wait_for_console_line(qemu, "shmguard-guest: error:", BOOT_TIMEOUT)
+            assert "IOMMU" in line and "intel-iommu" in line
+            time.sleep(0.5)
+            assert qemu.poll() is None  # the VM stays up so that its console stays readable
+            assert qemu.pid in [p.get("pid") for p in status(supervisor)["peers"]]  # and stays joined
+            assert status(supervisor)["guest"]["ready"] is False
+    finally:
+        supervisor.stop()
