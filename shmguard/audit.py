@@ -76,12 +76,24 @@ class Actor:
 
     @classmethod
     def from_pid(cls, pid: int, uid: int, gid: int) -> Actor:
-        # Informational only: the pid may already be gone (or reused), so a failed readlink is not an error.
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            exe = "unknown"
-        return cls(pid=pid, uid=uid, gid=gid, exe=exe)
+        return cls(pid=pid, uid=uid, gid=gid, exe=executable_of(pid))
+
+
+def executable_of(pid: int) -> str:
+    """The process's executable; informational only, since the pid may be gone (or reused) already.
+
+    A hardened supervisor may not read /proc/PID/exe of a process with more privilege (QEMU as root);
+    the name the process gives itself (comm) is then the best there is, and is labelled as such.
+    """
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f"{f.read().strip()} (comm)"
+    except OSError:
+        return "unknown"
 
 
 # One encoder for every record: json.dumps would build a new one per call when given options.

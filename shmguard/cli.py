@@ -150,20 +150,30 @@ def policy_check(path):
 # --- peers and doorbells --------------------------------------------------------------------------------
 
 
-def _connected_client(policy_name, socket_path, vectors=None):
+def join_options(func):
+    """How a command joins as a peer: the server's vector count (checked if given) and a time limit."""
+    func = click.option("--vectors", "expected_vectors", type=click.IntRange(1, 64),
+                        help="Vectors the server must give each peer (refuse more or fewer).")(func)
+    return click.option("--join-timeout", default=5.0, show_default=True,
+                        help="Seconds for the whole greeting.")(func)
+
+
+def _connected_client(policy_name, socket_path, expected_vectors=None, join_timeout=5.0):
     from .client import IvshmemClient
 
-    return IvshmemClient(resolve_socket(policy_name, socket_path), vectors=vectors).connect()
+    path = resolve_socket(policy_name, socket_path)
+    return IvshmemClient(path, vectors=expected_vectors, timeout=join_timeout).connect()
 
 
 @main.command()
 @policy_option
 @socket_option
+@join_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @user_errors
-def peers(policy_name, socket_path, as_json):
+def peers(policy_name, socket_path, expected_vectors, join_timeout, as_json):
     """List the peers connected to an ivshmem server (joins briefly as a peer to see them)."""
-    with _connected_client(policy_name, socket_path) as client:
+    with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as client:
         data = client.describe()
     lines = [f"own id {data['own_id']} (this query), {data['own_vectors']} vectors, shm {data['shm_size']} bytes"]
     lines += [f"peer {peer_id}: {count} vectors" for peer_id, count in data["peers"].items()]
@@ -183,10 +193,11 @@ def parse_vector(text: str) -> int | None:
 @click.argument("vector")
 @policy_option
 @socket_option
+@join_options
 @user_errors
-def notify(peer, vector, policy_name, socket_path):
+def notify(peer, vector, policy_name, socket_path, expected_vectors, join_timeout):
     """Ring PEER on VECTOR (a number or 'all')."""
-    with _connected_client(policy_name, socket_path) as client:
+    with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as client:
         count = client.notify(peer, parse_vector(vector))
     click.echo(f"rang peer {peer} on {count} vector{'s' if count != 1 else ''}")
 
@@ -196,10 +207,11 @@ def notify(peer, vector, policy_name, socket_path):
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 124).")
 @policy_option
 @socket_option
+@join_options
 @user_errors
-def wait(vectors, timeout, policy_name, socket_path):
+def wait(vectors, timeout, policy_name, socket_path, expected_vectors, join_timeout):
     """Join as a peer and wait until rung; print the vector. Exit 0 when rung, 124 on timeout."""
-    with _connected_client(policy_name, socket_path) as client:
+    with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as client:
         click.echo(f"peer {client.own_id} waiting", err=True)
         vector = client.wait(list(vectors) or None, timeout)
     if vector is None:
@@ -211,12 +223,13 @@ def wait(vectors, timeout, policy_name, socket_path):
 @main.command()
 @policy_option
 @socket_option
+@join_options
 @user_errors
-def client(policy_name, socket_path):
+def client(policy_name, socket_path, expected_vectors, join_timeout):
     """Interactive client with the commands of QEMU's ivshmem-client (dump, int, help)."""
     from .interactive import run_interactive
 
-    with _connected_client(policy_name, socket_path) as ivshmem:
+    with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as ivshmem:
         run_interactive(ivshmem, sys.stdin, click.echo)
 
 

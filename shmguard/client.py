@@ -16,6 +16,14 @@ from .policy import MAX_VECTORS
 from .protocol import MAX_PEER_ID, PROTOCOL_VERSION, SHM_MESSAGE, recv_message
 
 
+def _readable(fds: list[int], timeout: float | None) -> list[int]:
+    """The fds that are readable (or hung up) within timeout seconds; poll(), as select() stops at fd 1023."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
+
+
 def _is_eventfd(fd: int) -> bool:
     try:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
@@ -34,15 +42,21 @@ class IvshmemClient:
         self.shm_size = 0
         self.own_vectors: list[int] = []
         self.peers: dict[int, list[int]] = {}
+        self._deadline: float | None = None  # the whole greeting must arrive by then
+        self._received = 0  # messages received, to tell a refusal from a greeting cut short
+        self._joined = False
 
     # --- joining ---------------------------------------------------------------------------------------
 
     def connect(self) -> IvshmemClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(self.timeout)
+        self._deadline = time.monotonic() + self.timeout
         try:
             self._connect_retrying()
             self._read_greeting()
+            self._deadline, self._joined = None, True
+            self.sock.settimeout(self.timeout)
         except TimeoutError:
             self.close()
             raise ProtocolError(f"{self.path}: no complete greeting within {self.timeout:g} s") from None
@@ -56,22 +70,26 @@ class IvshmemClient:
 
     def _connect_retrying(self) -> None:
         """A full listen backlog answers EAGAIN at once on UNIX sockets: retry until the timeout."""
-        deadline = time.monotonic() + self.timeout
         while True:
             try:
                 self.sock.connect(self.path)
                 return
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                if time.monotonic() > self._deadline:
                     raise TimeoutError from None
                 time.sleep(0.01)
 
     def _next(self) -> tuple[int, int | None]:
-        message = recv_message(self.sock)
+        message = recv_message(self.sock, self._deadline)
         if message is None:
-            why = "the server stopped" if self.own_vectors else \
-                "refused: check the policy's peers and the server's log"
+            if self._joined:
+                why = "the server stopped"
+            elif self._received:
+                why = f"in the middle of the greeting, after {self._received} messages"
+            else:
+                why = "refused: check the policy's peers and the server's log"
             raise ProtocolError(f"{self.path}: the server closed the connection ({why})")
+        self._received += 1
         value, fds = message
         if len(fds) > 1:
             for fd in fds:
@@ -122,7 +140,7 @@ class IvshmemClient:
 
     def _drain_ready(self) -> None:
         """Read whatever the server has already sent, without waiting."""
-        while select.select([self.sock], [], [], 0)[0]:
+        while _readable([self.sock.fileno()], 0):
             self._handle(*self._next())
 
     def _handle(self, value: int, fd: int | None) -> None:
@@ -178,11 +196,11 @@ class IvshmemClient:
         by_fd = {self.own_vectors[v]: v for v in wanted}
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select(list(by_fd) + [self.sock], [], [], left)
+            ready = _readable([*by_fd, self.sock.fileno()], left)
             if not ready:
                 return None
             for fd in ready:
-                if fd is self.sock:
+                if fd == self.sock.fileno():
                     self.update()
                 else:
                     os.eventfd_read(fd)

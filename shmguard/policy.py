@@ -45,6 +45,8 @@ def parse_size(text: str | int, maximum: int | None = None) -> int:
 
 def parse_mode(text: str | int) -> int:
     if isinstance(text, int) and not isinstance(text, bool):
+        if text & ~0o777:  # `mode = 660` in TOML is decimal 660, which is 0o1224
+            raise ValueError(f"mode {text} is a decimal number ({text:#o} in octal); write \"0{text}\" or 0o{text}")
         value = text
     elif isinstance(text, str) and re.fullmatch(r"0?o?[0-7]{3,4}", text):
         value = int(text.lstrip("0o") or "0", 8)
@@ -182,9 +184,9 @@ class Policy:
         """Apply command-line overrides; each is validated like the policy file itself."""
         region, server, control, audit = self.region, self.server, self.control, self.audit
         if size is not None:
-            region = dataclasses.replace(region, size=parse_size(size, region.max_size))
+            region = dataclasses.replace(region, size=_option("--size", parse_size, size, region.max_size))
         if vectors is not None:
-            server = dataclasses.replace(server, vectors=_check_vectors(vectors))
+            server = dataclasses.replace(server, vectors=_option("--vectors", _check_vectors, vectors))
         if socket is not None:
             server = dataclasses.replace(server, socket=str(socket))
         if control_socket is not None:
@@ -208,6 +210,14 @@ class Policy:
         for section, key in (("region", "mode"), ("server", "mode"), ("control", "mode")):
             data[section][key] = f"0{data[section][key]:o}"
         return data
+
+
+def _option(name: str, convert, *args):
+    """Convert a command-line value; a bad one is one PolicyError line naming the option, not a traceback."""
+    try:
+        return convert(*args)
+    except ValueError as exc:
+        raise PolicyError(f"{name}: {exc}") from None
 
 
 def _check_vectors(value) -> int:
@@ -419,15 +429,24 @@ def locate(name_or_path: str) -> Path:
     return path
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode()
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not a TOML policy: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read the policy: {exc.strerror}") from None
+
+
 def check_policy(name_or_path: str) -> list[str]:
     """Every error in a policy, empty if it is valid."""
     path = locate(name_or_path)
-    return parse_policy(path.read_text(), str(path), path.stem)[1]
+    return parse_policy(_read(path), str(path), path.stem)[1]
 
 
 def load_policy(name_or_path: str) -> Policy:
     path = locate(name_or_path)
-    policy, errors = parse_policy(path.read_text(), str(path), path.stem)
+    policy, errors = parse_policy(_read(path), str(path), path.stem)
     if errors:
         more = f" (and {len(errors) - 1} more; run `shmguard policy check {path}`)" if len(errors) > 1 else ""
         raise PolicyError(errors[0] + more)

@@ -9,6 +9,7 @@ import array
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator, Sequence
 
 MESSAGE = struct.Struct("<q")
@@ -66,19 +67,31 @@ def send_message(sock: socket.socket, value: int, fd: int | None = None) -> int:
     return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 
 
-def recv_message(sock: socket.socket) -> tuple[int, list[int]] | None:
-    """Receive one whole message and the fds that came with it; None on EOF. Blocking."""
+def recv_message(sock: socket.socket, deadline: float | None = None) -> tuple[int, list[int]] | None:
+    """Receive one whole message and the fds that came with it; None on EOF. Blocking.
+
+    With a deadline (time.monotonic()), the whole message must arrive by then or TimeoutError is raised,
+    however slowly its bytes trickle in. Fds received with a message that does not complete are closed.
+    """
     data, fds = b"", []
-    while len(data) < MESSAGE.size:
-        chunk, ancdata, flags, _ = sock.recvmsg(MESSAGE.size - len(data), socket.CMSG_SPACE(4 * FD_SIZE))
-        fds.extend(_fds_from(ancdata))
-        if flags & socket.MSG_CTRUNC:
-            _close_all(fds)
-            raise OSError("server sent more fds with one message than the protocol allows")
-        if not chunk:
-            _close_all(fds)
-            return None
-        data += chunk
+    try:
+        while len(data) < MESSAGE.size:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                sock.settimeout(left)
+            chunk, ancdata, flags, _ = sock.recvmsg(MESSAGE.size - len(data), socket.CMSG_SPACE(4 * FD_SIZE))
+            fds.extend(_fds_from(ancdata))
+            if flags & socket.MSG_CTRUNC:
+                raise OSError("server sent more fds with one message than the protocol allows")
+            if not chunk:
+                _close_all(fds)
+                return None
+            data += chunk
+    except BaseException:
+        _close_all(fds)  # a message cut short (timeout, error) must not leak the fds that came with it
+        raise
     return MESSAGE.unpack(data)[0], fds
 
 

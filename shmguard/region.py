@@ -23,6 +23,7 @@ SEALS = {
     "write": fcntl.F_SEAL_WRITE,
 }
 REQUIRED_SEALS = ("shrink", "grow", "seal")
+_ZEROS = memoryview(bytes(1 << 16))  # zero-fill in chunks, never a region-sized temporary
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,15 @@ class Region:
             raise RegionError(f"region is {actual} bytes instead of {self.size} (tampered with); "
                               "refusing to touch the mapping until it is repaired")
 
-    def write(self, offset: int, data: bytes) -> None:
-        self.check_bounds(offset, len(data))
+    def write(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
+        """Copy data in at offset, then `zero_fill` NULs after it, without building region-sized buffers."""
+        self.check_bounds(offset, len(data) + zero_fill)
         self._check_intact()
-        self.mapping[offset:offset + len(data)] = data
+        end = offset + len(data)
+        self.mapping[offset:end] = data
+        for start in range(end, end + zero_fill, len(_ZEROS)):
+            stop = min(start + len(_ZEROS), end + zero_fill)
+            self.mapping[start:stop] = _ZEROS[:stop - start]
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """Read with pread: a read never faults, even if the file was truncated under us."""
@@ -120,8 +126,8 @@ class Region:
         return {"backend": self.backend, "size": self.size, "path": self.path, "seals": sorted(self.seals())}
 
 
-def text_payload(message: bytes, offset: int, size: int, allow_unterminated: bool = False) -> bytes:
-    """A text message as the seed's script writes it: the text, then NUL padding to the end of the region."""
+def text_padding(message: bytes, offset: int, size: int, allow_unterminated: bool = False) -> int:
+    """How many NULs follow a text message at offset, as the seed's script pads it: to the end of the region."""
     room = size - offset
     if offset < 0 or offset >= size:
         raise RegionError(f"offset {offset} is outside the {size}-byte region (0..{size - 1})")
@@ -131,7 +137,12 @@ def text_payload(message: bytes, offset: int, size: int, allow_unterminated: boo
     if len(message) == room and not allow_unterminated:
         raise RegionError(f"a {len(message)}-byte message at offset {offset} leaves no room for its NUL "
                           f"terminator (at most {room - 1} bytes; or pass --allow-unterminated)")
-    return message + bytes(room - len(message))
+    return room - len(message)
+
+
+def text_payload(message: bytes, offset: int, size: int, allow_unterminated: bool = False) -> bytes:
+    """The bytes a text message puts into the region: the text, then NUL padding to the end."""
+    return message + bytes(text_padding(message, offset, size, allow_unterminated))
 
 
 def create_memfd(size: int, name: str = "shmguard") -> Region:
@@ -179,14 +190,22 @@ def create_file(path: str, size: int, owner: int, group: int, mode: int) -> Regi
 
 def _open_existing(path: str, flags: int, size: int, owner: int, group: int, mode: int) -> int:
     try:
-        fd = os.open(path, flags)
+        kind = _kind(os.lstat(path).st_mode)
+    except OSError as exc:
+        raise RegionError(f"{path}: cannot inspect the existing file: {exc.strerror}") from None
+    if kind != "regular file":  # never open a FIFO, a device or a directory just to look at it
+        raise RegionError(f"{path}: already exists and is a {kind}, not a regular file; refusing it "
+                          "(remove it and start again)")
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO swapped in meanwhile cannot block us
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise RegionError(f"{path}: is a symbolic link; refusing it (remove it and start again)") from None
         raise RegionError(f"{path}: cannot open the existing file: {exc.strerror}") from None
+    os.set_blocking(fd, True)
     st = os.fstat(fd)
-    wanted = {"regular file": True, "owner": owner, "group": group, "mode": f"0{mode:o}", "size": size}
-    found = {"regular file": stat.S_ISREG(st.st_mode), "owner": st.st_uid, "group": st.st_gid,
+    wanted = {"type": "regular file", "owner": owner, "group": group, "mode": f"0{mode:o}", "size": size}
+    found = {"type": _kind(st.st_mode), "owner": st.st_uid, "group": st.st_gid,
              "mode": f"0{stat.S_IMODE(st.st_mode):o}", "size": st.st_size}
     wrong = [f"{key} is {found[key]} (policy: {wanted[key]})" for key in wanted if found[key] != wanted[key]]
     if wrong:
@@ -194,3 +213,10 @@ def _open_existing(path: str, flags: int, size: int, owner: int, group: int, mod
         raise RegionError(f"{path}: already exists and does not match the policy: {'; '.join(wrong)}. "
                           "Remove it, or make it match, and start again")
     return fd
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"),
+             (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"))
+    return next((name for is_kind, name in kinds if is_kind(mode)), "file of unknown type")

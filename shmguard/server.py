@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .audit import executable_of
 from .errors import ShmguardError
 from .loop import EventLoop
 from .policy import ServerPolicy
@@ -36,10 +37,7 @@ class PeerCred:
         return cls(*struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)))
 
     def exe(self) -> str:
-        try:
-            return os.readlink(f"/proc/{self.pid}/exe")
-        except OSError:
-            return "unknown"
+        return executable_of(self.pid)
 
     def describe(self) -> dict:
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe()}
@@ -169,7 +167,8 @@ class IvshmemServer:
         return None
 
     def _oldest_join(self) -> int | None:
-        return min((p.joined for p in self.peers.values()), default=None)
+        """The oldest remote peer's join; the supervisor's own peer never trips over a reused id."""
+        return min((p.joined for p in self.peers.values() if p.sock is not None), default=None)
 
     def _join(self, peer: Peer) -> None:
         self.counter += 1
