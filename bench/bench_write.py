@@ -1,0 +1,278 @@
+"""One message through `shmguard write` next to the seed's dd command, and audited writes per second next to
+plain mmap writes, all measured in the same run.
+
+    .venv/bin/python bench/bench_write.py [--quick] [--messages N] [--count N] [--durable-count N]
+                                          [--rounds N] [--budget S] [--sizes 4096,4194304] [--dir DIR]
+
+Latency of one message, a new process per message as a user or a script would run it:
+- shmguard: `shmguard write -m TEXT --policy FILE` against a running `shmguard run --no-guest` (strict policy,
+  sealed memfd of the size measured, durable audit log as strict has it);
+- the seed's script, reduced to the command it runs for a message that fits:
+  `printf %s "$MSG" | dd of=/dev/shm/FILE ibs=SIZE conv=sync status=none` under /bin/sh, against a scratch
+  file of the same size in /dev/shm (dd truncates it and writes SIZE bytes: the message and NUL padding).
+The two are interleaved message by message, so both see the same machine.
+
+Rate: one persistent client (this process) calls shmguard.control.request in a loop, each request one audited
+write of the message padded to the end of the region, with a durable audit log (fsync per record) and without.
+Each rate stops after its count or after --budget seconds, whichever comes first (a 4 MiB write takes
+milliseconds). Baseline: plain writes of the same padded message into an mmap of a memfd of the same size.
+Best of --rounds.
+The audit logs go to --dir (default /var/tmp): on tmpfs an fsync costs nothing, so keep it on a disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import mmap
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from shmguard import control
+from shmguard.audit import verify
+from shmguard.launcher import SHMGUARD, SupervisorProcess
+from shmguard.policy import BUILTIN_DIR
+from shmguard.region import text_payload
+
+WARMUP = 3
+SEED_COMMAND = 'printf %s "$MSG" | dd of={path} ibs={size} conv=sync status=none'
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def file_system_of(directory: Path) -> str:
+    """The file system type of the mount holding `directory` (from /proc/self/mountinfo)."""
+    best, fs_type = "", "unknown"
+    resolved = str(directory.resolve())
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            mount_point, after = fields[4], fields[fields.index("-") + 1]
+            if (resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")) \
+                    and len(mount_point) >= len(best):
+                best, fs_type = mount_point, after
+    return fs_type
+
+
+def size_label(size: int) -> str:
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def shmguard_command() -> list[str]:
+    """The installed `shmguard` script next to this interpreter, as a user runs it; else python -m shmguard."""
+    script = Path(sys.executable).parent / "shmguard"
+    return [str(script)] if os.access(script, os.X_OK) else list(SHMGUARD)
+
+
+# --- the supervisor ---------------------------------------------------------------------------------------
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def policy_file(directory: Path, size: int, durable: bool) -> Path:
+    """The strict policy with its sockets and audit log in `directory`, the given size, durable or not."""
+    data = tomllib.loads((BUILTIN_DIR / "strict.toml").read_text())
+    data.pop("description", None)
+    data["region"]["size"] = size
+    data["server"]["socket"] = str(directory / "ivshmem.sock")
+    data["control"]["socket"] = str(directory / "control.sock")
+    data["audit"]["path"] = str(directory / "audit.log")
+    data["audit"]["durable"] = durable
+    path = directory / "policy.toml"
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in table.items())
+                            + "\n" for name, table in data.items()))
+    return path
+
+
+class Supervisor:
+    """`shmguard run --no-guest` with its own policy in its own directory."""
+
+    def __init__(self, root: Path, size: int, durable: bool):
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{size_label(size)}-{'durable' if durable else 'fast'}-",
+                                               dir=root))
+        self.directory.chmod(0o755)
+        self.policy = policy_file(self.directory, size, durable)
+        self.control = str(self.directory / "control.sock")
+        self.audit = self.directory / "audit.log"
+        self.process = SupervisorProcess(["--policy", str(self.policy), "--no-guest"],
+                                         self.directory / "supervisor.log", self.directory / "notify")
+
+    def stop(self) -> str:
+        status = self.process.stop()
+        if status != 0:
+            raise SystemExit(f"the supervisor exited with status {status}; its log: {self.process.log_path}")
+        return verify(self.audit).summary()
+
+
+# --- latency of one message, a new process each ----------------------------------------------------------
+
+
+def timed_run(argv: list[str], env: dict | None = None) -> float:
+    start = time.perf_counter_ns()
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
+    elapsed = time.perf_counter_ns() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.decode(errors='replace')}")
+    return elapsed / 1e6
+
+
+def message_latency(supervisor: Supervisor, size: int, message: str, count: int) -> tuple[list[float], list[float]]:
+    """(shmguard write ms, seed dd ms) per message, interleaved and alternating which goes first."""
+    fd, scratch = tempfile.mkstemp(prefix="shmguard-bench-seed-", dir="/dev/shm")
+    try:
+        os.ftruncate(fd, size)
+        os.close(fd)
+        ours = [*shmguard_command(), "write", "-m", message, "--policy", str(supervisor.policy)]
+        seed = ["/bin/sh", "-c", SEED_COMMAND.format(path=scratch, size=size)]
+        seed_env = dict(os.environ, MSG=message)
+        shmguard_ms, dd_ms = [], []
+        for number in range(WARMUP + count):
+            if number % 2 == 0:
+                ours_ms, seed_ms = timed_run(ours), timed_run(seed, seed_env)
+            else:
+                seed_ms, ours_ms = timed_run(seed, seed_env), timed_run(ours)
+            if number >= WARMUP:
+                shmguard_ms.append(ours_ms)
+                dd_ms.append(seed_ms)
+        if os.stat(scratch).st_size != size:
+            raise SystemExit(f"the seed's command left {scratch} at {os.stat(scratch).st_size} bytes, not {size}")
+    finally:
+        os.unlink(scratch)
+    return shmguard_ms, dd_ms
+
+
+# --- writes per second -----------------------------------------------------------------------------------
+
+
+def audited_rate(supervisor: Supervisor, message: bytes, count: int, budget_s: float) -> tuple[float, int]:
+    """Writes per second over `count` requests, or fewer if `budget_s` runs out first (at least 20)."""
+    body = {"op": "write", "data": base64.b64encode(message).decode(), "text": True, "offset": 0}
+    for _ in range(WARMUP):
+        control.request(supervisor.control, body)
+    start = time.perf_counter()
+    done = 0
+    while done < count and (done < 20 or time.perf_counter() - start < budget_s):
+        reply = control.request(supervisor.control, body)
+        if not reply.get("ok"):
+            raise SystemExit(f"write refused: {reply.get('error')}")
+        done += 1
+    return done / (time.perf_counter() - start), done
+
+
+def mmap_rate(size: int, message: bytes, count: int) -> tuple[float, int]:
+    """The same padded message written into an mmap of a memfd of the same size, as plainly as it gets.
+
+    Batches of `count` writes until 0.2 s have passed: a 4 KiB write takes a fraction of a microsecond."""
+    fd = os.memfd_create("bench", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mapping:
+            payload = text_payload(message, 0, size)
+            mapping[0:size] = payload  # fault the pages in first, as the supervisor's mapping already is
+            done, start = 0, time.perf_counter()
+            while done == 0 or time.perf_counter() - start < 0.2:
+                for _ in range(count):
+                    mapping[0:len(payload)] = payload
+                done += count
+            return done / (time.perf_counter() - start), done
+    finally:
+        os.close(fd)
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer messages and requests, one round")
+    parser.add_argument("--messages", type=int, help="CLI messages per size and side (default 100; --quick 20)")
+    parser.add_argument("--count", type=int, help="requests in the non-durable rate (default 3000; --quick 500)")
+    parser.add_argument("--durable-count", type=int, help="requests in the durable rate (default 500; --quick 100)")
+    parser.add_argument("--rounds", type=int, help="rate rounds, best kept (default 3; --quick 1)")
+    parser.add_argument("--budget", type=float, help="seconds at most per rate measurement (default 3; --quick 1)")
+    parser.add_argument("--sizes", default="4096,4194304",
+                        help="region sizes in bytes (default 4096,4194304: the Zephyr x86_64 size, the seed's)")
+    parser.add_argument("--message", default="hello world")
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp"),
+                        help="where the sockets and audit logs go (default /var/tmp, not tmpfs)")
+    args = parser.parse_args()
+    messages = args.messages or (20 if args.quick else 100)
+    count = args.count or (500 if args.quick else 3000)
+    durable_count = args.durable_count or (100 if args.quick else 500)
+    rounds = args.rounds or (1 if args.quick else 3)
+    budget = args.budget or (1.0 if args.quick else 3.0)
+    sizes = [int(text) for text in args.sizes.split(",")]
+    message = args.message.encode()
+
+    root = Path(tempfile.mkdtemp(prefix="shmguard-bench-write-", dir=args.dir))
+    root.chmod(0o755)
+    print(f"audit logs in {args.dir} ({file_system_of(root)}); message {args.message!r}; {os.cpu_count()} CPUs; "
+          f"shmguard as {' '.join(shmguard_command())}")
+    latency, rates, audits = {}, {}, []
+    try:
+        for size in sizes:
+            durable, fast = Supervisor(root, size, True), Supervisor(root, size, False)
+            try:
+                print(f"{size_label(size)}: {messages} messages each side, then {rounds} x (up to {durable_count} "
+                      f"durable, {count} non-durable writes, at most {budget:g} s each; mmap writes for 0.2 s)",
+                      flush=True)
+                latency[size] = message_latency(durable, size, args.message, messages)
+                best = {"durable": (0.0, 0), "not durable": (0.0, 0), "mmap": (0.0, 0)}
+                for _ in range(rounds):
+                    best["durable"] = max(best["durable"], audited_rate(durable, message, durable_count, budget))
+                    best["not durable"] = max(best["not durable"], audited_rate(fast, message, count, budget))
+                    best["mmap"] = max(best["mmap"], mmap_rate(size, message, count))
+                rates[size] = best
+            finally:
+                audits += [f"{size_label(size)} durable: {durable.stop()}", f"{size_label(size)} not durable: "
+                           f"{fast.stop()}"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\none message, a new process each ({messages} per row, after {WARMUP} warm-up; ms)")
+    print(f"  {'size':>5} {'':36} {'median':>8} {'p99':>8} {'min':>8} {'ratio (median)':>15}")
+    for size, (ours, seed) in latency.items():
+        base = statistics.median(seed)
+        for label, values in (("shmguard write -m (durable audit)", ours), ("seed: printf | dd conv=sync", seed)):
+            print(f"  {size_label(size):>5} {label:36} {statistics.median(values):8.2f} "
+                  f"{percentile(values, 0.99):8.2f} {min(values):8.2f} {statistics.median(values) / base:14.1f}x")
+    print(f"\nwrites per second, one persistent client, best of {rounds} (mmap baseline: the same padded bytes)")
+    print(f"  {'size':>5} {'':36} {'writes':>8} {'writes/s':>10} {'us/write':>9} {'slower than mmap':>17}")
+    for size, best in rates.items():
+        base = best["mmap"][0]
+        for label, key in (("control socket, durable (fsync)", "durable"),
+                           ("control socket, not durable", "not durable"), ("plain mmap write", "mmap")):
+            rate, done = best[key]
+            print(f"  {size_label(size):>5} {label:36} {done:8} {rate:10.0f} {1e6 / rate:9.1f} {base / rate:16.0f}x")
+    print("\naudit logs afterwards:")
+    for line in audits:
+        print(f"  {line}")
+
+
+if __name__ == "__main__":
+    main()
