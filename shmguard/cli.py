@@ -347,6 +347,26 @@ def _format_status(data: dict) -> str:
     return "\n".join(lines)
 
 
+@main.command()
+@policy_option
+@click.option("--running", is_flag=True, help="Attack the supervisor already serving the policy "
+              "(default: a throwaway one it starts and stops).")
+@click.option("--qemu", "with_qemu", is_flag=True, help="Attach a paused QEMU that must survive every attack.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@user_errors
+def attack(policy_name, running, with_qemu, as_json):
+    """Attack a supervisor as root, a group member and an outsider; exit 1 if any attack succeeds.
+
+    Prints each attack, the uid it ran as, the expected defence, what was observed (blocked, repaired,
+    refused or FAILED) and the time to repair.
+    """
+    from .attack import exit_status, format_table, run_battery
+
+    results = run_battery(policy_name, start_supervisor=not running, with_qemu=with_qemu)
+    emit([result.describe() for result in results], as_json, format_table(results))
+    sys.exit(exit_status(results))
+
+
 # --- the audit log ---------------------------------------------------------------------------------------
 
 

@@ -135,22 +135,43 @@ class Fanotify:
 
 
 class Witnesses:
-    """Touches by other processes since the guard last looked; the guard names an offender from them."""
+    """Touches by other processes, waiting to be claimed as the offender of an incident.
+
+    fanotify merges the events of one process on one inode while they wait in its queue (a link then a truncate
+    arrive as one touch, ATTRIB|MODIFY), so a claim uses up only the events it was for.
+    """
 
     def __init__(self, fanotify: Fanotify, limit: int = 256):
         self.fanotify = fanotify
         self.pending: deque[Touch] = deque(maxlen=limit)
+        self.left: dict[int, int] = {}  # id(touch) -> its events not yet used up by an incident
+        self.claimed: dict[int, int] = {}  # id(touch) -> events claimed since the last prune
         self.own_pid = os.getpid()
 
     def collect(self) -> None:
         for mask, pid in self.fanotify.read():
             if pid != self.own_pid and not mask & FAN_Q_OVERFLOW:  # our own repairs are not offences
-                self.pending.append(Touch.of(mask, pid))
+                touch = Touch.of(mask, pid)
+                self.pending.append(touch)
+                self.left[id(touch)] = mask
 
-    def offender(self, mask: int) -> Touch | None:
-        """The latest pending touch whose events overlap mask."""
+    def claim(self, mask: int) -> Touch | None:
+        """The latest touch with any of the events in mask left (one syscall may cause several incidents)."""
         self.collect()
-        return next((touch for touch in reversed(self.pending) if touch.mask & mask), None)
+        for touch in reversed(self.pending):
+            if self.left.get(id(touch), 0) & mask:
+                self.claimed[id(touch)] = self.claimed.get(id(touch), 0) | (touch.mask & mask)
+                return touch
+        return None
 
-    def forget(self) -> None:
-        self.pending.clear()
+    def prune(self, before_ns: int) -> None:
+        """Use up what was claimed; drop touches from before before_ns that nobody claimed. A touch that arrived
+        later, or that still has unclaimed events, stays for an incident that may still need it."""
+        kept: deque[Touch] = deque(maxlen=self.pending.maxlen)
+        for touch in self.pending:
+            claimed = self.claimed.get(id(touch), 0)
+            left = self.left.get(id(touch), 0) & ~claimed
+            if left and (touch.when_ns >= before_ns or claimed):
+                kept.append(touch)
+        self.left = {id(touch): self.left[id(touch)] & ~self.claimed.get(id(touch), 0) for touch in kept}
+        self.pending, self.claimed = kept, {}

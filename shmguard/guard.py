@@ -29,7 +29,7 @@ from inotify_simple import INotify
 from inotify_simple import flags as F
 
 from .audit import Actor
-from .errors import RegionError, ShmguardError
+from .errors import ShmguardError
 from .fanotify import (
     FAN_ATTRIB,
     FAN_DELETE_SELF,
@@ -40,7 +40,7 @@ from .fanotify import (
     Touch,
     Witnesses,
 )
-from .region import FileState, Region
+from .region import FileState, Region, pread_all, pwrite_all
 
 log = logging.getLogger("shmguard.guard")
 
@@ -55,12 +55,14 @@ FAN_SOCKET = FAN_ATTRIB | FAN_MOVE_SELF | FAN_DELETE_SELF
 
 # The fanotify events whose process is the offender of each kind of incident.
 OFFENCES = {
-    "shrink": FAN_MODIFY, "grow": FAN_MODIFY, "hole": FAN_MODIFY,
+    "shrink": FAN_MODIFY, "grow": FAN_MODIFY, "hole": FAN_MODIFY, "contents": FAN_MODIFY,
     "attributes": FAN_ATTRIB, "acl": FAN_ATTRIB, "extra-link": FAN_ATTRIB, "anchor": FAN_ATTRIB,
     "unlink": FAN_ATTRIB | FAN_DELETE_SELF, "rename": FAN_MOVE_SELF, "replaced": FAN_ATTRIB | FAN_MOVE_SELF,
     "socket-removed": FAN_SOCKET, "socket-replaced": FAN_SOCKET, "socket-attributes": FAN_ATTRIB,
     "region-opened": FAN_OPEN,
 }
+ATTRIBUTION_WAIT_NS = 20_000_000  # how long a repaired incident waits for its offender's fanotify event
+TAMPER_WINDOW_NS = 1_000_000_000  # after a resize or hole, writes until the writer's close are undone too
 ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 ANCHOR_PREFIX = ".shmguard-anchor."
 AT_FDCWD = -100
@@ -83,25 +85,6 @@ def link_fd(fd: int, destination: str) -> None:
                     AT_SYMLINK_FOLLOW) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error), destination)
-
-
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """pwrite never faults on a truncated file (it extends it), unlike a copy into the mapping (SIGBUS)."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def pread_all(fd: int, length: int, offset: int = 0) -> bytes:
-    chunks, done = [], 0
-    while done < length:
-        chunk = os.pread(fd, length - done, offset + done)
-        if not chunk:
-            break  # the file is shorter than it should be
-        chunks.append(chunk)
-        done += len(chunk)
-    return b"".join(chunks)
 
 
 def acl_names(target: int | str) -> list[str]:
@@ -159,8 +142,13 @@ class KnownGood:
     def __init__(self, contents: bytes):
         self.data = bytearray(contents)
 
-    def remember(self, offset: int, data: bytes) -> None:
-        self.data[offset:offset + len(data)] = data
+    def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
+        end = offset + len(data)
+        self.data[offset:end] = data
+        self.data[end:end + zero_fill] = bytes(zero_fill)
+
+    def matches(self, fd: int, size: int) -> bool:
+        return pread_all(fd, size) == self.data
 
     def refresh(self, fd: int, size: int, full_blocks: int) -> bool:
         """Take the file's contents, unless its size or allocation changed while we read it."""
@@ -227,12 +215,16 @@ def remove_stale_anchors(parent: str) -> None:
             continue
         if _alive(int(parts[2])) or not entry.is_dir(follow_symlinks=False):
             continue
-        if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                continue
+            for inner in os.scandir(entry.path):
+                os.unlink(inner.path)
+            os.rmdir(entry.path)
+        except OSError as exc:
+            log.warning("guard: cannot remove the stale anchor %s: %s", entry.path, exc.strerror)
             continue
-        for inner in os.scandir(entry.path):
-            os.unlink(inner.path)
-        os.rmdir(entry.path)
-        log.info("removed the stale anchor %s", entry.path)
+        log.info("guard: removed the stale anchor %s", entry.path)
 
 
 def _alive(pid: int) -> bool:
@@ -243,6 +235,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class Incident:
+    """A difference found and responded to, about to be recorded."""
+
+    kind: str
+    result: str  # repaired | blocked | alerted | failed
+    mask: int  # the fanotify events whose process is the offender
+    deadline_ns: int  # record by then, named or not
+    detail: dict
 
 
 @dataclass(frozen=True)
@@ -288,8 +291,9 @@ class Guard:
         self._socket_watches: dict[str, tuple[tuple[int, int], int]] = {}
         self._outstanding: dict[tuple[str, str], str] = {}  # unresolved incidents, recorded once
         self._seen: set[tuple[str, str]] = set()
+        self._unattributed: list[Incident] = []  # repaired, waiting a moment for fanotify to name the offender
         self._detected_ns = 0
-        self._original_write = None
+        self._tampered_until_ns = 0  # until then (or a close), writes continue a tampering and are undone
 
     @property
     def is_file(self) -> bool:
@@ -321,14 +325,21 @@ class Guard:
         allocate(self.fd, self.size)
         self.full_blocks = os.fstat(self.fd).st_blocks
         if self.is_file:
-            self.anchor = Anchor.create(self.region.path, self.fd)
-        self._follow_audited_writes()
+            self.anchor = self._create_anchor()
         self.inotify = INotify(nonblocking=True)
         self._start_attribution()
         self._watch_everything()
         self.loop.add_reader(self.inotify.fileno(), self._on_inotify)
         self.check()  # whatever is already wrong is an incident too
         log.info("guard: watching %s; offenders named by %s", ", ".join(self.watched_paths()), self.attribution)
+
+    def _create_anchor(self) -> Anchor | None:
+        try:
+            return Anchor.create(self.region.path, self.fd)
+        except OSError as exc:
+            log.warning("guard: no anchor beside %s (%s): an `rm` of the path cannot be undone", self.region.path,
+                        exc.strerror)
+            return None
 
     def _start_attribution(self) -> None:
         try:
@@ -343,29 +354,20 @@ class Guard:
             self.attribution = f"unavailable (fanotify_mark: {exc.strerror})"
             return
         self.witnesses = Witnesses(fanotify)
-        self.loop.add_reader(fanotify.fd, self.witnesses.collect)
+        self.loop.add_reader(fanotify.fd, self._on_fanotify)
         self.attribution = "fanotify"
 
-    def _follow_audited_writes(self) -> None:
-        """Until the supervisor calls remember() itself: every audited write also updates the known-good copy,
-        and on the file backend goes through pwrite, which a racing truncation cannot turn into SIGBUS."""
-        region, original = self.region, self.region.write
-        self._original_write = original
+    def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
+        """The supervisor's hook after an audited write (data, then zero_fill NULs): it survives every repair."""
+        self.known_good.remember(offset, data, zero_fill)
 
-        def write(offset: int, data: bytes) -> None:
-            if region.backend == "file":
-                write_by_pwrite(region, offset, data)
-            else:
-                original(offset, data)
-            self.remember(offset, data)
-
-        region.write = write
-
-    def remember(self, offset: int, data: bytes) -> None:
-        """The supervisor's hook after an audited write: that write survives every later repair."""
-        self.known_good.remember(offset, data)
+    def refresh(self) -> bool:
+        """The supervisor's hook after a guest rang (it wrote through its mapping, which makes no event):
+        take the region as it is now, if it is intact, as the copy a repair puts back."""
+        return self.known_good.refresh(self.fd, self.size, self.full_blocks)
 
     def close(self) -> None:
+        self._record_overdue(everything=True)
         if self.inotify is not None:
             self.loop.remove_reader(self.inotify.fileno())
             self.inotify.close()
@@ -377,9 +379,6 @@ class Guard:
         if self.anchor is not None:
             self.anchor.remove()
             self.anchor = None
-        if self._original_write is not None:
-            self.region.__dict__.pop("write", None)
-            self._original_write = None
 
     def watched_paths(self) -> list[str]:
         paths = [self.region_path] + ([os.path.dirname(self.region.path)] if self.is_file else [])
@@ -464,7 +463,8 @@ class Guard:
         if not relevant:
             return
         on_region = [event.mask for event in relevant if event.wd == self._region_wd]
-        self.check(modified=any(mask & (F.MODIFY | F.CLOSE_WRITE) for mask in on_region),
+        self.check(modified=any(mask & F.MODIFY for mask in on_region),
+                   closed=any(mask & F.CLOSE_WRITE for mask in on_region),
                    opened=any(mask & F.OPEN for mask in on_region))
 
     def _concerns_us(self, event) -> bool:
@@ -475,13 +475,13 @@ class Guard:
 
     # --- the check ---------------------------------------------------------------------------------------
 
-    def check(self, modified: bool = False, opened: bool = False) -> None:
+    def check(self, modified: bool = False, closed: bool = False, opened: bool = False) -> None:
         """Compare the truth with the policy and respond to every difference."""
         self._detected_ns = time.monotonic_ns()
         self._seen = set()
         if self.witnesses is not None:
             self.witnesses.collect()
-        steps = [lambda: self._check_contents(modified), lambda: self._check_opened(opened),
+        steps = [lambda: self._check_contents(modified, closed), lambda: self._check_opened(opened),
                  self._check_attributes, self._check_acl]
         if self.is_file:
             steps += [self._check_path, self._check_anchor, self._check_extra_links]
@@ -494,27 +494,36 @@ class Guard:
         self._outstanding = {key: value for key, value in self._outstanding.items() if key in self._seen}
         self._ensure_watches()
         if self.witnesses is not None:
-            self.witnesses.forget()
+            self._on_fanotify()  # late touches first go to the incidents waiting for them
+            self.witnesses.prune(self._detected_ns)
 
-    def _check_contents(self, modified: bool) -> None:
+    def _check_contents(self, modified: bool, closed: bool) -> None:
         st = os.fstat(self.fd)
+        content_response = "alert" if self.responses.on_resize == "alert" else "repair"
         if st.st_size != self.size:
             kind = "shrink" if st.st_size < self.size else "grow"
             self._incident(kind, self.region_path, {"region": region_state(st)}, self.responses.on_resize,
                            self._restore_contents)
+            self._tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
         elif st.st_blocks < self.full_blocks:
             # Pages were freed at the same size: a punched hole, or a truncate-and-regrow between two looks.
-            response = "alert" if self.responses.on_resize == "alert" else "repair"
             self._incident("hole", self.region_path, {"region": region_state(st), "full_blocks": self.full_blocks},
-                           response, self._restore_contents)
+                           content_response, self._restore_contents)
+            self._tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
+        elif modified and time.monotonic_ns() < self._tampered_until_ns:
+            # `echo hello >` truncates, then writes: a write landing after our repair belongs to the tampering.
+            if not self.known_good.matches(self.fd, self.size):
+                self._incident("contents", self.region_path, {"region": region_state(st)}, content_response,
+                               self._restore_contents)
         elif modified:
             self.known_good.refresh(self.fd, self.size, self.full_blocks)
+        if closed:
+            self._tampered_until_ns = 0  # the writer is done: its next write is an in-place write again
 
     def _restore_contents(self) -> dict:
         if os.fstat(self.fd).st_size != self.size:
             os.ftruncate(self.fd, self.size)
-        pwrite_all(self.fd, self.known_good.data, 0)
-        allocate(self.fd, self.size)
+        pwrite_all(self.fd, self.known_good.data, 0)  # every byte written: every page allocated again
         return {"region": region_state(os.fstat(self.fd))}
 
     def _check_opened(self, opened: bool) -> None:
@@ -530,8 +539,12 @@ class Guard:
 
     def _restore_attributes(self) -> dict:
         uid, gid, mode = self.expected
-        os.fchown(self.fd, uid, gid)
-        os.fchmod(self.fd, mode)  # after chown, which may clear bits
+        try:
+            os.fchown(self.fd, uid, gid)
+            os.fchmod(self.fd, mode)  # after chown, which may clear bits
+        except PermissionError as exc:
+            raise GuardError(f"cannot restore owner/group/mode: {exc.strerror} (a file given to another owner "
+                             "can only be taken back with CAP_CHOWN and CAP_FOWNER: hardening.capabilities)") from None
         return {"region": region_state(os.fstat(self.fd))}
 
     def _check_acl(self) -> None:
@@ -692,29 +705,54 @@ class Guard:
         signature = json.dumps(before, sort_keys=True, default=str)
         if self._outstanding.get(key) == signature:
             return  # already recorded, still unresolved: one record, not one per event
-        offender = self._offender(kind)
         result, after = respond(response, before, repair)
         done_ns = time.monotonic_ns()
-        detail = {
+        if result in ("alerted", "failed"):
+            self._outstanding[key] = signature
+        incident = Incident(kind, result, OFFENCES.get(kind, FAN_MODIFY | FAN_ATTRIB), done_ns + ATTRIBUTION_WAIT_NS, {
             "kind": kind, "path": path, "before": before, "after": after, "response": response,
             "repair_ms": round((done_ns - self._detected_ns) / 1e6, 3),
-            "offender": offender.describe() if offender else "unknown",
             "detected_ns": self._detected_ns, "done_ns": done_ns,
-        }
-        self._log(kind, path, result, detail)
+        })
+        offender = self._offender(incident.mask)
+        if offender is None and self.witnesses is not None:
+            # The offender's fanotify event may still be on its way: the attacker can be preempted between
+            # queueing our inotify event and its fanotify event. Record when it comes, or at the deadline.
+            self._unattributed.append(incident)
+            self.loop.call_at(incident.deadline_ns / 1e9, self._record_overdue)
+            return
+        self._record(incident, offender)
+
+    def _on_fanotify(self) -> None:
+        self.witnesses.collect()
+        waiting, self._unattributed = self._unattributed, []
+        for incident in waiting:
+            offender = self.witnesses.claim(incident.mask)
+            if offender is None:
+                self._unattributed.append(incident)
+            else:
+                self._record(incident, offender)
+
+    def _record_overdue(self, everything: bool = False) -> None:
+        now = time.monotonic_ns()
+        overdue = [i for i in self._unattributed if everything or i.deadline_ns <= now]
+        self._unattributed = [i for i in self._unattributed if i not in overdue]
+        for incident in overdue:
+            self._record(incident, None)
+
+    def _record(self, incident: Incident, offender: Touch | None) -> None:
+        detail = {**incident.detail, "offender": offender.describe() if offender else "unknown"}
+        self._log(incident.kind, detail["path"], incident.result, detail)
         actor = None
         if offender is not None and offender.uid is not None and offender.gid is not None:
             actor = Actor(offender.pid, offender.uid, offender.gid, offender.exe)
-        self.supervisor.record("incident", actor=actor, result=result, detail=detail)
+        self.supervisor.record("incident", actor=actor, result=incident.result, detail=detail)
         self.incidents += 1
-        self.last_incident = {"kind": kind, "path": path, "result": result, "repair_ms": detail["repair_ms"]}
-        if result in ("alerted", "failed"):
-            self._outstanding[key] = signature
+        self.last_incident = {"kind": incident.kind, "path": detail["path"], "result": incident.result,
+                              "repair_ms": detail["repair_ms"]}
 
-    def _offender(self, kind: str) -> Touch | None:
-        if self.witnesses is None:
-            return None
-        return self.witnesses.offender(OFFENCES.get(kind, FAN_MODIFY | FAN_ATTRIB))
+    def _offender(self, mask: int) -> Touch | None:
+        return None if self.witnesses is None else self.witnesses.claim(mask)
 
     @staticmethod
     def _log(kind: str, path: str, result: str, detail: dict) -> None:
@@ -766,16 +804,6 @@ def clear_staging(path: str) -> None:
             move_aside(staging)
         else:
             _unlink_quietly(staging)
-
-
-def write_by_pwrite(region: Region, offset: int, data: bytes) -> None:
-    """Region.write for the file backend, by pwrite instead of the mapping (see Guard._follow_audited_writes)."""
-    region.check_bounds(offset, len(data))
-    actual = os.fstat(region.fd).st_size
-    if actual != region.size:
-        raise RegionError(f"region is {actual} bytes instead of {region.size} (tampered with); "
-                          "refusing to write until it is repaired")
-    pwrite_all(region.fd, data, offset)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -92,20 +92,31 @@ class Region:
                               "refusing to touch the mapping until it is repaired")
 
     def write(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
-        """Copy data in at offset, then `zero_fill` NULs after it, without building region-sized buffers."""
+        """Put data at offset, then `zero_fill` NULs after it, without building region-sized buffers.
+
+        The sealed memfd is written through the mapping. A file is written with pwrite at the checked
+        offsets: a copy into the mapping that races a truncation kills the process with SIGBUS, pwrite
+        cannot fault, and within the checked size it never changes the size.
+        """
         self.check_bounds(offset, len(data) + zero_fill)
         self._check_intact()
+        put = self._put_mapped if self.backend == "memfd" else self._put_file  # a memfd is sealed at creation
+        put(offset, data)
         end = offset + len(data)
-        self.mapping[offset:end] = data
         for start in range(end, end + zero_fill, len(_ZEROS)):
-            stop = min(start + len(_ZEROS), end + zero_fill)
-            self.mapping[start:stop] = _ZEROS[:stop - start]
+            put(start, _ZEROS[:min(len(_ZEROS), end + zero_fill - start)])
+
+    def _put_mapped(self, offset: int, data) -> None:
+        self.mapping[offset:offset + len(data)] = data
+
+    def _put_file(self, offset: int, data) -> None:
+        pwrite_all(self.fd, data, offset)
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """Read with pread: a read never faults, even if the file was truncated under us."""
         length = self.size - offset if length is None else length
         self.check_bounds(offset, length)
-        return os.pread(self.fd, length, offset)
+        return pread_all(self.fd, length, offset)
 
     def snapshot(self) -> bytes:
         return self.read(0, self.size)
@@ -124,6 +135,25 @@ class Region:
 
     def describe(self) -> dict:
         return {"backend": self.backend, "size": self.size, "path": self.path, "seals": sorted(self.seals())}
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def pread_all(fd: int, length: int, offset: int = 0) -> bytes:
+    """Up to length bytes; fewer only if the file is shorter than it should be (a read never faults)."""
+    chunks, done = [], 0
+    while done < length:
+        chunk = os.pread(fd, length - done, offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
 
 
 def text_padding(message: bytes, offset: int, size: int, allow_unterminated: bool = False) -> int:
@@ -150,6 +180,7 @@ def create_memfd(size: int, name: str = "shmguard") -> Region:
     size = parse_size(size)
     fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     try:
+        os.fchmod(fd, 0o600)  # memfds are born 0777; only /proc/PID/fd would reach it, but still
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         region = Region(fd, size, "memfd")

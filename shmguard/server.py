@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -353,7 +354,7 @@ def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = Fa
     os.makedirs(directory, mode=0o755, exist_ok=True)
     if not replace:
         check_stale_socket(path)
-    staging = f"{path}.{os.getpid()}.new"
+    staging = f"{path}.{secrets.token_hex(8)}.new"  # unpredictable: nobody can squat it in /tmp beforehand
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     old_umask = os.umask(0o777)  # the staging socket is born mode 0000: never more open than the policy
     try:

@@ -26,7 +26,7 @@ from .hardening import drop_identity, harden, lock_memory
 from .loop import EventLoop
 from .policy import Policy
 from .qemu import QemuProcess, choose_accel, qemu_command
-from .region import Region, text_payload
+from .region import Region, text_padding
 from .server import IvshmemServer, PeerCred
 
 log = logging.getLogger("shmguard")
@@ -227,31 +227,30 @@ class Supervisor:
         offset = _whole_number(body.get("offset", 0), "offset")
         try:
             if body.get("text"):
-                payload = text_payload(data, offset, self.region.size, bool(body.get("allow_unterminated")))
+                padding = text_padding(data, offset, self.region.size, bool(body.get("allow_unterminated")))
             else:
+                padding = 0
                 self.region.check_bounds(offset, len(data))
-                payload = data
+            targets = self.ring_targets(body["ring"]) if body.get("ring") else []
+            self.region.write(offset, data, zero_fill=padding)
         except RegionError as exc:
             raise ControlError(str(exc)) from None
-        targets = self.ring_targets(body["ring"]) if body.get("ring") else []
-        try:
-            self.region.write(offset, payload)
-        except RegionError as exc:
-            raise ControlError(str(exc)) from None
+        self.guard.remember(offset, data, padding)  # this write survives every later repair
         sha = hashlib.sha256(data).hexdigest()
         record = self.record("write", actor=request.cred, offset=offset, length=len(data), sha256=sha,
-                             detail={"padding": len(payload) - len(data)})
+                             detail={"padding": padding})
         reply = {"seq": record["seq"], "sha256": sha, "offset": offset, "length": len(data)}
-        rings = [self.ring(peer, vector, request.cred) for peer, vector in targets]
-        reply["rang"] = rings
-        if body.get("wait") and any(r["guest"] for r in rings) and self.guest.handshake:
-            message = data.split(b"\0", 1)[0]
-            waiter = AckWaiter(request, reply, zlib.crc32(message))
-            self.guest.waiters.append(waiter)
-            timeout = float(body.get("timeout", 60))
-            self.loop.call_later(timeout, lambda: self._ack_timeout(waiter, timeout))
+        waiter = None
+        if body.get("wait") and self.guest.handshake and any(self._is_guest(peer) for peer, _ in targets):
+            # The clock starts before the ring: the round trip is ring, guest, ack.
+            waiter = AckWaiter(request, reply, zlib.crc32(data.split(b"\0", 1)[0]))
+        reply["rang"] = [self.ring(peer, vector, request.cred) for peer, vector in targets]
+        if waiter is None:
+            request.reply(**reply)
             return
-        request.reply(**reply)
+        self.guest.waiters.append(waiter)
+        timeout = float(body.get("timeout", 60))
+        self.loop.call_later(timeout, lambda: self._ack_timeout(waiter, timeout))
 
     def _handle_ring(self, request: Request) -> None:
         targets = self.ring_targets(request.body.get("target"))
@@ -270,6 +269,7 @@ class Supervisor:
             "guest": {"peer": self.guest_peer_id(), "handshake": self.guest.handshake, "ready": self.guest.ready,
                       "acks": self.guest.acks, "last_reply": self.guest.last_reply},
             "audit": {"path": str(self.audit.path), "last_seq": self.audit.last_seq},
+            "guard": self.guard.describe(),
         }
 
     # --- ringing peers -------------------------------------------------------------------------------
@@ -308,10 +308,13 @@ class Supervisor:
             raise ControlError(f"peer {peer_id} has vectors 0..{len(peers[peer_id].vectors) - 1}, not {vector}")
         return [(peer_id, vector)]
 
+    def _is_guest(self, peer_id: int) -> bool:
+        return peer_id == -1 or peer_id == self.guest_peer_id()  # -1: our guest, not connected yet
+
     def ring(self, peer_id: int, vector: int, cred) -> dict:
         """Ring now, or hold the ring until the built-in guest has said it is ready (a doorbell rung
         before the guest enabled MSI-X is lost)."""
-        is_guest = peer_id == -1 or peer_id == self.guest_peer_id()
+        is_guest = self._is_guest(peer_id)
         held = is_guest and self.guest.handshake and not self.guest.ready
         if held:
             self.guest.pending_rings.append((peer_id, vector))
@@ -338,6 +341,7 @@ class Supervisor:
             os.eventfd_read(fd)
         except BlockingIOError:
             return
+        self.guard.refresh()  # the guest wrote through its mapping, which makes no inotify event
         reply = self.read_reply()
         if vector == layout.READY_VECTOR and reply == f"ready {self.guest_peer_id()}":
             self.on_guest_ready(reply)

@@ -7,6 +7,7 @@ import os
 import pickle
 import pwd
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -92,10 +93,7 @@ class RunningSupervisor(SupervisorProcess):
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         status = super().stop(sig, timeout)
-        try:
-            os.rmdir(os.path.dirname(self.socket))  # the per-test socket directory, if the supervisor emptied it
-        except OSError:
-            pass
+        shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)  # the per-test socket directory
         return status
 
 

@@ -1,0 +1,120 @@
+"""How long a truncated region stays broken: from the attacking ftruncate's return to size and contents restored.
+
+    .venv/bin/python bench/bench_repair.py [--count N] [--policy standard]
+
+A throwaway supervisor (file backend) with a paused QEMU attached; the region holds a random pattern written
+through the control socket. Each round ftruncates the region to 0 through an fd, then spins on fstat and pread
+until the size is back and the last page (the guard's pwrite goes front to back) holds the pattern again, then
+checks every byte. Beside it: the attacking syscall itself, and from the incidents in the audit log how long the
+supervisor took to wake and look, and its own detection-to-repair time (both on CLOCK_MONOTONIC). Between rounds
+two status round trips let the supervisor's loop go idle. Run as root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import sys
+import time
+
+from shmguard.attack import ThrowawaySupervisor, start_paused_qemu
+from shmguard.control import request
+from shmguard.policy import load_policy
+
+PAGE = 4096
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def idle(control: str) -> None:
+    """Two round trips through the supervisor's loop: the repair and its own events are all handled."""
+    for _ in range(2):
+        request(control, {"op": "status"})
+
+
+def one_round(fd: int, size: int, pattern: bytes) -> tuple[float, float, int]:
+    """(ftruncate ms, broken ms, when it returned): the attacking syscall, then until size and contents are back.
+    CLOCK_MONOTONIC is the supervisor's clock too, so its audit record can be set against ours."""
+    tail = pattern[-PAGE:]
+    started = time.monotonic_ns()
+    os.ftruncate(fd, 0)
+    returned = time.monotonic_ns()
+    while os.fstat(fd).st_size != size or os.pread(fd, PAGE, size - PAGE) != tail:
+        pass
+    restored = time.monotonic_ns()
+    if os.pread(fd, size, 0) != pattern:
+        raise SystemExit("contents differ after the repair")
+    return (returned - started) / 1e6, (restored - returned) / 1e6, returned
+
+
+def guard_timings(audit_path: str, returns: list[int]) -> tuple[list[float], list[float], list[float]]:
+    """Per round, from the incidents in the audit log: return -> repaired, return -> the guard looks,
+    the guard looks -> repaired."""
+    with open(audit_path) as log:
+        records = [json.loads(line) for line in log if line.strip()]
+    details = [r["detail"] for r in records if r["action"] == "incident" and r["result"] == "repaired"]
+    if len(details) != len(returns):
+        raise SystemExit(f"{len(details)} repaired incidents for {len(returns)} truncations")
+    pairs = list(zip(details, returns, strict=True))
+    repaired = [(d["done_ns"] - returned) / 1e6 for d, returned in pairs]
+    woke = [(d["detected_ns"] - returned) / 1e6 for d, returned in pairs]
+    return repaired, woke, [d["repair_ms"] for d in details]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=1000, help="truncations (default 1000)")
+    parser.add_argument("--policy", default="standard", help="a policy with the file backend (default standard)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the supervisor owns /dev/shm files, sockets and QEMU")
+    supervisor = ThrowawaySupervisor(args.policy)
+    qemu = None
+    try:
+        policy = load_policy(str(supervisor.policy_path))
+        if policy.region.backend != "file":
+            raise SystemExit(f"policy {args.policy} has no region file to truncate (a sealed memfd refuses it)")
+        qemu = start_paused_qemu(policy)
+        size, control = policy.region.size, policy.control.socket
+        pattern = os.urandom(size)
+        request(control, {"op": "write", "data": base64.b64encode(pattern).decode(), "offset": 0})
+        fd = os.open(policy.region.path, os.O_RDWR | os.O_CLOEXEC)
+        syscall, broken, returns = [], [], []
+        for _ in range(args.count):
+            idle(control)
+            took, gone, returned = one_round(fd, size, pattern)
+            syscall.append(took)
+            broken.append(gone)
+            returns.append(returned)
+        idle(control)
+        os.close(fd)
+        repaired, woke, repair = guard_timings(policy.audit.path, returns)
+        rows = {"broken: return -> repaired": repaired, "  of which: return -> guard looks": woke,
+                "  of which: guard looks -> repaired": repair, "seen restored by the attacker": broken}
+        report(args.count, size, syscall, rows, qemu.poll() is None)
+        return 0 if qemu.poll() is None else 1
+    finally:
+        if qemu is not None:
+            qemu.close()
+        supervisor.stop()
+
+
+def report(count: int, size: int, syscall: list[float], rows: dict[str, list[float]], qemu_alive: bool) -> None:
+    print(f"{count} truncations to 0 of a {size >> 20} MiB region (file backend), QEMU attached")
+    print(f"{'':38}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    for name, values in [("ftruncate(fd, 0) itself", syscall), *rows.items()]:
+        print(f"{name:38}{percentile(values, .5):10.3f}{percentile(values, .99):10.3f}{max(values):10.3f}")
+    broken = rows["broken: return -> repaired"]
+    print(f"broken/ftruncate at p50: {percentile(broken, .5) / percentile(syscall, .5):.1f}x; "
+          f"mean broken {statistics.mean(broken):.3f} ms; incidents recorded: {len(broken)}")
+    print(f"QEMU still running: {'yes' if qemu_alive else 'NO'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
