@@ -13,7 +13,6 @@ or an access that should have been refused. `exit_status` is then non-zero.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import ctypes
 import errno
@@ -878,24 +877,6 @@ def run_battery(policy_path: str, *, start_supervisor: bool, attacks: list[str] 
     finally:
         if throwaway is not None:
             throwaway.stop()
-
-
-def run_against(supervisor, run_args: list[str], *, extras: bool = True) -> list[AttackResult]:
-    """The battery against a supervisor started as `shmguard run RUN_ARGS` (its policy and overrides are read
-    from run_args); supervisor.proc, if it has one, is watched for an exit."""
-    with Battery(policy_of_run_args(run_args), supervisor=getattr(supervisor, "proc", None)) as battery:
-        return battery.run_all(extras=extras)
-
-
-def policy_of_run_args(run_args: list[str]) -> Policy:
-    parser = argparse.ArgumentParser(add_help=False)
-    for option in ("--policy", "--size", "--socket", "--control-socket", "--audit-log"):
-        parser.add_argument(option)
-    parser.add_argument("--vectors", type=int)
-    known, _ = parser.parse_known_args(run_args)
-    return load_policy(known.policy or "strict").with_overrides(
-        size=known.size, vectors=known.vectors, socket=known.socket, control_socket=known.control_socket,
-        audit_log=known.audit_log)
 
 
 def start_paused_qemu(policy: Policy):

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import control
+from .attack import AttackResult, Battery, format_table
 from .audit import verify
 from .launcher import SupervisorProcess
+from .policy import Policy, load_policy
 
 MESSAGES = ("hello world", "shmguard: sealed, guarded, audited", "the quick brown fox jumps over the lazy dog")
 REGION_SIZE = "4K"  # what the seed's Zephyr x86_64 guest fits; the built-in guest takes any size
@@ -36,42 +38,47 @@ class DemoReport:
     boot_to_ready_s: float = 0.0
     deliveries: list[Delivery] = field(default_factory=list)
     guest_lines: list[str] = field(default_factory=list)
-    attacks: list = field(default_factory=list)
+    attacks: list[AttackResult] = field(default_factory=list)
     audit_summary: str = ""
     audit_ok: bool = False
 
     @property
     def ok(self) -> bool:
         delivered = all(d.acknowledged and d.exact and d.printed for d in self.deliveries)
-        defended = all(getattr(a, "defended", True) for a in self.attacks)
+        defended = all(attack.defended for attack in self.attacks)
         return bool(self.deliveries) and delivered and defended and self.audit_ok
 
 
-def run_demo(say: Callable[[str], None], policy: str = "strict", attacks: bool = True,
+def run_demo(say: Callable[[str], None], policy_name: str = "strict", attacks: bool = True,
              keep: bool = False) -> DemoReport:
     workdir = Path(tempfile.mkdtemp(prefix="shmguard-demo-"))
     workdir.chmod(0o755)
-    paths = {"--socket": workdir / "ivshmem.sock", "--control-socket": workdir / "control.sock",
-             "--audit-log": workdir / "audit.log"}
-    args = ["--policy", policy, "--size", REGION_SIZE] + [str(x) for pair in paths.items() for x in pair]
+    policy = load_policy(policy_name).with_overrides(
+        size=REGION_SIZE, socket=workdir / "ivshmem.sock", control_socket=workdir / "control.sock",
+        audit_log=workdir / "audit.log")
+    args = ["--policy", policy_name, "--size", REGION_SIZE, "--socket", policy.server.socket,
+            "--control-socket", policy.control.socket, "--audit-log", policy.audit.path]
     report = DemoReport()
-    say(f"starting the supervisor ({policy} policy, {REGION_SIZE} sealed region) with the built-in guest")
+    say(f"starting the supervisor ({policy_name} policy, {REGION_SIZE} region) with the built-in guest")
     started = time.monotonic()
     supervisor = SupervisorProcess(args, workdir / "supervisor.log", workdir / "notify", timeout=120)
     try:
         supervisor.wait_for("guest ready", 180)
         report.boot_to_ready_s = time.monotonic() - started
         say(f"guest ready {report.boot_to_ready_s:.1f} s after start")
-        for message in MESSAGES:
-            report.deliveries.append(_deliver(str(paths["--control-socket"]), message, say))
+        messages = list(MESSAGES)
+        for message in messages:
+            report.deliveries.append(_deliver(policy.control.socket, message, say))
+        if attacks:
+            report.attacks = _attack(policy, supervisor, say)
+            messages.append(f"still here after {len(report.attacks)} attacks")
+            report.deliveries.append(_deliver(policy.control.socket, messages[-1], say))
         report.guest_lines = _guest_lines(supervisor.log())
         for delivery in report.deliveries:
             delivery.printed = f"received IRQ and full message: {delivery.message}" in report.guest_lines
-        if attacks:
-            report.attacks = _attack(supervisor, args, say)
     finally:
         supervisor.stop()
-        result = verify(paths["--audit-log"])
+        result = verify(policy.audit.path)
         report.audit_summary, report.audit_ok = result.summary(), result.ok
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -96,14 +103,14 @@ def _guest_lines(log: str) -> list[str]:
     return [line.split(marker, 1)[1] for line in log.splitlines() if marker in line and "received IRQ" in line]
 
 
-def _attack(supervisor: SupervisorProcess, run_args: list[str], say: Callable[[str], None]) -> list:
-    try:
-        from .attack import run_against
-    except ImportError:
-        say("attack battery: not available in this build")
-        return []
-    say("running the attack battery against the live supervisor")
-    return run_against(supervisor, run_args)
+def _attack(policy: Policy, supervisor: SupervisorProcess, say: Callable[[str], None]) -> list:
+    say("running the attack battery against the live supervisor and its guest")
+    with Battery(policy, supervisor=supervisor.proc) as battery:
+        results = battery.run_all()
+    failed = [result for result in results if not result.defended]
+    if failed:
+        say(format_table(failed))
+    return results
 
 
 def format_report(report: DemoReport) -> str:

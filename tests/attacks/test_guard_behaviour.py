@@ -16,10 +16,11 @@ import pytest
 from arena import Arena
 
 from helpers import MEMBER_USER, RunningSupervisor, as_user, policy_file
-from shmguard.attack import AttackResult, exit_status, format_table, policy_of_run_args, run_against, run_battery
+from shmguard.attack import AttackResult, Battery, exit_status, format_table, run_battery
 from shmguard.client import IvshmemClient
 from shmguard.control import request
 from shmguard.guard import link_fd
+from shmguard.policy import load_policy
 
 SETTLE = 0.3  # long enough for any repair, its own events and a deferred attribution (20 ms)
 
@@ -275,15 +276,14 @@ def test_run_battery_on_a_throwaway_supervisor():
     assert exit_status([_succeeded(results[0])]) == 1
 
 
-def test_run_against_a_supervisor_started_with_overrides(tmp_path):
-    """What the demo does: `shmguard run --policy strict --socket ... --audit-log ...`, then the whole battery."""
-    supervisor = RunningSupervisor(policy_file(tmp_path, "strict"))
+def test_battery_against_a_supervisor_started_with_overrides(tmp_path):
+    """What the demo does: `shmguard run --policy strict --audit-log ...`, then the whole battery."""
+    moved = tmp_path / "moved.log"
+    supervisor = RunningSupervisor(policy_file(tmp_path, "strict"), "--audit-log", str(moved))
     try:
-        moved = tmp_path / "moved.log"
-        args = ["--policy", str(supervisor.policy_path), "--audit-log", str(moved)]
-        policy = policy_of_run_args(args)
-        assert policy.audit.path == str(moved) and policy.server.socket == supervisor.socket
-        results = run_against(supervisor, ["--policy", str(supervisor.policy_path)])
+        policy = load_policy(str(supervisor.policy_path)).with_overrides(audit_log=moved)
+        with Battery(policy, supervisor=supervisor.proc) as battery:
+            results = battery.run_all()
         assert results and all(result.defended for result in results), format_table(results)
     finally:
         assert supervisor.stop() == 0
