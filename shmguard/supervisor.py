@@ -19,7 +19,7 @@ from pathlib import Path
 from . import layout, sdnotify
 from .audit import Actor, AuditLog
 from .control import ControlServer, Request
-from .errors import ControlError, RegionError
+from .errors import ControlError, RegionError, ShmguardError
 from .guard import Guard
 from .guest import GuestImage, build_guest
 from .hardening import drop_identity, harden, lock_memory
@@ -94,6 +94,10 @@ class Supervisor:
     # --- start-up ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        options = self.guest_options
+        if options and options.builtin and self.policy.server.vectors <= layout.ACK_VECTOR:
+            raise ShmguardError(f"the built-in guest acknowledges on vector {layout.ACK_VECTOR}: run it with "
+                                f"--vectors {layout.ACK_VECTOR + 1} or more, or serve only with --no-guest")
         raise_fd_limit()
         self.audit = AuditLog.open(self.policy.audit.path, self.policy.audit.durable)
         if self.audit.torn_tail:
