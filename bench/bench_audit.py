@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import file_system_of
+
 from shmguard.audit import Actor, AuditLog
 
 ACTOR = Actor(pid=4242, uid=0, gid=993, exe="/usr/bin/write_shared_memory")
@@ -58,20 +60,6 @@ def measure(directory: Path, count: int, durable: bool, rounds: int) -> tuple[fl
         best_plain = max(best_plain, plain_rate(directory / f"plain-{durable}-{round_number}.log", lines, durable))
         mean_size = sum(map(len, lines)) // len(lines)
     return best_audited, best_plain, mean_size
-
-
-def file_system_of(directory: Path) -> str:
-    """The file system type of the mount holding `directory` (from /proc/self/mountinfo)."""
-    best, fs_type = "", "unknown"
-    resolved = str(directory.resolve())
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            mount_point, after = fields[4], fields[fields.index("-") + 1]
-            inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
-            if inside and len(mount_point) >= len(best):
-                best, fs_type = mount_point, after
-    return fs_type
 
 
 def main() -> None:

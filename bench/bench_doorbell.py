@@ -21,61 +21,22 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
-import math
 import os
 import re
 import shutil
-import statistics
 import tempfile
 import time
-import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from common import Series, file_system_of, strict_policy, timed_calls
 
 from shmguard import control
 from shmguard.launcher import SupervisorProcess
-from shmguard.policy import BUILTIN_DIR
 
 REGION_SIZE = 4096  # the demo's size, and all the seed's Zephyr x86_64 guest fits
 WARMUP = 20
-
-
-# --- figures ---------------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile (p99 of 1000 values is the 990th smallest)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-@dataclass
-class Series:
-    label: str
-    values_ms: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values_ms)
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.values_ms, 0.99)
-
-
-def file_system_of(directory: Path) -> str:
-    """The file system type of the mount holding `directory` (from /proc/self/mountinfo)."""
-    best, fs_type = "", "unknown"
-    resolved = str(directory.resolve())
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            mount_point, after = fields[4], fields[fields.index("-") + 1]
-            if (resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")) \
-                    and len(mount_point) >= len(best):
-                best, fs_type = mount_point, after
-    return fs_type
 
 
 # --- the baseline: eventfd ping-pong between two host processes ------------------------------------------
@@ -84,26 +45,24 @@ def file_system_of(directory: Path) -> str:
 def eventfd_ping_pong(count: int) -> Series:
     """A writes eventfd X, B waits on X and writes eventfd Y, A waits on Y; A times each round trip."""
     x, y = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
-    total = WARMUP + count
     pid = os.fork()
     if pid == 0:  # B
         status = 1
         try:
-            for _ in range(total):
+            for _ in range(WARMUP + count):
                 os.eventfd_read(x)
                 os.eventfd_write(y, 1)
             status = 0
         finally:
             os._exit(status)
+
+    def round_trip(_: int) -> None:
+        os.eventfd_write(x, 1)
+        os.eventfd_read(y)
+
     series = Series("eventfd ping-pong, 2 host processes")
     try:
-        for number in range(total):
-            start = time.perf_counter_ns()
-            os.eventfd_write(x, 1)
-            os.eventfd_read(y)
-            elapsed = time.perf_counter_ns() - start
-            if number >= WARMUP:
-                series.values_ms.append(elapsed / 1e6)
+        series.values = [ms for ms, _ in timed_calls(round_trip, count, WARMUP)]
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(x)
@@ -114,31 +73,6 @@ def eventfd_ping_pong(count: int) -> Series:
 
 
 # --- shmguard with the built-in guest ---------------------------------------------------------------------
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def policy_file(directory: Path, durable: bool) -> Path:
-    """The strict policy with its sockets and audit log in `directory`, a 4 KiB region, durable or not."""
-    data = tomllib.loads((BUILTIN_DIR / "strict.toml").read_text())
-    data.pop("description", None)
-    data["region"]["size"] = REGION_SIZE
-    data["server"]["socket"] = str(directory / "ivshmem.sock")
-    data["control"]["socket"] = str(directory / "control.sock")
-    data["audit"]["path"] = str(directory / "audit.log")
-    data["audit"]["durable"] = durable
-    path = directory / "policy.toml"
-    path.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in table.items())
-                            + "\n" for name, table in data.items()))
-    return path
 
 
 @dataclass
@@ -167,31 +101,28 @@ def doorbells(control_path: str, count: int, boot: Boot) -> None:
     boot.client = Series(f"shmguard, client-observed ({mode})")
     boot.supervisor = Series(f"shmguard, supervisor round_trip_ms ({mode})")
     boot.write_only = Series(f"write without ring, client ({mode})")
-    for number in range(WARMUP + count):
-        start = time.perf_counter_ns()
-        reply = control.request(control_path, write_body(number, ring=True), timeout=60)
-        elapsed = time.perf_counter_ns() - start
-        if not reply.get("ok"):
-            raise SystemExit(f"doorbell {number}: {reply.get('error')}")
-        if number >= WARMUP:
-            boot.client.values_ms.append(elapsed / 1e6)
-            boot.supervisor.values_ms.append(reply["round_trip_ms"])
-            boot.inexact += not reply["delivered_exactly"]
-    for number in range(WARMUP + count):
-        start = time.perf_counter_ns()
-        reply = control.request(control_path, write_body(number, ring=False), timeout=60)
-        elapsed = time.perf_counter_ns() - start
-        if not reply.get("ok"):
-            raise SystemExit(f"write {number}: {reply.get('error')}")
-        if number >= WARMUP:
-            boot.write_only.values_ms.append(elapsed / 1e6)
+
+    def request(ring: bool) -> Callable[[int], dict]:
+        def call(number: int) -> dict:
+            reply = control.request(control_path, write_body(number, ring=ring), timeout=60)
+            if not reply.get("ok"):
+                raise SystemExit(f"{'doorbell' if ring else 'write'} {number}: {reply.get('error')}")
+            return reply
+
+        return call
+
+    for ms, reply in timed_calls(request(ring=True), count, WARMUP):
+        boot.client.values.append(ms)
+        boot.supervisor.values.append(reply["round_trip_ms"])
+        boot.inexact += not reply["delivered_exactly"]
+    boot.write_only.values = [ms for ms, _ in timed_calls(request(ring=False), count, WARMUP)]
 
 
 def boot_guest(root: Path, durable: bool, count: int) -> Boot:
     """Start `shmguard run` with the built-in guest, time it to ready, run the doorbells (count > 0), stop."""
     directory = Path(tempfile.mkdtemp(prefix="boot-", dir=root))
     directory.chmod(0o755)
-    policy = policy_file(directory, durable)
+    policy = strict_policy(directory, durable=durable, region={"size": REGION_SIZE})
     boot = Boot(durable)
     started = time.monotonic()
     supervisor = SupervisorProcess(["--policy", str(policy)], directory / "supervisor.log", directory / "notify",
@@ -235,9 +166,9 @@ def print_report(boots: list[Boot], baseline: Series, count: int) -> None:
     accel = ", ".join(sorted({boot.accel for boot in boots}))
     print(f"\nboot to ready, {len(boots)} boots, QEMU accelerator {accel}")
     print(f"  {'':52} {'median s':>10} {'min s':>9} {'max s':>9}")
-    for label, values in (("start to READY=1 (serving peers)", [b.serving_s for b in boots]),
-                          ("start to STATUS=guest ready", [b.ready_s for b in boots])):
-        print(f"  {label:52} {statistics.median(values):10.3f} {min(values):9.3f} {max(values):9.3f}")
+    for series in (Series("start to READY=1 (serving peers)", [b.serving_s for b in boots]),
+                   Series("start to STATUS=guest ready", [b.ready_s for b in boots])):
+        print(f"  {series.label:52} {series.median:10.3f} {series.min:9.3f} {series.max:9.3f}")
 
 
 def main() -> None:

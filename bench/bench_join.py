@@ -24,12 +24,12 @@ import socket
 import statistics
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+from common import percentile, strict_policy
 
 from shmguard.client import IvshmemClient
 from shmguard.launcher import SupervisorProcess
-from shmguard.policy import BUILTIN_DIR
 from shmguard.protocol import MESSAGE, recv_message
 
 VECTORS = (1, 8, 64)
@@ -142,35 +142,11 @@ def stop(pid: int) -> None:
 # --- the supervisor ------------------------------------------------------------------------------------------
 
 
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def bench_policy(directory: Path, vectors: int, durable: bool) -> Path:
-    """The strict policy with its sockets and audit log in `directory` (a new set of files for every run)."""
-    data = tomllib.loads((BUILTIN_DIR / "strict.toml").read_text())
-    data.pop("description", None)
-    directory.mkdir()
-    data["server"].update(socket=str(directory / "ivshmem.sock"), vectors=vectors)
-    data["control"]["socket"] = str(directory / "control.sock")
-    data["audit"].update(path=str(directory / "audit.log"), durable=durable)
-    text = "".join(f"[{name}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in table.items())
-                   for name, table in data.items())
-    path = directory / "policy.toml"
-    path.write_text(text)
-    return path
-
-
 def measure_supervisor(directory: Path, vectors: int, count: int, durable: bool) -> dict[int, tuple]:
     """For each number of idle peers: (per-join times, wall time) against one supervisor."""
-    run_directory = directory / f"run-{vectors}-{next(RUNS)}"
-    policy = bench_policy(run_directory, vectors, durable)
+    run_directory = directory / f"run-{vectors}-{next(RUNS)}"  # a new set of files for every run
+    run_directory.mkdir()
+    policy = strict_policy(run_directory, durable=durable, server={"vectors": vectors})
     socket_path = str(run_directory / "ivshmem.sock")
     supervisor = SupervisorProcess(["--policy", str(policy), "--no-guest"], run_directory / "run.log",
                                    run_directory / "notify")
@@ -223,11 +199,6 @@ def measure_bare(directory: Path, count: int) -> list[float]:
 
 
 # --- the table -----------------------------------------------------------------------------------------------
-
-
-def percentile(times: list[float], fraction: float) -> float:
-    ordered = sorted(times)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def main() -> None:

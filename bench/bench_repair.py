@@ -20,16 +20,13 @@ import statistics
 import sys
 import time
 
+from common import percentile
+
 from shmguard.attack import ThrowawaySupervisor, start_paused_qemu
 from shmguard.control import request
 from shmguard.policy import load_policy
 
 PAGE = 4096
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def idle(control: str) -> None:

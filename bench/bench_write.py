@@ -24,47 +24,24 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
-import math
 import mmap
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+from common import Series, file_system_of, strict_policy
 
 from shmguard import control
 from shmguard.audit import verify
 from shmguard.launcher import SHMGUARD, SupervisorProcess
-from shmguard.policy import BUILTIN_DIR
 from shmguard.region import text_payload
 
 WARMUP = 3
 SEED_COMMAND = 'printf %s "$MSG" | dd of={path} ibs={size} conv=sync status=none'
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def file_system_of(directory: Path) -> str:
-    """The file system type of the mount holding `directory` (from /proc/self/mountinfo)."""
-    best, fs_type = "", "unknown"
-    resolved = str(directory.resolve())
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            mount_point, after = fields[4], fields[fields.index("-") + 1]
-            if (resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")) \
-                    and len(mount_point) >= len(best):
-                best, fs_type = mount_point, after
-    return fs_type
 
 
 def size_label(size: int) -> str:
@@ -83,31 +60,6 @@ def shmguard_command() -> list[str]:
 # --- the supervisor ---------------------------------------------------------------------------------------
 
 
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def policy_file(directory: Path, size: int, durable: bool) -> Path:
-    """The strict policy with its sockets and audit log in `directory`, the given size, durable or not."""
-    data = tomllib.loads((BUILTIN_DIR / "strict.toml").read_text())
-    data.pop("description", None)
-    data["region"]["size"] = size
-    data["server"]["socket"] = str(directory / "ivshmem.sock")
-    data["control"]["socket"] = str(directory / "control.sock")
-    data["audit"]["path"] = str(directory / "audit.log")
-    data["audit"]["durable"] = durable
-    path = directory / "policy.toml"
-    path.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in table.items())
-                            + "\n" for name, table in data.items()))
-    return path
-
-
 class Supervisor:
     """`shmguard run --no-guest` with its own policy in its own directory."""
 
@@ -115,7 +67,7 @@ class Supervisor:
         self.directory = Path(tempfile.mkdtemp(prefix=f"{size_label(size)}-{'durable' if durable else 'fast'}-",
                                                dir=root))
         self.directory.chmod(0o755)
-        self.policy = policy_file(self.directory, size, durable)
+        self.policy = strict_policy(self.directory, durable=durable, region={"size": size})
         self.control = str(self.directory / "control.sock")
         self.audit = self.directory / "audit.log"
         self.process = SupervisorProcess(["--policy", str(self.policy), "--no-guest"],
@@ -141,7 +93,7 @@ def timed_run(argv: list[str], env: dict | None = None) -> float:
     return elapsed / 1e6
 
 
-def message_latency(supervisor: Supervisor, size: int, message: str, count: int) -> tuple[list[float], list[float]]:
+def message_latency(supervisor: Supervisor, size: int, message: str, count: int) -> tuple[Series, Series]:
     """(shmguard write ms, seed dd ms) per message, interleaved and alternating which goes first."""
     fd, scratch = tempfile.mkstemp(prefix="shmguard-bench-seed-", dir="/dev/shm")
     try:
@@ -150,15 +102,15 @@ def message_latency(supervisor: Supervisor, size: int, message: str, count: int)
         ours = [*shmguard_command(), "write", "-m", message, "--policy", str(supervisor.policy)]
         seed = ["/bin/sh", "-c", SEED_COMMAND.format(path=scratch, size=size)]
         seed_env = dict(os.environ, MSG=message)
-        shmguard_ms, dd_ms = [], []
+        shmguard_ms, dd_ms = Series("shmguard write -m (durable audit)"), Series("seed: printf | dd conv=sync")
         for number in range(WARMUP + count):
             if number % 2 == 0:
                 ours_ms, seed_ms = timed_run(ours), timed_run(seed, seed_env)
             else:
                 seed_ms, ours_ms = timed_run(seed, seed_env), timed_run(ours)
             if number >= WARMUP:
-                shmguard_ms.append(ours_ms)
-                dd_ms.append(seed_ms)
+                shmguard_ms.values.append(ours_ms)
+                dd_ms.values.append(seed_ms)
         if os.stat(scratch).st_size != size:
             raise SystemExit(f"the seed's command left {scratch} at {os.stat(scratch).st_size} bytes, not {size}")
     finally:
@@ -257,10 +209,9 @@ def main() -> None:
     print(f"\none message, a new process each ({messages} per row, after {WARMUP} warm-up; ms)")
     print(f"  {'size':>5} {'':36} {'median':>8} {'p99':>8} {'min':>8} {'ratio (median)':>15}")
     for size, (ours, seed) in latency.items():
-        base = statistics.median(seed)
-        for label, values in (("shmguard write -m (durable audit)", ours), ("seed: printf | dd conv=sync", seed)):
-            print(f"  {size_label(size):>5} {label:36} {statistics.median(values):8.2f} "
-                  f"{percentile(values, 0.99):8.2f} {min(values):8.2f} {statistics.median(values) / base:14.1f}x")
+        for series in (ours, seed):
+            print(f"  {size_label(size):>5} {series.label:36} {series.median:8.2f} {series.p99:8.2f} "
+                  f"{series.min:8.2f} {series.median / seed.median:14.1f}x")
     print(f"\nwrites per second, one persistent client, best of {rounds} (mmap baseline: the same padded bytes)")
     print(f"  {'size':>5} {'':36} {'writes':>8} {'writes/s':>10} {'us/write':>9} {'slower than mmap':>17}")
     for size, best in rates.items():

@@ -28,20 +28,19 @@ import socket
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .client import IvshmemClient
 from .control import request
 from .errors import ShmguardError
 from .hardening import capability_names, read_proc_status
-from .policy import Policy, load_policy
+from .launcher import SupervisorProcess
+from .policy import Policy, load_policy, relocated_policy_text
 
 ROLES = ("root", "member", "outsider")
 MEMBER_USER = "shmguard-member"
@@ -899,82 +898,38 @@ def wait_for_peer(battery: Battery, pid: int, timeout: float = 30.0) -> None:
     raise ShmguardError(f"QEMU (pid {pid}) did not join the ivshmem server within {timeout:g} s")
 
 
-@dataclass
 class ThrowawaySupervisor:
-    """`shmguard run` with a copy of a policy whose paths are moved into a private directory."""
+    """`shmguard run --no-guest` with a copy of a policy whose paths are moved into a private directory, removed
+    with everything in it when it stops."""
 
-    source: str
-    directory: Path = field(init=False)
-    policy_path: Path = field(init=False)
-    process: subprocess.Popen = field(init=False)
-
-    def __post_init__(self) -> None:
+    def __init__(self, source: str, timeout: float = 30.0):
+        self.source = source
+        policy = load_policy(source)  # a bad policy stops here, before anything is created
         self.directory = Path(tempfile.mkdtemp(prefix="shmguard-attack-supervisor-"))
         self.directory.chmod(0o755)  # the outsider and the member must reach the sockets to be refused by them
         self.policy_path = self.directory / "policy.toml"
-        self.policy_path.write_text(isolated_policy(str(self.source), self.directory))
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(self.directory / "notify"))
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.directory / "notify"))
-        log = (self.directory / "supervisor.log").open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "shmguard", "run", "--policy", str(self.policy_path),
-                                         "--no-guest"], stdout=subprocess.DEVNULL, stderr=log, env=env)
-        log.close()
+        self.policy_path.write_text(relocated_policy_text(
+            policy.source, socket_dir=self.directory, audit_log=self.directory / "audit.log",
+            region_path=f"/dev/shm/shmguard-attack-{secrets.token_hex(6)}"))
+        log = self.directory / "supervisor.log"
         try:
-            self._wait_ready(notify)
-        except BaseException:
-            self.stop()
-            raise
+            self.supervisor = SupervisorProcess(["--policy", str(self.policy_path), "--no-guest"], log,
+                                                self.directory / "notify", timeout)
+        except BaseException as exc:
+            last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            shutil.rmtree(self.directory, ignore_errors=True)
+            if not isinstance(exc, ShmguardError):
+                raise
+            # One line, as for every error a user can cause: what happened and the supervisor's last word.
+            raise ShmguardError(f"the throwaway supervisor did not start: {str(exc).split(';')[0]}: "
+                                f"{last[0] if last else 'no output'}") from None
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.supervisor.proc
+
+    def stop(self) -> int:
+        try:
+            return self.supervisor.stop()
         finally:
-            notify.close()
-
-    def _wait_ready(self, notify: socket.socket, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        notify.settimeout(0.2)
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = (self.directory / "supervisor.log").read_text(errors="replace")
-                raise ShmguardError(f"the throwaway supervisor exited with {self.process.returncode}: "
-                                    f"{log.strip().splitlines()[-1] if log.strip() else 'no output'}")
-            try:
-                if b"READY=1" in notify.recv(4096):
-                    return
-            except TimeoutError:
-                continue
-        raise ShmguardError(f"the throwaway supervisor was not ready within {timeout:g} s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def isolated_policy(source: str, directory: Path) -> str:
-    """The policy's TOML with its sockets and audit log in directory and its region file at a fresh path."""
-    path = Path(load_policy(source).source)
-    data = tomllib.loads(path.read_text())
-    data.pop("description", None)
-    for section in ("region", "server", "control", "guard", "audit", "hardening", "qemu"):
-        data.setdefault(section, {})
-    data["server"]["socket"] = str(directory / "ivshmem.sock")
-    data["control"]["socket"] = str(directory / "control.sock")
-    data["audit"].update(path=str(directory / "audit.log"), durable=False)
-    if data["region"].get("backend", "memfd") == "file":
-        data["region"]["path"] = f"/dev/shm/shmguard-attack-{secrets.token_hex(6)}"
-    return "".join(f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items()) + "\n"
-                   for name, table in data.items())
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    return json.dumps(str(value))
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -33,7 +33,11 @@ class SupervisorProcess:
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen([*SHMGUARD, "run", *run_args], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log, env=env)
-        self.wait_for("READY=1", timeout)
+        try:
+            self.wait_for("READY=1", timeout)
+        except BaseException:
+            SupervisorProcess.stop(self)  # never ready: nothing is left running, nothing bound
+            raise
 
     def wait_for(self, word: str, timeout: float) -> str:
         """Wait for a notify message containing `word`; a supervisor that exits first is an error."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import json
 import pwd
 import re
 import tomllib
@@ -451,3 +452,50 @@ def load_policy(name_or_path: str) -> Policy:
         more = f" (and {len(errors) - 1} more; run `shmguard policy check {path}`)" if len(errors) > 1 else ""
         raise PolicyError(errors[0] + more)
     return policy
+
+
+def policy_toml(data: dict) -> str:
+    """TOML text for a policy's data: top-level keys, then one [table] per section, each followed by a blank line.
+
+    Values are booleans, numbers, strings and lists of them, all a policy holds."""
+    scalars = "".join(f"{key} = {_toml_value(value)}\n" for key, value in data.items() if not isinstance(value, dict))
+    tables = "".join(f"[{name}]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in table.items()) + "\n"
+                     for name, table in data.items() if isinstance(table, dict))
+    return scalars + ("\n" if scalars and tables else "") + tables
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    raise TypeError(f"{value!r} has no TOML form in a policy")
+
+
+def relocated_policy_text(source: str, *, socket_dir: Path, audit_log: Path, region_path: str | None = None,
+                          durable: bool = False, **sections: dict) -> str:
+    """A policy (built-in name or file) as TOML with its sockets, audit log and region file moved, sections merged
+    over it; for tests, benchmarks and throwaway supervisors.
+
+    The sockets become socket_dir/ivshmem.sock and socket_dir/control.sock; the audit log is audit_log, durable
+    only if asked (a throwaway log needs no fsync); a file-backed region moves to region_path when one is given (a
+    memfd has no path). Each keyword then updates its section, so it can override any of these."""
+    path = locate(source)
+    try:
+        data = tomllib.loads(_read(path))
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{path}: not valid TOML: {exc}") from None
+    data.pop("description", None)
+    data.setdefault("server", {})["socket"] = str(Path(socket_dir) / "ivshmem.sock")
+    data.setdefault("control", {})["socket"] = str(Path(socket_dir) / "control.sock")
+    data.setdefault("audit", {}).update(path=str(audit_log), durable=durable)
+    region = data.setdefault("region", {})
+    if region_path is not None and region.get("backend", "memfd") == "file":
+        region["path"] = region_path
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return policy_toml(data)

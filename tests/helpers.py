@@ -17,41 +17,20 @@ import uuid
 from pathlib import Path
 
 from shmguard.launcher import SHMGUARD, SupervisorProcess
-from shmguard.policy import BUILTIN_DIR
+from shmguard.policy import relocated_policy_text
 
 MEMBER_USER = "shmguard-member"  # a system user in the ivshmem group (created by scripts/bootstrap)
 OUTSIDER_USER = "nobody"
 
 
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
 def policy_file(tmp_path: Path, base: str = "strict", **sections: dict) -> Path:
     """A copy of a built-in policy with its paths moved into tmp_path and `sections` merged over it."""
-    data = tomllib.loads((BUILTIN_DIR / f"{base}.toml").read_text())
-    data.pop("description", None)
     tag = uuid.uuid4().hex[:8]
     sockets = Path(tempfile.mkdtemp(prefix="shmguard-test-", dir="/tmp"))
     sockets.chmod(0o755)  # reachable by the unprivileged uids of attack tests; the sockets' own modes decide
-    data["server"]["socket"] = str(sockets / "ivshmem.sock")
-    data["control"]["socket"] = str(sockets / "control.sock")
-    data["audit"]["path"] = str(tmp_path / "audit.log")
-    data["audit"]["durable"] = False
-    if data["region"]["backend"] == "file":
-        data["region"]["path"] = f"/dev/shm/shmguard-test-{tag}"
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    text = "".join(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items()) + "\n"
-                   for name, table in data.items())
     path = tmp_path / f"{base}-{tag}.toml"
-    path.write_text(text)
+    path.write_text(relocated_policy_text(base, socket_dir=sockets, audit_log=tmp_path / "audit.log",
+                                          region_path=f"/dev/shm/shmguard-test-{tag}", **sections))
     return path
 
 

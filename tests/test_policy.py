@@ -236,3 +236,23 @@ def test_every_built_in_policy_is_valid():
     for name in builtin_names():
         policy = load_policy(name)
         assert Path(policy.source).name == f"{name}.toml"
+
+
+def test_a_relocated_policy_parses_with_its_paths_moved_and_everything_else_kept(tmp_path):
+    import dataclasses
+
+    from shmguard.policy import parse_policy, policy_toml, relocated_policy_text
+
+    for name in ("standard", "strict"):
+        text = relocated_policy_text(name, socket_dir=tmp_path, audit_log=tmp_path / "audit.log",
+                                     region_path="/dev/shm/shmguard-test-moved", server={"vectors": 4})
+        assert tomllib.loads(policy_toml(tomllib.loads(text))) == tomllib.loads(text)
+        moved, errors = parse_policy(text, "moved.toml", name)
+        assert errors == []
+        original = load_policy(name)
+        region_path = "/dev/shm/shmguard-test-moved" if original.region.backend == "file" else original.region.path
+        assert moved.region == dataclasses.replace(original.region, path=region_path)
+        assert moved.server == dataclasses.replace(original.server, socket=str(tmp_path / "ivshmem.sock"), vectors=4)
+        assert moved.control == dataclasses.replace(original.control, socket=str(tmp_path / "control.sock"))
+        assert moved.audit == dataclasses.replace(original.audit, path=str(tmp_path / "audit.log"), durable=False)
+        assert (moved.guard, moved.hardening, moved.qemu) == (original.guard, original.hardening, original.qemu)
