@@ -98,22 +98,18 @@ class ControlServer:
         self.listener = self.listener.rebound(self.loop, self._on_accept)
 
     def _on_accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("control socket: cannot accept: %s", exc.strerror)
-                return
-            sock.setblocking(False)
-            connection = Connection(sock, PeerCred.of(sock), self.loop)
-            if len(self.connections) >= MAX_CONNECTIONS:
-                connection.send({"ok": False, "error": "too many control connections; try again"})
-                connection.close()
-                continue
-            self.connections.add(connection)
-            self.loop.add_reader(sock.fileno(), lambda c=connection: self._on_readable(c))
+        self.listener.accept_waiting(self._admit, lambda: log.warning("control socket: out of file descriptors: "
+                                                                      "refused a connection"))
+
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        connection = Connection(sock, PeerCred.of(sock), self.loop)
+        if len(self.connections) >= MAX_CONNECTIONS:
+            connection.send({"ok": False, "error": "too many control connections; try again"})
+            connection.close()
+            return
+        self.connections.add(connection)
+        self.loop.add_reader(sock.fileno(), lambda: self._on_readable(connection))
 
     def _on_readable(self, connection: Connection) -> None:
         try:

@@ -95,13 +95,11 @@ class IvshmemServer:
         self.ids = PeerIds()
         self.counter = 0  # counts joins and leaves, to know who has seen which leave
         self.listener: BoundSocket | None = None
-        self._reserve_fd: int | None = None
 
     # --- the listening socket -------------------------------------------------------------------------
 
     def start(self) -> None:
         self.listener = bind_socket(self.policy.socket, self.policy.owner, self.policy.group, self.policy.mode)
-        self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
         log.info("serving %s (vectors=%d, max peers=%d)", self.policy.socket, self.policy.vectors,
                  self.policy.max_peers)
@@ -111,30 +109,10 @@ class IvshmemServer:
         self.listener = self.listener.rebound(self.loop, self._on_accept)
 
     def _on_accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    self._shed_connection()
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EINTR):
-                    continue
-                raise
-            self._admit(sock)
+        self.listener.accept_waiting(self._admit, self._on_shed)
 
-    def _shed_connection(self) -> None:
-        """Out of fds: accept and close the waiting connection with our reserve fd, so we do not spin."""
-        log.warning("out of file descriptors: refusing a connection, still serving %d peers", len(self.peers))
-        os.close(self._reserve_fd)
-        try:
-            sock, _ = self.listener.sock.accept()
-            sock.close()
-        except OSError:
-            pass
-        self._reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    def _on_shed(self) -> None:
+        log.warning("out of file descriptors: refused a connection, still serving %d peers", len(self.peers))
         self.on_event("refused", result="refused", detail={"reason": "out of file descriptors"})
 
     # --- joining and leaving --------------------------------------------------------------------------
@@ -286,9 +264,6 @@ class IvshmemServer:
             self.loop.remove_reader(self.listener.sock.fileno())
             self.listener.remove()
             self.listener = None
-        if self._reserve_fd is not None:
-            os.close(self._reserve_fd)
-            self._reserve_fd = None
         self.shm.release()
 
 
@@ -325,6 +300,7 @@ class BoundSocket:
     mode: int
     device: int
     inode: int
+    reserve_fd: int = field(default_factory=lambda: os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
 
     def is_at_path(self) -> bool:
         try:
@@ -333,19 +309,49 @@ class BoundSocket:
             return False
         return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (self.device, self.inode)
 
+    def accept_waiting(self, admit: Callable[[socket.socket], None], shed: Callable[[], None]) -> None:
+        """Hand every waiting connection to admit(). Out of fds, the waiting one is accepted through the
+        reserve fd and closed, then shed() is told: a listener that stays readable would spin the loop."""
+        while True:
+            try:
+                sock, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EINTR):
+                    continue
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                self._refuse_one()
+                shed()
+                return
+            admit(sock)
+
+    def _refuse_one(self) -> None:
+        os.close(self.reserve_fd)
+        try:
+            self.sock.accept()[0].close()
+        except OSError:
+            pass
+        self.reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+
     def rebound(self, loop: EventLoop, on_accept) -> BoundSocket:
         """A fresh listening socket at the same path, with the same identity, taking over from this one."""
         fresh = bind_socket(self.path, self.owner, self.group, self.mode, replace=True)
         loop.remove_reader(self.sock.fileno())
         loop.add_reader(fresh.sock.fileno(), on_accept)
-        self.sock.close()
+        self.close()
         return fresh
 
     def remove(self) -> None:
         """Unlink the path only if it is still ours, never a file someone put there since; then close."""
         if self.is_at_path():
             os.unlink(self.path)
+        self.close()
+
+    def close(self) -> None:
         self.sock.close()
+        os.close(self.reserve_fd)
 
 
 def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = False) -> BoundSocket:

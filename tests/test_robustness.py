@@ -12,7 +12,7 @@ import pytest
 from helpers import OUTSIDER_USER, SHMGUARD, RunningSupervisor, as_user, policy_file
 from rawpeer import RawPeer
 from shmguard.client import IvshmemClient
-from shmguard.errors import ProtocolError
+from shmguard.errors import ProtocolError, ShmguardError
 
 
 @pytest.fixture
@@ -220,3 +220,30 @@ def test_refused_join_as_client_is_one_clear_error(start):
         return "joined"
 
     assert "refused" in as_user(OUTSIDER_USER, join, supervisor.socket)
+
+
+def test_control_socket_out_of_fds_refuses_and_recovers(tmp_path):
+    from shmguard import control
+
+    supervisor = RunningSupervisor(policy_file(tmp_path))
+    subprocess.run(["prlimit", f"--pid={supervisor.proc.pid}", "--nofile=40:40"], check=True)
+    try:
+        crowd = []
+        for _ in range(60):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(supervisor.control)
+            crowd.append(sock)
+        supervisor.wait_for_log("control socket: out of file descriptors")
+        for sock in crowd:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while True:  # the crowd's connections are closed as the loop reads their EOFs
+            try:
+                assert control.request(supervisor.control, {"op": "status"}, timeout=5)["ok"]
+                break
+            except ShmguardError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        assert supervisor.stop() == 0, supervisor.log()
