@@ -1,0 +1,72 @@
+"""The ivshmem and control sockets appear with the policy's owner, group and mode, never more open."""
+
+from __future__ import annotations
+
+import grp
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+from inotify_simple import INotify
+from inotify_simple import flags as F
+
+from helpers import SHMGUARD, RunningSupervisor, policy_file
+
+
+def test_sockets_are_never_more_open_than_the_policy(tmp_path):
+    policy = policy_file(tmp_path)
+    supervisor_dir = Path(tempfile.mkdtemp(prefix="shmguard-test-", dir="/tmp"))
+    watcher = INotify()
+    watcher.add_watch(supervisor_dir, F.CREATE | F.ATTRIB | F.MOVED_TO)
+    socket_path, control_path = supervisor_dir / "ivshmem.sock", supervisor_dir / "control.sock"
+    run = subprocess.Popen([*SHMGUARD, "run", "--no-guest", "--policy", str(policy), "--socket", str(socket_path),
+                            "--control-socket", str(control_path)], stderr=subprocess.DEVNULL)
+    seen: dict[str, set[int]] = {}
+    try:
+        while not (socket_path.exists() and control_path.exists()):
+            for event in watcher.read(timeout=200):
+                try:  # look at every entry the moment it appears or changes
+                    st = os.lstat(supervisor_dir / event.name)
+                except FileNotFoundError:
+                    continue
+                seen.setdefault(event.name, set()).add(stat.S_IMODE(st.st_mode))
+            assert run.poll() is None, "the supervisor exited"
+        ivshmem = grp.getgrnam("ivshmem").gr_gid
+        for path in (socket_path, control_path):
+            st = os.lstat(path)
+            assert stat.S_ISSOCK(st.st_mode) and (st.st_uid, st.st_gid) == (0, ivshmem)
+            assert stat.S_IMODE(st.st_mode) == 0o660
+        assert seen, "no socket was seen being created"
+        for name, modes in seen.items():
+            assert all(mode & ~0o660 == 0 for mode in modes), (name, [oct(m) for m in modes])
+    finally:
+        run.terminate()
+        run.wait(30)
+        watcher.close()
+        shutil.rmtree(supervisor_dir, ignore_errors=True)
+
+
+def test_a_stale_socket_is_replaced_and_anything_else_is_refused(tmp_path):
+    policy = policy_file(tmp_path)
+    first = RunningSupervisor(policy)
+    second = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy), "--audit-log",
+                             str(tmp_path / "second.log")], capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0 and "another server is listening there" in second.stderr
+    first_log = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy)], capture_output=True,
+                               text=True, timeout=60)
+    assert "is in use by another supervisor" in first_log.stderr  # one log, one supervisor
+    first.proc.kill()  # leaves both sockets behind, with nobody listening
+    first.proc.wait()
+    restarted = RunningSupervisor(policy)  # stale sockets are replaced
+    restarted.stop()  # which also removes the socket directory
+    Path(restarted.socket).parent.mkdir(mode=0o755)
+    Path(restarted.socket).write_text("not a socket")
+    refused = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy)], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode != 0 and "exists and is not a socket" in refused.stderr
+    assert Path(restarted.socket).read_text() == "not a socket"  # left as it was
+    Path(restarted.socket).unlink()
+    Path(restarted.socket).parent.rmdir()
