@@ -12,6 +12,7 @@ import click
 from .errors import ShmguardError
 from .policy import builtin_names, check_policy, load_policy
 
+WAIT_TIMEOUT, WAIT_ERROR = 124, 125  # as timeout(1) uses them
 POLICY_HELP = f"Built-in policy ({', '.join(builtin_names())}) or path to a policy TOML file."
 
 
@@ -208,16 +209,23 @@ def notify(peer, vector, policy_name, socket_path, expected_vectors, join_timeou
 @policy_option
 @socket_option
 @join_options
-@user_errors
 def wait(vectors, timeout, policy_name, socket_path, expected_vectors, join_timeout):
-    """Join as a peer and wait until rung; print the vector. Exit 0 when rung, 124 on timeout."""
-    with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as client:
-        click.echo(f"peer {client.own_id} waiting", err=True)
-        vector = client.wait(list(vectors) or None, timeout)
+    """Join as a peer and wait until rung; print the vector.
+
+    The exit status says what happened: the vector that was rung (0 to 63), 124 on timeout, 125 on error.
+    """
+    try:
+        with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as client:
+            click.echo(f"peer {client.own_id} waiting", err=True)
+            vector = client.wait(list(vectors) or None, timeout)
+    except ShmguardError as exc:
+        click.echo(f"shmguard: error: {exc}", err=True)
+        sys.exit(WAIT_ERROR)  # not 1, which would read as "rung on vector 1"
     if vector is None:
         click.echo("timeout", err=True)
-        sys.exit(124)
+        sys.exit(WAIT_TIMEOUT)
     click.echo(f"vector {vector}")
+    sys.exit(vector)
 
 
 @main.command()

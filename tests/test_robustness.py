@@ -178,10 +178,13 @@ def test_shmguard_wait_returns_the_vector_it_was_rung_on(start):
     waiting_id = max(int(peer_id) for peer_id in json.loads(peers.stdout)["peers"])
     subprocess.run([*SHMGUARD, "notify", str(waiting_id), "1", "--socket", supervisor.socket], check=True)
     out, _ = waiter.communicate(timeout=30)
-    assert waiter.returncode == 0 and out.strip() == "vector 1"
+    assert waiter.returncode == 1 and out.strip() == "vector 1"  # the exit status is the vector
     timed_out = subprocess.run([*SHMGUARD, "wait", "--timeout", "0.5", "--socket", supervisor.socket],
                                capture_output=True, text=True)
     assert timed_out.returncode == 124
+    unreachable = subprocess.run([*SHMGUARD, "wait", "--socket", "/nonexistent/socket"], capture_output=True,
+                                 text=True)
+    assert unreachable.returncode == 125 and unreachable.stderr.startswith("shmguard: error:")
 
 
 def test_interactive_client_commands(start):
