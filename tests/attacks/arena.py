@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
-
-from helpers import RunningSupervisor, policy_file  # noqa: E402
-from shmguard.attack import ATTACKS_BY_NAME, AttackResult, Battery, start_paused_qemu, wait_for_peer  # noqa: E402
-from shmguard.policy import load_policy  # noqa: E402
-from shmguard.qemu import QemuProcess  # noqa: E402
+from helpers import RunningSupervisor, policy_file
+from shmguard.attack import ATTACKS_BY_NAME, AttackResult, Battery, start_paused_qemu, wait_for_peer
+from shmguard.policy import load_policy
+from shmguard.qemu import QemuProcess
 
 POLICIES = ("strict", "standard")
 

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
-
-from arena import POLICIES, Arena  # noqa: E402
+from arena import POLICIES, Arena
 
 
 @pytest.fixture(scope="module", params=POLICIES)

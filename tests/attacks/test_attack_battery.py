@@ -4,8 +4,8 @@ standard, while a paused QEMU is attached: the defence the policy promises, and 
 from __future__ import annotations
 
 import pytest
-from arena import check
 
+from arena import check
 from shmguard.attack import ATTACKS, ROLES
 
 LISTED = [attack.name for attack in ATTACKS if not attack.extra]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from arena import check
 
+from arena import check
 from shmguard.attack import ATTACKS, ROLES
 
 EXTRAS = [(attack.name, role) for attack in ATTACKS if attack.extra for role in ROLES if role in attack.roles]

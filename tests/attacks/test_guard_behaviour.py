@@ -13,8 +13,8 @@ import signal
 import time
 
 import pytest
-from arena import Arena
 
+from arena import Arena
 from helpers import MEMBER_USER, RunningSupervisor, as_user, policy_file
 from shmguard.attack import AttackResult, Battery, exit_status, format_table, run_battery
 from shmguard.client import IvshmemClient
