@@ -405,7 +405,7 @@ ATTACKS: tuple[Attack, ...] = (
            _truncate_during_writes, extra=True),
     Attack("socket-chmod", "chmod 0777 the ivshmem socket", "socket-attributes", "own-socket",
            lambda s: command(["chmod", "0777", s.socket]), extra=True),
-    Attack("connect-group-only", "join holding the socket's group only as a supplementary group",
+    Attack("connect-group-only", "join holding the socket's group only as a supplementary group (a member: admitted)",
            "connect", "connect", _connect, roles=("outsider",), extra=True, legit=True, group_only=True),
 )
 ATTACKS_BY_NAME = {attack.name: attack for attack in ATTACKS}
@@ -594,7 +594,9 @@ class Battery:
         return capability in capability_names(read_proc_status(self.supervisor_pid).get("CapEff", "0"))
 
     def _admitted(self, attack: Attack, identity: Identity) -> bool:
-        return attack.kind != "connect" or self.policy.server.peers.admits(identity.uid, identity.gid)
+        # The server admits by the groups the process really holds (SO_PEERGROUPS), supplementary ones included.
+        return attack.kind != "connect" or self.policy.server.peers.admits(identity.uid, identity.gid,
+                                                                           identity.groups)
 
     def permitted(self, needs: str, who: Identity) -> bool:
         """Would the kernel let `who` try this at all? (A sealed memfd is reachable by root only, through

@@ -134,6 +134,18 @@ class Fanotify:
             self.fd = -1
 
 
+class _Waiting:
+    """A touch in the queue with its own account of what is left of it: state kept by the entry itself, never in
+    a table keyed by id() (the id of a touch that was dropped is free for the next object Python makes)."""
+
+    __slots__ = ("touch", "left", "claimed")
+
+    def __init__(self, touch: Touch):
+        self.touch = touch
+        self.left = touch.mask  # its events not yet used up by an incident
+        self.claimed = 0  # events claimed since the last prune
+
+
 class Witnesses:
     """Touches by other processes, waiting to be claimed as the offender of an incident.
 
@@ -143,35 +155,30 @@ class Witnesses:
 
     def __init__(self, fanotify: Fanotify, limit: int = 256):
         self.fanotify = fanotify
-        self.pending: deque[Touch] = deque(maxlen=limit)
-        self.left: dict[int, int] = {}  # id(touch) -> its events not yet used up by an incident
-        self.claimed: dict[int, int] = {}  # id(touch) -> events claimed since the last prune
+        self.pending: deque[_Waiting] = deque(maxlen=limit)  # the oldest falls out, with its state
         self.own_pid = os.getpid()
 
     def collect(self) -> None:
         for mask, pid in self.fanotify.read():
             if pid != self.own_pid and not mask & FAN_Q_OVERFLOW:  # our own repairs are not offences
-                touch = Touch.of(mask, pid)
-                self.pending.append(touch)
-                self.left[id(touch)] = mask
+                self.pending.append(_Waiting(Touch.of(mask, pid)))
 
     def claim(self, mask: int) -> Touch | None:
         """The latest touch with any of the events in mask left (one syscall may cause several incidents)."""
         self.collect()
-        for touch in reversed(self.pending):
-            if self.left.get(id(touch), 0) & mask:
-                self.claimed[id(touch)] = self.claimed.get(id(touch), 0) | (touch.mask & mask)
-                return touch
+        for waiting in reversed(self.pending):
+            if waiting.left & mask:
+                waiting.claimed |= waiting.touch.mask & mask
+                return waiting.touch
         return None
 
     def prune(self, before_ns: int) -> None:
         """Use up what was claimed; drop touches from before before_ns that nobody claimed. A touch that arrived
         later, or that still has unclaimed events, stays for an incident that may still need it."""
-        kept: deque[Touch] = deque(maxlen=self.pending.maxlen)
-        for touch in self.pending:
-            claimed = self.claimed.get(id(touch), 0)
-            left = self.left.get(id(touch), 0) & ~claimed
-            if left and (touch.when_ns >= before_ns or claimed):
-                kept.append(touch)
-        self.left = {id(touch): self.left[id(touch)] & ~self.claimed.get(id(touch), 0) for touch in kept}
-        self.pending, self.claimed = kept, {}
+        kept: deque[_Waiting] = deque(maxlen=self.pending.maxlen)
+        for waiting in self.pending:
+            claimed, waiting.claimed = waiting.claimed, 0
+            waiting.left &= ~claimed
+            if waiting.left and (waiting.touch.when_ns >= before_ns or claimed):
+                kept.append(waiting)
+        self.pending = kept

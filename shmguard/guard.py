@@ -28,7 +28,7 @@ from typing import Any
 from inotify_simple import INotify
 from inotify_simple import flags as F
 
-from .audit import Actor
+from .audit import MAX_RECORD_BYTES, Actor, canonical_json
 from .errors import ShmguardError
 from .fanotify import (
     FAN_ATTRIB,
@@ -63,8 +63,14 @@ OFFENCES = {
 }
 ATTRIBUTION_WAIT_NS = 20_000_000  # how long a repaired incident waits for its offender's fanotify event
 TAMPER_WINDOW_NS = 1_000_000_000  # after a resize or hole, writes until the writer's close are undone too
+REFRESH_INTERVAL_NS = 50_000_000  # at most one read of the whole region per interval for the known-good copy
+STRAYS_PER_CHECK = 1024  # stray links unlinked per check; more are left to a follow-up check at once
+LIST_LIMIT = 16  # entries of any list in an incident's detail; `<name>_count` says how many there were
+TEXT_LIMIT = 1024  # characters of any string in an incident's detail
+DETAIL_LIMIT = MAX_RECORD_BYTES // 4  # bytes of an incident's detail as JSON: its record stays far below the limit
 ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 ANCHOR_PREFIX = ".shmguard-anchor."
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 AT_FDCWD = -100
 AT_SYMLINK_FOLLOW = 0x400
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -133,6 +139,39 @@ def region_state(st: os.stat_result) -> dict:
     return {**FileState.of(st).describe(), "blocks": st.st_blocks}
 
 
+def listed(name: str, items: list) -> dict:
+    """A list for an incident's detail: its first LIST_LIMIT entries, and how many there are."""
+    return {name: items[:LIST_LIMIT], f"{name}_count": len(items)}
+
+
+def bounded(value: Any) -> Any:
+    """An incident's detail as an audit record can hold it, whatever an attacker made (thousands of links, names
+    and symlink targets of any length): every list cut to its first LIST_LIMIT entries (`<key>_count` in the same
+    dict gives how many there were), every string to TEXT_LIMIT characters."""
+    if isinstance(value, dict):
+        out: dict = {}
+        for key, item in value.items():
+            out[key] = bounded(item)
+            if isinstance(item, list | tuple) and len(item) > LIST_LIMIT:
+                out.setdefault(f"{key}_count", len(item))
+        return out
+    if isinstance(value, list | tuple):
+        return [bounded(item) for item in value[:LIST_LIMIT]]
+    if isinstance(value, str) and len(value) > TEXT_LIMIT:
+        return f"{value[:TEXT_LIMIT]}... ({len(value)} characters)"
+    return value
+
+
+def fitted(detail: dict) -> dict:
+    """The detail, or, if it is still over DETAIL_LIMIT bytes as JSON (many long names full of characters that
+    JSON escapes), the detail with `before` and `after` replaced by their sizes."""
+    size = len(canonical_json(detail))
+    if size <= DETAIL_LIMIT:
+        return detail
+    omitted = {"omitted": f"{size} bytes of JSON, over the {DETAIL_LIMIT} an incident may take"}
+    return {**detail, "before": omitted, "after": omitted}
+
+
 # ---------------------------------------------------------------------------------------------------- parts
 
 
@@ -172,8 +211,13 @@ class Anchor:
 
     def __init__(self, parent: str):
         self.parent = parent
-        self.directory = tempfile.mkdtemp(prefix=f"{ANCHOR_PREFIX}{os.getpid()}.", dir=parent)
+        self.directory = self._make_directory()
         self.path = os.path.join(self.directory, "region")
+
+    def _make_directory(self) -> str:
+        """`.shmguard-anchor.<pid>.<start time>.<boot id>.<random>`: the owner is this very process, which a
+        later process given the same pid (or pid 1 of the next container) is not."""
+        return tempfile.mkdtemp(prefix=f"{ANCHOR_PREFIX}{owner_token(os.getpid())}.", dir=self.parent)
 
     @classmethod
     def create(cls, region_path: str, fd: int) -> Anchor:
@@ -194,7 +238,7 @@ class Anchor:
     def renew(self, fd: int) -> dict:
         """A fresh private directory and link (someone with root removed ours)."""
         self.remove()
-        self.directory = tempfile.mkdtemp(prefix=f"{ANCHOR_PREFIX}{os.getpid()}.", dir=self.parent)
+        self.directory = self._make_directory()
         self.path = os.path.join(self.directory, "region")
         link_fd(fd, self.path)
         return {"anchor": self.path}
@@ -208,15 +252,13 @@ class Anchor:
 
 
 def remove_stale_anchors(parent: str) -> None:
-    """Anchors left by supervisors that died without cleaning up (each pins a region's memory)."""
+    """Anchors whose owner is gone: supervisors that died without cleaning up (each pins a region's memory).
+    The owner is the exact process named in the anchor's name, not whichever process has its pid now."""
     for entry in os.scandir(parent):
-        parts = entry.name.split(".")
-        if not entry.name.startswith(ANCHOR_PREFIX) or len(parts) < 4 or not parts[2].isdigit():
-            continue
-        if _alive(int(parts[2])) or not entry.is_dir(follow_symlinks=False):
+        if not entry.name.startswith(ANCHOR_PREFIX) or not entry.is_dir(follow_symlinks=False):
             continue
         try:
-            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid() or not _anchor_is_stale(entry.path):
                 continue
             for inner in os.scandir(entry.path):
                 os.unlink(inner.path)
@@ -227,14 +269,57 @@ def remove_stale_anchors(parent: str) -> None:
         log.info("guard: removed the stale anchor %s", entry.path)
 
 
-def _alive(pid: int) -> bool:
+def _anchor_is_stale(directory: str) -> bool:
+    """Raises OSError when that cannot be known (then the anchor stays)."""
+    parts = os.path.basename(directory).split(".")
+    if len(parts) == 6 and parts[2].isdigit() and parts[3].isdigit():  # .shmguard-anchor.<pid>.<start>.<boot>.<r>
+        pid, start, boot = int(parts[2]), int(parts[3]), parts[4]
+        return boot != boot_id() or process_start(pid) != start
+    if len(parts) == 4 and parts[2].isdigit():  # .shmguard-anchor.<pid>.<random>, from before start times
+        pid = int(parts[2])
+        if process_start(pid) is None:
+            return True
+        anchored = lstat_or_none(os.path.join(directory, "region"))
+        return anchored is None or not _holds_open(pid, identity(anchored))
+    return False  # not a name a supervisor makes
+
+
+def owner_token(pid: int) -> str:
+    """`<pid>.<start time>.<boot id>`: one process, never another (pids are reused, start times within one
+    boot are not)."""
+    return f"{pid}.{process_start(pid)}.{boot_id()}"
+
+
+def process_start(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot; None if there is no
+    such process. Raises OSError if /proc does not say (hidepid)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data.rsplit(b")", 1)[-1].split()  # the name in parentheses may hold spaces and parentheses
+    return int(fields[19])  # fields[0] is field 3 (state)
+
+
+def boot_id() -> str:
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip().replace("-", "") or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _holds_open(pid: int, inode: tuple[int, int]) -> bool:
+    """Does the process hold the inode open? Raises OSError if its fds cannot be read."""
+    directory = f"/proc/{pid}/fd"
+    for name in os.listdir(directory):
+        try:
+            if identity(os.stat(os.path.join(directory, name))) == inode:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @dataclass(frozen=True)
@@ -294,6 +379,10 @@ class Guard:
         self._unattributed: list[Incident] = []  # repaired, waiting a moment for fanotify to name the offender
         self._detected_ns = 0
         self._tampered_until_ns = 0  # until then (or a close), writes continue a tampering and are undone
+        self._last_refresh_ns = 0
+        self._refresh_scheduled = False
+        self._unlink_budget = STRAYS_PER_CHECK  # stray links this check may still unlink
+        self._follow_up = False  # a check is scheduled to go on where this one stopped
 
     @property
     def is_file(self) -> bool:
@@ -362,9 +451,28 @@ class Guard:
         self.known_good.remember(offset, data, zero_fill)
 
     def refresh(self) -> bool:
-        """The supervisor's hook after a guest rang (it wrote through its mapping, which makes no event):
-        take the region as it is now, if it is intact, as the copy a repair puts back."""
+        """The supervisor's hook after its guest reported (it wrote through its mapping, which makes no inotify
+        event): take the region as it is now, if it is intact, as the copy a repair puts back.
+
+        A refresh reads the whole region, so there is at most one per REFRESH_INTERVAL_NS: one asked for sooner
+        is done once, at the end of the interval (a flood of acknowledgements or of in-place writes costs one
+        read per interval, not one per event). None is done while a tampering may still be writing (the second
+        after a resize or a hole, until the writer closes): its bytes must not become the copy. Returns True if
+        the copy was taken now."""
+        now = time.monotonic_ns()
+        due = max(self._last_refresh_ns + REFRESH_INTERVAL_NS, self._tampered_until_ns)
+        if now < due:
+            if not self._refresh_scheduled:
+                self._refresh_scheduled = True
+                self.loop.call_at(due / 1e9, self._deferred_refresh)
+            return False
+        self._last_refresh_ns = now
         return self.known_good.refresh(self.fd, self.size, self.full_blocks)
+
+    def _deferred_refresh(self) -> None:
+        self._refresh_scheduled = False
+        if self.inotify is not None:  # not after close
+            self.refresh()
 
     def close(self) -> None:
         self._record_overdue(everything=True)
@@ -479,6 +587,7 @@ class Guard:
         """Compare the truth with the policy and respond to every difference."""
         self._detected_ns = time.monotonic_ns()
         self._seen = set()
+        self._unlink_budget = STRAYS_PER_CHECK
         if self.witnesses is not None:
             self.witnesses.collect()
         steps = [lambda: self._check_contents(modified, closed), lambda: self._check_opened(opened),
@@ -491,6 +600,8 @@ class Guard:
                 step()
             except OSError as exc:  # the truth could not be read; the next event looks again
                 log.error("guard: check failed: %s", exc)
+            except Exception:  # noqa: BLE001 - a bug in one step must not skip the others, nor the watches
+                log.exception("guard: check step failed (the next event looks again)")
         self._outstanding = {key: value for key, value in self._outstanding.items() if key in self._seen}
         self._ensure_watches()
         if self.witnesses is not None:
@@ -516,7 +627,7 @@ class Guard:
                 self._incident("contents", self.region_path, {"region": region_state(st)}, content_response,
                                self._restore_contents)
         elif modified:
-            self.known_good.refresh(self.fd, self.size, self.full_blocks)
+            self.refresh()  # an in-place write (a member's `dd conv=notrunc`) survives repairs
         if closed:
             self._tampered_until_ns = 0  # the writer is done: its next write is an in-place write again
 
@@ -568,7 +679,8 @@ class Guard:
             return
         strays = self._stray_names()
         kind = "replaced" if entry is not None else "rename" if strays else "unlink"
-        before = {"path": describe_entry(path, entry), "region": region_state(os.fstat(self.fd)), "strays": strays}
+        before = {"path": describe_entry(path, entry), "region": region_state(os.fstat(self.fd)),
+                  **listed("strays", strays)}
         self._incident(kind, path, before, self.responses.on_unlink, lambda: self._relink(strays))
 
     def _relink(self, strays: list[str]) -> dict:
@@ -583,8 +695,8 @@ class Guard:
         except OSError:
             _unlink_quietly(temporary)
             raise
-        removed = [name for name in strays if self._unlink_if_ours(name)]
-        return {"path": describe_entry(path, lstat_or_none(path)), "removed": removed,
+        removed = self._unlink_strays(strays)
+        return {"path": describe_entry(path, lstat_or_none(path)), **listed("removed", removed),
                 "moved_aside": moved_aside, "region": region_state(os.fstat(self.fd))}
 
     def _link_beside(self, path: str) -> str:
@@ -629,6 +741,25 @@ class Guard:
         _unlink_quietly(path)
         return not self._is_ours(path)
 
+    def _unlink_strays(self, strays: list[str]) -> list[str]:
+        """Unlink as many strays as this check's budget allows; the rest wait for a follow-up check, scheduled at
+        once, so that thousands of links are all removed without holding up the loop for long."""
+        batch, rest = strays[:self._unlink_budget], strays[self._unlink_budget:]
+        self._unlink_budget -= len(batch)
+        if rest:
+            self._check_again()
+        return [name for name in batch if self._unlink_if_ours(name)]
+
+    def _check_again(self) -> None:
+        if not self._follow_up:
+            self._follow_up = True
+            self.loop.call_later(0, self._follow_up_check)
+
+    def _follow_up_check(self) -> None:
+        self._follow_up = False
+        if self.inotify is not None:  # not after close
+            self.check()
+
     def _check_anchor(self) -> None:
         if self.anchor is None or self.anchor.holds(self.inode) or os.fstat(self.fd).st_nlink == 0:
             return
@@ -642,18 +773,21 @@ class Guard:
             self.inode))
         if st.st_nlink <= expected:
             return
+        if self._unlink_budget == 0 and self._follow_up:
+            self._seen.add(("extra-link", self.region.path))
+            return  # the relink used up this check's unlinks: the follow-up check goes on
         strays = self._stray_names()
-        before = {"nlink": st.st_nlink, "expected": expected, "strays": strays}
+        before = {"nlink": st.st_nlink, "expected": expected, **listed("strays", strays)}
         self._incident("extra-link", self.region.path, before, self.responses.on_unlink,
                        lambda: self._remove_strays(strays))
 
     def _remove_strays(self, strays: list[str]) -> dict:
-        removed = [name for name in strays if self._unlink_if_ours(name)]
+        removed = self._unlink_strays(strays)
         left = os.fstat(self.fd).st_nlink
-        if not removed:
+        if not removed and not self._follow_up:
             raise GuardError(f"a hard link to the region outside {os.path.dirname(self.region.path)} "
                              f"(st_nlink {left}) cannot be found without walking the whole filesystem")
-        return {"removed": removed, "nlink": left}
+        return {**listed("removed", removed), "nlink": left}
 
     # --- sockets -----------------------------------------------------------------------------------------
 
@@ -691,8 +825,7 @@ class Guard:
         path = sock.listener.path
         entry = lstat_or_none(path)
         moved_aside = move_aside(path) if entry is not None and stat.S_ISDIR(entry.st_mode) else None
-        clear_staging(path)
-        sock.endpoint().rebind()
+        sock.endpoint().rebind()  # binds under a fresh random staging name, then renames it over the path
         self._ensure_watches()
         return {"entry": describe_entry(path, lstat_or_none(path)), "moved_aside": moved_aside}
 
@@ -741,15 +874,21 @@ class Guard:
             self._record(incident, None)
 
     def _record(self, incident: Incident, offender: Touch | None) -> None:
-        detail = {**incident.detail, "offender": offender.describe() if offender else "unknown"}
+        detail = fitted(bounded({**incident.detail, "offender": offender.describe() if offender else "unknown"}))
         self._log(incident.kind, detail["path"], incident.result, detail)
-        actor = None
-        if offender is not None and offender.uid is not None and offender.gid is not None:
-            actor = Actor(offender.pid, offender.uid, offender.gid, offender.exe)
-        self.supervisor.record("incident", actor=actor, result=incident.result, detail=detail)
         self.incidents += 1
         self.last_incident = {"kind": incident.kind, "path": detail["path"], "result": incident.result,
                               "repair_ms": detail["repair_ms"]}
+        actor = None
+        if offender is not None and offender.uid is not None and offender.gid is not None:
+            actor = Actor(offender.pid, offender.uid, offender.gid, bounded(offender.exe))
+        try:
+            self.supervisor.record("incident", actor=actor, result=incident.result, detail=detail)
+        except (ValueError, OSError, ShmguardError) as exc:
+            # The response is carried out already; a log that cannot take the record (full, unwritable, or a
+            # record it refuses) must not stop the supervisor, nor the rest of this check.
+            log.error("guard: incident not recorded in the audit log (%s): %s at %s: %s in %.3f ms", exc,
+                      incident.kind, detail["path"], incident.result, detail["repair_ms"])
 
     def _offender(self, mask: int) -> Touch | None:
         return None if self.witnesses is None else self.witnesses.claim(mask)
@@ -793,17 +932,6 @@ def move_aside(path: str) -> str:
     aside = f"{path}.foreign-{time.time_ns()}"
     os.rename(path, aside)
     return aside
-
-
-def clear_staging(path: str) -> None:
-    """bind_socket binds at `<path>.<pid>.new` first: something else squatting there would make it fail."""
-    staging = f"{path}.{os.getpid()}.new"
-    st = lstat_or_none(staging)
-    if st is not None and not stat.S_ISSOCK(st.st_mode):
-        if stat.S_ISDIR(st.st_mode):
-            move_aside(staging)
-        else:
-            _unlink_quietly(staging)
 
 
 def _unlink_quietly(path: str) -> None:
