@@ -277,13 +277,14 @@ static void ring(const struct ivshmem *dev, long peer, unsigned vector)
     pwrite_exact(dev->device, &value, sizeof value, dev->bar0_offset + REG_DOORBELL, "ring doorbell");
 }
 
+/* The whole area is rewritten, NULs after the text: a long message that covered it leaves nothing behind,
+ * so the region's last byte is NUL again and the next short message is not taken for a truncated one. */
 static void write_reply(const struct ivshmem *dev, const char *text)
 {
     volatile uint8_t *reply = dev->mem + dev->size - REPLY_SIZE;
     size_t len = strnlen(text, REPLY_SIZE - 1);
-    for (size_t i = 0; i < len; i++)
-        reply[i] = (uint8_t)text[i];
-    reply[len] = 0;
+    for (size_t i = 0; i < REPLY_SIZE; i++)
+        reply[i] = i < len ? (uint8_t)text[i] : 0;
 }
 
 static long host_peer_id(void)

@@ -385,10 +385,13 @@ def verify(path: str | Path) -> VerifyResult:
         chain = _ChainCheck()
         lines = enumerate(file, 1)
         failure = None
-        for number, raw in lines:
-            failure = chain.feed(number, raw, lines)
-            if failure:
-                break
+        try:
+            for number, raw in lines:
+                failure = chain.feed(number, raw, lines)
+                if failure:
+                    break
+        except OSError as err:
+            raise ShmguardError(f"cannot read audit log {path}: {err.strerror}") from None
         failure = failure or chain.finish()
     last_seq = chain.next_seq - 1
     if failure:
@@ -398,9 +401,13 @@ def verify(path: str | Path) -> VerifyResult:
 
 def _open_for_reading(path: Path) -> BinaryIO:
     try:
-        return open(path, "rb")
+        file = open(path, "rb")
     except OSError as err:
         raise ShmguardError(f"cannot read audit log {path}: {err.strerror}") from None
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        file.close()
+        raise ShmguardError(f"{path} is not an audit log: not a regular file")
+    return file
 
 
 def read_records(path: str | Path, since: int | None = None) -> Iterator[dict]:

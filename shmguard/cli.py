@@ -26,6 +26,10 @@ def user_errors(func):
         except ShmguardError as exc:
             click.echo(f"shmguard: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # the last resort for a system error the library did not put into words
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"shmguard: error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             sys.exit(130)
 
@@ -53,8 +57,9 @@ def resolve_socket(policy_name: str, socket_path: str | None) -> str:
 def main() -> None:
     """shmguard: a production supervisor for QEMU inter-VM shared memory (ivshmem).
 
-    It owns a sealed region that nobody can resize, serves it to QEMU over an authenticated ivshmem
-    socket, guards any path it exposes, and writes only audited, size-respecting messages.
+    It owns the region (by default a sealed memfd that nobody can resize; a /dev/shm path is guarded and
+    repaired), serves it to QEMU over an authenticated ivshmem socket, and writes only audited,
+    size-respecting messages.
     """
 
 
@@ -184,7 +189,7 @@ def peers(policy_name, socket_path, expected_vectors, join_timeout, as_json):
 def parse_vector(text: str) -> int | None:
     if text == "all":
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ShmguardError(f"vector {text!r} must be a number or 'all'")
     return int(text)
 
@@ -198,8 +203,9 @@ def parse_vector(text: str) -> int | None:
 @user_errors
 def notify(peer, vector, policy_name, socket_path, expected_vectors, join_timeout):
     """Ring PEER on VECTOR (a number or 'all')."""
+    target = parse_vector(vector)
     with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as client:
-        count = client.notify(peer, parse_vector(vector))
+        count = client.notify(peer, target)
     click.echo(f"rang peer {peer} on {count} vector{'s' if count != 1 else ''}")
 
 
@@ -264,7 +270,8 @@ def control_call(policy_name: str, control_path: str | None, body: dict, timeout
 @click.option("--offset", default=0, type=int, show_default=True, help="Where in the region to write.")
 @click.option("--ring", help="After the write is recorded, ring 'guest', 'all', PEER or PEER:VECTOR.")
 @click.option("--no-wait", is_flag=True, help="Do not wait for the guest's acknowledgement.")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the acknowledgement.")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True),
+              help="Seconds to wait for the acknowledgement.")
 @click.option("--allow-unterminated", is_flag=True, help="Let a -m message fill its room with no NUL after it.")
 @policy_option
 @control_option

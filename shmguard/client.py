@@ -13,7 +13,7 @@ import time
 
 from .errors import ProtocolError
 from .policy import MAX_VECTORS
-from .protocol import MAX_PEER_ID, PROTOCOL_VERSION, SHM_MESSAGE, recv_message
+from .protocol import MAX_PEER_ID, PROTOCOL_VERSION, SHM_MESSAGE, recv_message, ring_eventfd
 
 
 def _readable(fds: list[int], timeout: float | None) -> list[int]:
@@ -109,7 +109,7 @@ class IvshmemClient:
                      f"message {marker} {'with' if fd is not None else 'without'} an fd where the shared memory "
                      "(-1 with an fd) must come")
         self._adopt_shm(fd)
-        while not self._greeting_complete():
+        while not self._has_all_own_vectors():
             self._handle(*self._next())
         self._drain_ready()
 
@@ -131,12 +131,15 @@ class IvshmemClient:
                                 "(QEMU would abort on it)")
         self.shm_fd, self.shm_size = fd, size
 
-    def _greeting_complete(self) -> bool:
+    def _has_all_own_vectors(self) -> bool:
+        """Own vectors come last in a greeting, as many as every other peer has."""
         if not self.own_vectors:
             return False
         if self.expected_vectors is not None:
             return len(self.own_vectors) >= self.expected_vectors
-        return True  # without an expected count, what is already queued is read by _drain_ready
+        if self.peers:  # every peer has the server's vector count
+            return len(self.own_vectors) >= max(len(fds) for fds in self.peers.values())
+        return True  # alone, with no count given: what is already queued is read by _drain_ready
 
     def _drain_ready(self) -> None:
         """Read whatever the server has already sent, without waiting."""
@@ -167,7 +170,10 @@ class IvshmemClient:
 
     def update(self) -> None:
         """Apply joins and leaves the server has sent since; raises ProtocolError if the server went away."""
-        self._drain_ready()
+        try:
+            self._drain_ready()
+        except OSError as exc:  # a reset or a timed-out read after the greeting
+            raise ProtocolError(f"{self.path}: the connection to the server broke: {exc.strerror or exc}") from None
 
     def notify(self, peer_id: int, vector: int | None = None) -> int:
         """Ring one vector of a peer, or every vector when vector is None; returns how many were rung."""
@@ -179,7 +185,7 @@ class IvshmemClient:
         for v in targets:
             if not 0 <= v < len(fds):
                 raise ProtocolError(f"peer {peer_id} has vectors 0..{len(fds) - 1}, not {v}")
-            os.eventfd_write(fds[v], 1)
+            ring_eventfd(fds[v])
         return len(targets)
 
     def notify_all(self) -> int:

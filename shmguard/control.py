@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import ControlError
+from .errors import ControlError, ShmguardError
 from .loop import EventLoop
 from .policy import Access, ControlPolicy
 from .server import PeerCred, bind_socket
 
 log = logging.getLogger("shmguard.control")
 MAX_CONNECTIONS = 64
+MAX_PENDING_REPLIES = 1 << 20  # bytes of replies a client has not read before we stop reading its requests
+IDLE_SECONDS = 60.0  # a connection that sends nothing for this long is closed: 64 idle ones would lock others out
 
 
 @dataclass
@@ -31,9 +34,11 @@ class Request:
     connection: Connection
 
     def reply(self, **fields) -> None:
+        self.connection.pending -= 1
         self.connection.send({"ok": True, **fields})
 
     def fail(self, error: str, **fields) -> None:
+        self.connection.pending -= 1
         self.connection.send({"ok": False, "error": error, **fields})
 
 
@@ -45,8 +50,12 @@ class Connection:
     sock: socket.socket
     cred: PeerCred
     loop: EventLoop
+    on_readable: Callable[[], None]
     inbox: bytearray = field(default_factory=bytearray)
+    scanned: int = 0  # bytes of inbox already searched for a newline
     outbox: bytearray = field(default_factory=bytearray)
+    last_active: float = field(default_factory=time.monotonic)
+    pending: int = 0  # requests not answered yet (a write may wait for the guest's acknowledgement)
     closed: bool = False
 
     def send(self, message: dict) -> None:
@@ -61,13 +70,31 @@ class Connection:
                 sent = self.sock.send(self.outbox)
             except BlockingIOError:
                 self.loop.add_writer(self.sock.fileno(), self.flush)
-                return
+                break
             except OSError:
                 self.close()
                 return
             del self.outbox[:sent]
-        if not self.closed:
+        if self.closed:
+            return
+        if not self.outbox:
             self.loop.remove_writer(self.sock.fileno())
+        # A client that does not read its replies gets no more requests read: memory stays bounded.
+        if len(self.outbox) > MAX_PENDING_REPLIES:
+            self.loop.remove_reader(self.sock.fileno())
+        else:
+            self.loop.add_reader(self.sock.fileno(), self.on_readable)
+
+    def next_line(self) -> bytes | None:
+        """The next complete request line, searching only bytes not searched before."""
+        end = self.inbox.find(b"\n", self.scanned)
+        if end < 0:
+            self.scanned = len(self.inbox)
+            return None
+        line = bytes(self.inbox[:end])
+        del self.inbox[:end + 1]
+        self.scanned = 0
+        return line
 
     def close(self) -> None:
         if not self.closed:
@@ -103,13 +130,23 @@ class ControlServer:
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        connection = Connection(sock, PeerCred.of(sock), self.loop)
+        connection = Connection(sock, PeerCred.of(sock), self.loop, lambda: self._on_readable(connection))
         if len(self.connections) >= MAX_CONNECTIONS:
             connection.send({"ok": False, "error": "too many control connections; try again"})
             connection.close()
             return
         self.connections.add(connection)
-        self.loop.add_reader(sock.fileno(), lambda: self._on_readable(connection))
+        self.loop.add_reader(sock.fileno(), connection.on_readable)
+        self._close_when_idle(connection)
+
+    def _close_when_idle(self, connection: Connection) -> None:
+        idle = time.monotonic() - connection.last_active
+        if connection.closed:
+            return
+        if idle >= IDLE_SECONDS and not connection.outbox and not connection.pending:
+            self._drop(connection)
+            return
+        self.loop.call_later(IDLE_SECONDS - min(idle, IDLE_SECONDS) + 0.01, lambda: self._close_when_idle(connection))
 
     def _on_readable(self, connection: Connection) -> None:
         try:
@@ -121,22 +158,18 @@ class ControlServer:
         if not data:
             self._drop(connection)
             return
+        connection.last_active = time.monotonic()
         connection.inbox += data
-        while b"\n" in connection.inbox:
-            line, _, rest = bytes(connection.inbox).partition(b"\n")
-            connection.inbox = bytearray(rest)
+        while not connection.closed and (line := connection.next_line()) is not None:
             self._dispatch(connection, line)
         if len(connection.inbox) > self.max_request:
             connection.send({"ok": False, "error": f"request longer than {self.max_request} bytes"})
             self._drop(connection)
 
     def _dispatch(self, connection: Connection, line: bytes) -> None:
-        try:
-            body = json.loads(line)
-            if not isinstance(body, dict) or not isinstance(body.get("op"), str):
-                raise ValueError("a request is a JSON object with a string \"op\"")
-        except ValueError as exc:
-            connection.send({"ok": False, "error": f"malformed request: {exc}"})
+        body = parse_request(line)
+        if isinstance(body, str):
+            connection.send({"ok": False, "error": f"malformed request: {body}"})
             return
         op = body["op"]
         if op not in self.handlers:
@@ -144,15 +177,20 @@ class ControlServer:
             return
         access, handler = self.handlers[op]
         request = Request(op, body, connection.cred, connection)
-        if not access.admits(connection.cred.uid, connection.cred.gid):
+        connection.pending += 1
+        if not access.admits(connection.cred.uid, connection.cred.gid, connection.cred.groups):
             reason = f"uid {connection.cred.uid} may not {op} (policy control section)"
             self.on_refused(connection.cred, op, reason)
             request.fail(reason)
+            self._drop(connection)  # one refusal, one record: a client with no rights cannot flood the log
             return
         try:
             handler(request)
-        except ControlError as exc:
+        except ShmguardError as exc:
             request.fail(str(exc))
+        except Exception:  # noqa: BLE001 - a bug must still answer the client, and keep the supervisor up
+            log.exception("internal error handling %r", op)
+            request.fail(f"internal error handling {op!r}; see the supervisor's log")
 
     def _drop(self, connection: Connection) -> None:
         self.connections.discard(connection)
@@ -165,6 +203,19 @@ class ControlServer:
             self.loop.remove_reader(self.listener.sock.fileno())
             self.listener.remove()
             self.listener = None
+
+
+def parse_request(line: bytes) -> dict | str:
+    """The request object, or why it is not one (deeply nested JSON included: no RecursionError escapes)."""
+    try:
+        body = json.loads(line)
+    except RecursionError:
+        return "nested too deeply"
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    if not isinstance(body, dict) or not isinstance(body.get("op"), str):
+        return "a request is a JSON object with a string \"op\""
+    return body
 
 
 def request(path: str, body: dict, timeout: float | None = 30.0) -> dict:
@@ -188,6 +239,8 @@ def request(path: str, body: dict, timeout: float | None = 30.0) -> dict:
         raise ControlError(f"{path}: permission denied (the policy's control socket mode/group)") from None
     except ConnectionRefusedError:
         raise ControlError(f"{path}: nothing is listening (stale socket: is the supervisor running?)") from None
+    except OSError as exc:
+        raise ControlError(f"{path}: cannot talk to the supervisor: {exc.strerror or exc}") from None
     finally:
         sock.close()
     return json.loads(reply)

@@ -24,6 +24,10 @@ def dump(client: IvshmemClient) -> str:
     return "\n".join(lines)
 
 
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # "²".isdigit() is true, int("²") is not
+
+
 def run_command(client: IvshmemClient, line: str) -> str:
     words = line.split()
     if not words:
@@ -35,10 +39,10 @@ def run_command(client: IvshmemClient, line: str) -> str:
         return dump(client)
     if words == ["int", "all"]:
         return f"notified {client.notify_all()} vectors"
-    if len(words) == 3 and words[0] == "int" and words[1].isdigit():
-        vector = None if words[2] == "all" else int(words[2]) if words[2].isdigit() else -1
-        if vector == -1:
+    if len(words) == 3 and words[0] == "int" and _is_number(words[1]):
+        if words[2] != "all" and not _is_number(words[2]):
             return f"invalid vector {words[2]!r} (a number or 'all')"
+        vector = None if words[2] == "all" else int(words[2])
         return f"notified {client.notify(int(words[1]), vector)} vector(s) of peer {words[1]}"
     return f"unknown command {line.strip()!r}; type help"
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
+import math
 import selectors
 import time
 from collections.abc import Callable
 
 Callback = Callable[[], None]
+log = logging.getLogger("shmguard")
 
 
 class EventLoop:
@@ -40,6 +43,8 @@ class EventLoop:
 
     def call_at(self, when: float, callback: Callback) -> None:
         """Run callback once at time.monotonic() >= when."""
+        if not math.isfinite(when):
+            raise ValueError(f"deadline {when!r} is not a finite time")  # a NaN at the heap's top spins the loop
         heapq.heappush(self._deadlines, (when, next(self._order), callback))
 
     def call_later(self, delay: float, callback: Callback) -> None:
@@ -74,12 +79,20 @@ class EventLoop:
             fd = key.fd
             # A callback may close and unregister another fd of this batch: look up each one afresh.
             if events & selectors.EVENT_WRITE and fd in self._writers:
-                self._writers[fd]()
+                self._call(self._writers[fd])
             if events & selectors.EVENT_READ and fd in self._readers:
-                self._readers[fd]()
+                self._call(self._readers[fd])
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
-            heapq.heappop(self._deadlines)[2]()
+            self._call(heapq.heappop(self._deadlines)[2])
+
+    @staticmethod
+    def _call(callback: Callback) -> None:
+        """One failing callback is a bug to report, not a reason to stop serving everyone else."""
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - the safety net of a supervisor that must not die from outside
+            log.exception("internal error in an event handler (still serving)")
 
     def close(self) -> None:
         self._selector.close()

@@ -80,25 +80,18 @@ def resolve_gid(name: str | int) -> int:
 
 @dataclass(frozen=True)
 class Access:
-    """Who may do something: uids, or members (primary or supplementary) of groups. '*' admits anyone."""
+    """Who may do something: uids, or processes holding one of the groups (primary or supplementary).
+    '*' admits anyone."""
 
     uids: tuple[int, ...] = ()
     gids: tuple[int, ...] = ()
     anyone: bool = False
 
-    def admits(self, uid: int, gid: int) -> bool:
+    def admits(self, uid: int, gid: int, groups: tuple[int, ...] = ()) -> bool:
+        """groups: the process's own supplementary groups (SO_PEERGROUPS), not the group database's idea."""
         if self.anyone or uid in self.uids or gid in self.gids:
             return True
-        return bool(self.gids) and not self.gids_of(uid).isdisjoint(self.gids)
-
-    @staticmethod
-    def gids_of(uid: int) -> set[int]:
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            return set()
-        groups = {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
-        return groups | {entry.pw_gid}
+        return not set(groups).isdisjoint(self.gids)
 
     def describe(self) -> dict:
         if self.anyone:

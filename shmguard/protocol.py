@@ -40,6 +40,14 @@ class SharedFd:
 Message = tuple[int, SharedFd | None]
 
 
+def ring_eventfd(fd: int) -> None:
+    """Ring a doorbell: add 1 to the eventfd. A counter someone filled (any holder can) is rung already."""
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass  # rings coalesce: the owner will wake up either way
+
+
 def greeting(new_id: int, shm: SharedFd, others: Sequence[tuple[int, Sequence[SharedFd]]],
              own: Sequence[SharedFd]) -> Iterator[Message]:
     """What a joining peer receives, in the only order QEMU survives (REFERENCE §1 and §2)."""
@@ -57,14 +65,6 @@ def announcement(new_id: int, own: Sequence[SharedFd]) -> Iterator[Message]:
     """What every connected peer receives when new_id joins: one message per vector, in order."""
     for fd in own:
         yield new_id, fd
-
-
-def send_message(sock: socket.socket, value: int, fd: int | None = None) -> int:
-    """Send one message; returns bytes sent (the fd travels with the first byte)."""
-    data = MESSAGE.pack(value)
-    if fd is None:
-        return sock.send(data)
-    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 
 
 def recv_message(sock: socket.socket, deadline: float | None = None) -> tuple[int, list[int]] | None:

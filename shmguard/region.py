@@ -82,7 +82,7 @@ class Region:
                 f"(at most {max(0, self.size - offset)} bytes fit there)"
             )
 
-    def _check_intact(self) -> None:
+    def check_intact(self) -> None:
         """On the file backend, refuse to touch the mapping unless the file still has its full size."""
         if self.backend == "memfd" and self.sealed:
             return
@@ -99,7 +99,7 @@ class Region:
         cannot fault, and within the checked size it never changes the size.
         """
         self.check_bounds(offset, len(data) + zero_fill)
-        self._check_intact()
+        self.check_intact()
         put = self._put_mapped if self.backend == "memfd" else self._put_file  # a memfd is sealed at creation
         put(offset, data)
         end = offset + len(data)

@@ -21,27 +21,49 @@ from .audit import executable_of
 from .errors import ShmguardError
 from .loop import EventLoop
 from .policy import ServerPolicy
-from .protocol import MAX_PEER_ID, MESSAGE, SharedFd, announcement, greeting
+from .protocol import MAX_PEER_ID, MESSAGE, SharedFd, announcement, greeting, ring_eventfd
 
 log = logging.getLogger("shmguard.server")
 EventSink = Callable[..., None]
 
 
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), the terminating NUL included
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python 3.11 does not name it
+MAX_GROUPS = 65536
+
+
 @dataclass(frozen=True)
 class PeerCred:
+    """Who is at the other end of a UNIX socket, as the kernel saw it at connect time."""
+
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups of the connecting process
 
     @classmethod
     def of(cls, sock: socket.socket) -> PeerCred:
-        return cls(*struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)))
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return cls(pid, uid, gid, peer_groups(sock))
 
     def exe(self) -> str:
         return executable_of(self.pid)
 
     def describe(self) -> dict:
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe()}
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """SO_PEERGROUPS: the groups the peer really holds (a sandbox that dropped a group does not have it)."""
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+            return struct.unpack(f"{len(raw) // 4}I", raw)
+        except OSError as exc:
+            if exc.errno != errno.ERANGE or size >= MAX_GROUPS * 4:
+                raise
+            size *= 4
 
 
 @dataclass(eq=False)
@@ -87,8 +109,10 @@ class PeerIds:
 
 
 class IvshmemServer:
-    def __init__(self, policy: ServerPolicy, shm_fd: int, loop: EventLoop, on_event: EventSink | None = None):
+    def __init__(self, policy: ServerPolicy, shm_fd: int, loop: EventLoop, on_event: EventSink | None = None,
+                 region_intact: Callable[[], bool] = lambda: True):
         self.policy, self.loop = policy, loop
+        self.region_intact = region_intact  # checked before a greeting: QEMU aborts on a resized region
         self.shm = SharedFd(os.dup(shm_fd))
         self.on_event = on_event or (lambda action, **fields: None)
         self.peers: dict[int, Peer] = {}
@@ -139,10 +163,12 @@ class IvshmemServer:
         self._join(Peer(peer_id, vectors, self.counter, cred, sock))
 
     def _refusal(self, cred: PeerCred) -> str | None:
-        if not self.policy.peers.admits(cred.uid, cred.gid):
+        if not self.policy.peers.admits(cred.uid, cred.gid, cred.groups):
             return f"uid {cred.uid} is not allowed by the policy"
         if len(self.peers) >= self.policy.max_peers:
             return f"the policy's maximum of {self.policy.max_peers} peers is reached"
+        if not self.region_intact():
+            return "the region is not its policy size right now (tampered with, being repaired); join again"
         return None
 
     def _oldest_join(self) -> int | None:
@@ -210,8 +236,8 @@ class IvshmemServer:
     # --- sending --------------------------------------------------------------------------------------
 
     def _enqueue(self, peer: Peer, messages) -> None:
-        if peer.sock is None:
-            return  # the local peer reads nothing from the wire
+        if peer.sock is None or self.peers.get(peer.id) is not peer:
+            return  # the local peer reads nothing from the wire; a removed one reads nothing more
         was_idle = not peer.queue
         for value, fd in messages:
             peer.queue.append((MESSAGE.pack(value), fd.acquire() if fd else None))
@@ -248,7 +274,7 @@ class IvshmemServer:
             raise ShmguardError(f"no peer {peer_id} is connected (connected: {sorted(self.peers) or 'none'})")
         if not 0 <= vector < len(peer.vectors):
             raise ShmguardError(f"peer {peer_id} has vectors 0..{len(peer.vectors) - 1}, not {vector}")
-        os.eventfd_write(peer.vectors[vector].fd, 1)
+        ring_eventfd(peer.vectors[vector].fd)
 
     def close(self, linger: float = 1.0) -> None:
         """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes."""
@@ -360,7 +386,10 @@ def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = Fa
     os.makedirs(directory, mode=0o755, exist_ok=True)
     if not replace:
         check_stale_socket(path)
-    staging = f"{path}.{secrets.token_hex(8)}.new"  # unpredictable: nobody can squat it in /tmp beforehand
+    staging = f"{path}.{secrets.token_hex(4)}"  # unpredictable: nobody can squat it in /tmp beforehand
+    if len(os.fsencode(staging)) >= SUN_PATH_MAX:
+        raise ShmguardError(f"{path}: too long for a UNIX socket ({len(os.fsencode(path))} bytes; at most "
+                            f"{SUN_PATH_MAX - 10}, leaving room for the staging name): choose a shorter path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     old_umask = os.umask(0o777)  # the staging socket is born mode 0000: never more open than the policy
     try:
@@ -396,10 +425,13 @@ def check_stale_socket(path: str) -> None:
     try:
         probe.settimeout(1.0)
         probe.connect(path)
-    except OSError:
-        os.unlink(path)  # stale: nothing is listening
+    except ConnectionRefusedError:  # only this means nobody listens; EAGAIN is a server with a full backlog
+        os.unlink(path)
         log.info("removed stale socket %s", path)
         return
+    except OSError as exc:
+        raise ShmguardError(f"{path}: cannot tell whether a server listens there ({exc.strerror or exc}); "
+                            "stop it or remove the socket yourself") from None
     finally:
         probe.close()
     raise ShmguardError(f"{path}: another server is listening there; stop it or choose another --socket")

@@ -46,6 +46,22 @@ class GuestOptions:
         return self.kernel is None
 
 
+PENDING_GUEST = -1  # the peer id of "our guest", while its QEMU has not connected yet
+MAX_WAIT_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """A write request, checked in full before anything is written or recorded."""
+
+    data: bytes
+    offset: int
+    padding: int
+    targets: list[tuple[int, int]]
+    wait_for_guest: bool
+    timeout: float
+
+
 @dataclass(eq=False)
 class AckWaiter:
     """A write request waiting for the guest's acknowledgement of its message."""
@@ -63,7 +79,8 @@ class GuestState:
     handshake: bool = False  # the built-in guest says "ready" and acknowledges; other guests do not
     ready: bool = False
     pending_rings: list[tuple[int, int]] = field(default_factory=list)  # (peer, vector) held until ready
-    waiters: deque[AckWaiter] = field(default_factory=deque)
+    waiter: AckWaiter | None = None  # one message in flight: the next would overwrite it before it is read
+    queued: deque[tuple[Request, WritePlan]] = field(default_factory=deque)
     acks: int = 0
     last_reply: str = ""
 
@@ -107,7 +124,8 @@ class Supervisor:
             lock_memory(self.region.mapping)
         log.info("region: %s backend, %d bytes%s", self.region.backend, self.region.size,
                  f", sealed {sorted(self.region.seals())}" if self.region.sealed else f" at {self.region.path}")
-        self.server = IvshmemServer(self.policy.server, self.region.fd, self.loop, on_event=self.record)
+        self.server = IvshmemServer(self.policy.server, self.region.fd, self.loop, on_event=self.record,
+                                    region_intact=self._region_intact)
         self.server.start()
         self.host = self.server.add_local_peer()
         for vector, fd in enumerate(self.host.vectors):
@@ -143,6 +161,14 @@ class Supervisor:
 
     # --- the guest under QEMU ------------------------------------------------------------------------
 
+    def _region_intact(self) -> bool:
+        """Before the region goes to a new peer: let the guard repair what it can, then look again."""
+        if self.region.sealed:
+            return True
+        if self.guard is not None:
+            self.guard.check()
+        return self.region.state().size == self.region.size
+
     def _prepare_guest(self, options: GuestOptions) -> list[str]:
         """The QEMU command line for the guest: the image built, the accelerator chosen."""
         image = build_guest(log=log.info) if options.builtin else GuestImage(
@@ -176,9 +202,12 @@ class Supervisor:
         self.record("qemu-exit", result="exited", detail={"pid": self.qemu.pid, "status": status,
                                                           "response": self.policy.qemu.on_exit})
         self.guest.ready = False
-        for waiter in list(self.guest.waiters):
+        if self.guest.waiter is not None:
+            waiter, self.guest.waiter = self.guest.waiter, None
             waiter.request.fail("QEMU exited before the guest acknowledged", **waiter.reply)
-        self.guest.waiters.clear()
+        while self.guest.queued:
+            request, _ = self.guest.queued.popleft()
+            request.fail("QEMU exited before this write's turn came; nothing was written")
         if leaving:
             self.exit_code = 3
             self.loop.stop()
@@ -225,36 +254,56 @@ class Supervisor:
         self.add_stop_hook(self.control.close)
 
     def _handle_write(self, request: Request) -> None:
-        """Validate everything first: a refused write leaves the region and the log exactly as they were."""
-        body = request.body
+        """Check everything first: a refused write leaves the region and the log exactly as they were."""
+        plan = self._plan_write(request.body)
+        if plan.wait_for_guest and self.guest.waiter is not None:
+            self.guest.queued.append((request, plan))  # its turn comes with the acknowledgement before it
+            return
+        self._write(request, plan)
+
+    def _plan_write(self, body: dict) -> WritePlan:
         data = _decode_data(body.get("data"))
         offset = _whole_number(body.get("offset", 0), "offset")
+        timeout = _seconds(body.get("timeout", 60), "timeout")
         try:
             if body.get("text"):
                 padding = text_padding(data, offset, self.region.size, bool(body.get("allow_unterminated")))
+                padding = self._keep_reply_area(offset + len(data), padding)
             else:
                 padding = 0
                 self.region.check_bounds(offset, len(data))
-            targets = self.ring_targets(body["ring"]) if body.get("ring") else []
-            self.region.write(offset, data, zero_fill=padding)
+            self.region.check_intact()
         except RegionError as exc:
             raise ControlError(str(exc)) from None
-        self.guard.remember(offset, data, padding)  # this write survives every later repair
-        sha = hashlib.sha256(data).hexdigest()
-        record = self.record("write", actor=request.cred, offset=offset, length=len(data), sha256=sha,
-                             detail={"padding": padding})
-        reply = {"seq": record["seq"], "sha256": sha, "offset": offset, "length": len(data)}
-        waiter = None
-        if body.get("wait") and self.guest.handshake and any(self._is_guest(peer) for peer, _ in targets):
-            # The clock starts before the ring: the round trip is ring, guest, ack.
-            waiter = AckWaiter(request, reply, zlib.crc32(data.split(b"\0", 1)[0]))
-        reply["rang"] = [self.ring(peer, vector, request.cred) for peer, vector in targets]
-        if waiter is None:
+        targets = self.ring_targets(body["ring"]) if body.get("ring") else []
+        wait = bool(body.get("wait")) and self.guest.handshake and any(self._is_guest(p) for p, _ in targets)
+        return WritePlan(data, offset, padding, targets, wait, timeout)
+
+    def _keep_reply_area(self, end: int, padding: int) -> int:
+        """With the built-in guest attached, padding stops short of its reply area (see layout.py)."""
+        reply_start = layout.reply_offset(self.region.size)
+        if self.guest.handshake and end <= reply_start:
+            return min(padding, reply_start - end)
+        return padding
+
+    def _write(self, request: Request, plan: WritePlan) -> None:
+        sha = hashlib.sha256(plan.data).hexdigest()
+        # Recorded first: if the log cannot be written, the region is not either.
+        record = self.record("write", actor=request.cred, offset=plan.offset, length=len(plan.data), sha256=sha,
+                             detail={"padding": plan.padding})
+        self.region.write(plan.offset, plan.data, zero_fill=plan.padding)
+        self.guard.remember(plan.offset, plan.data, plan.padding)  # this write survives every later repair
+        reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data)}
+        if plan.wait_for_guest:  # the clock starts before the ring: the round trip is ring, guest, ack
+            waiter = self.guest.waiter = AckWaiter(request, reply, zlib.crc32(plan.data.split(b"\0", 1)[0]))
+            self.loop.call_later(plan.timeout, lambda: self._ack_timeout(waiter, plan.timeout))
+        reply["rang"] = [self.ring(peer, vector, request.cred) for peer, vector in plan.targets]
+        if not plan.wait_for_guest:
             request.reply(**reply)
-            return
-        self.guest.waiters.append(waiter)
-        timeout = float(body.get("timeout", 60))
-        self.loop.call_later(timeout, lambda: self._ack_timeout(waiter, timeout))
+
+    def _next_queued_write(self) -> None:
+        while self.guest.waiter is None and self.guest.queued:
+            self._write(*self.guest.queued.popleft())
 
     def _handle_ring(self, request: Request) -> None:
         targets = self.ring_targets(request.body.get("target"))
@@ -271,7 +320,8 @@ class Supervisor:
             "host_peer": self.host.id,
             "peers": [peer.describe() for peer in self.server.peers.values()],
             "guest": {"peer": self.guest_peer_id(), "handshake": self.guest.handshake, "ready": self.guest.ready,
-                      "acks": self.guest.acks, "last_reply": self.guest.last_reply},
+                      "acks": self.guest.acks, "last_reply": self.guest.last_reply,
+                      "writes_waiting": len(self.guest.queued)},
             "audit": {"path": str(self.audit.path), "last_seq": self.audit.last_seq},
             "guard": self.guard.describe(),
         }
@@ -297,13 +347,13 @@ class Supervisor:
             peer_id = self.guest_peer_id()
             if peer_id is None:
                 if self.guest.handshake:  # our guest has not connected yet: ring it once it is ready
-                    return [(-1, 0)]
+                    return [(PENDING_GUEST, 0)]
                 raise ControlError("no guest is connected (ring a peer id instead; see `shmguard status`)")
             return [(peer_id, 0)]
         if target == "all":
             return [(p.id, v) for p in peers.values() if p.cred is not None for v in range(len(p.vectors))]
         peer_text, _, vector_text = str(target).partition(":")
-        if not peer_text.isdigit() or (vector_text and not vector_text.isdigit()):
+        if not _is_number(peer_text) or (vector_text and not _is_number(vector_text)):
             raise ControlError(f"ring target {target!r} is not 'guest', 'all', PEER or PEER:VECTOR")
         peer_id, vector = int(peer_text), int(vector_text or 0)
         if peer_id not in peers or peer_id == self.host.id:
@@ -313,7 +363,7 @@ class Supervisor:
         return [(peer_id, vector)]
 
     def _is_guest(self, peer_id: int) -> bool:
-        return peer_id == -1 or peer_id == self.guest_peer_id()  # -1: our guest, not connected yet
+        return peer_id == PENDING_GUEST or peer_id == self.guest_peer_id()
 
     def ring(self, peer_id: int, vector: int, cred) -> dict:
         """Ring now, or hold the ring until the built-in guest has said it is ready (a doorbell rung
@@ -328,10 +378,11 @@ class Supervisor:
         return {"peer": peer_id, "vector": vector, "guest": is_guest, "held_until_ready": held}
 
     def _ack_timeout(self, waiter: AckWaiter, timeout: float) -> None:
-        if waiter in self.guest.waiters:
-            self.guest.waiters.remove(waiter)
+        if self.guest.waiter is waiter:
+            self.guest.waiter = None
             waiter.request.fail(f"the guest did not acknowledge within {timeout:g} s (the write itself is "
                                 f"recorded as seq {waiter.reply['seq']})", **waiter.reply)
+            self._next_queued_write()
 
     # --- events --------------------------------------------------------------------------------------
 
@@ -345,14 +396,15 @@ class Supervisor:
             os.eventfd_read(fd)
         except BlockingIOError:
             return
-        self.guard.refresh()  # the guest wrote through its mapping, which makes no inotify event
         reply = self.read_reply()
-        if vector == layout.READY_VECTOR and reply == f"ready {self.guest_peer_id()}":
+        guest_id = self.guest_peer_id()
+        ready_id, ack = layout.parse_ready(reply), layout.parse_ack(reply)
+        if vector == layout.READY_VECTOR and ready_id is not None and ready_id == guest_id:
             self.on_guest_ready(reply)
-        elif vector == layout.ACK_VECTOR and reply.startswith("ack ") and self.guest.handshake:
-            self.on_guest_ack(reply)
-        else:
-            log.info("host rung on vector %d (reply area: %r)", vector, reply[:80])
+        elif vector == layout.ACK_VECTOR and ack is not None and self.guest.handshake and guest_id is not None:
+            self.on_guest_ack(reply, ack)
+        else:  # any peer may ring the host: a stray ring is not worth more than a debug line
+            log.debug("host rung on vector %d (reply area: %r)", vector, reply[:80])
 
     def read_reply(self) -> str:
         raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)
@@ -361,26 +413,29 @@ class Supervisor:
 
     def on_guest_ready(self, reply: str) -> None:
         self.guest.ready, self.guest.last_reply = True, reply
+        self.guard.refresh()  # the guest wrote through its mapping, which makes no inotify event
         log.info("guest ready: %s", reply)
         self.record("guest-ready", detail={"reply": reply, "peer": self.guest_peer_id()})
         sdnotify.status("guest ready")
         pending, self.guest.pending_rings = self.guest.pending_rings, []
         guest_id = self.guest_peer_id()
         for peer_id, vector in pending:
-            self.server.ring(guest_id if peer_id == -1 else peer_id, vector)
+            try:
+                self.server.ring(guest_id if peer_id == PENDING_GUEST else peer_id, vector)
+            except ShmguardError as exc:  # that peer left while its ring was held
+                log.warning("held ring for peer %d vector %d dropped: %s", peer_id, vector, exc)
 
-    def on_guest_ack(self, reply: str) -> None:
+    def on_guest_ack(self, reply: str, ack: layout.Ack) -> None:
         self.guest.acks += 1
         self.guest.last_reply = reply
+        self.guard.refresh()
         log.info("guest acknowledged: %s", reply)
-        if not self.guest.waiters:
-            return
-        waiter = self.guest.waiters.popleft()
-        words = reply.split()
-        crc = int(words[3], 16) if len(words) == 4 else None
-        rtt_ms = (time.monotonic() - waiter.started) * 1000
-        waiter.request.reply(**waiter.reply, ack=reply, round_trip_ms=round(rtt_ms, 3),
-                             delivered_exactly=crc == waiter.crc32)
+        waiter, self.guest.waiter = self.guest.waiter, None
+        if waiter is not None:
+            rtt_ms = (time.monotonic() - waiter.started) * 1000
+            waiter.request.reply(**waiter.reply, ack=reply, round_trip_ms=round(rtt_ms, 3),
+                                 delivered_exactly=ack.crc32 == waiter.crc32)
+        self._next_queued_write()
 
     # --- running and stopping ------------------------------------------------------------------------
 
@@ -426,6 +481,16 @@ def _decode_data(value) -> bytes:
         return base64.b64decode(value, validate=True)
     except binascii.Error:
         raise ControlError("\"data\" is not valid base64") from None
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # "²".isdigit() is true, int("²") is not
+
+
+def _seconds(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_WAIT_SECONDS:
+        raise ControlError(f"{name} {value!r} must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}")
+    return float(value)
 
 
 def _whole_number(value, name: str) -> int:
