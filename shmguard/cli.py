@@ -443,7 +443,7 @@ def guest_build(quiet):
 
 
 @main.command()
-@click.option("--policy", "policy_name", default="strict", show_default=True, help=POLICY_HELP)
+@policy_option
 @click.option("--no-attacks", is_flag=True, help="Skip the attack battery.")
 @click.option("--keep", is_flag=True, help="Keep the demo's directory (logs, audit log).")
 @user_errors

@@ -17,6 +17,7 @@ from shmguard.hardening import child_preexec
 from shmguard.layout import HOST_PEER_PARAM
 
 QEMU = "qemu-system-x86_64"
+MAX_PARTIAL_LINE = 8 << 20  # a whole 4 MiB message printed on one line fits, with room to spare
 PROBE_TIMEOUT = 5.0  # a working KVM boots the probe kernel to its panic in about a second
 _ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-~])")
 
@@ -83,6 +84,7 @@ class QemuProcess:
         self.console_fd = self._console.fileno()
         os.set_blocking(self.console_fd, False)
         self._partial: list[bytes] = []
+        self._partial_size = 0
         self.console_eof = False  # once true, console_fd stays readable forever: unregister it
 
     @property
@@ -90,14 +92,18 @@ class QemuProcess:
         return self._process.pid
 
     def read_console(self) -> list[str]:
-        """The complete lines read so far (without \\r and ANSI escapes); a partial line waits for its end."""
+        """The complete lines read so far (without \\r and ANSI escapes); a partial line waits for its end,
+        unless it outgrows MAX_PARTIAL_LINE: a guest that never prints a newline must not fill our memory."""
         data = self._read_available()
         if b"\n" not in data and not self.console_eof:
             if data:
                 self._partial.append(data)  # joined only once its line ends: a 4 MiB line arrives in pieces
-            return []
+                self._partial_size += len(data)
+            if self._partial_size <= MAX_PARTIAL_LINE:
+                return []
+            data, self._partial, self._partial_size = b"".join(self._partial) + b"\n", [], 0
         *lines, rest = b"".join([*self._partial, data]).split(b"\n")
-        self._partial = [rest]
+        self._partial, self._partial_size = [rest], len(rest)
         if self.console_eof and rest:
             lines.append(rest)
             self._partial = []

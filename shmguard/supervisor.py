@@ -191,9 +191,9 @@ class Supervisor:
         for line in self.qemu.read_console():
             if line.strip():
                 log.info("guest: %s", line)
-        if self.qemu.console_eof:  # the pipe closes when QEMU exits
+        if self.qemu.console_eof:  # the pipe closes when QEMU exits (or closes its stdout: then it is ended)
             self.loop.remove_reader(self.qemu.console_fd)
-            self._on_qemu_exit(self.qemu.wait(5.0))
+            self._on_qemu_exit(self.qemu.terminate(timeout=2.0))
 
     def _on_qemu_exit(self, status: int) -> None:
         leaving = self.policy.qemu.on_exit == "exit"
