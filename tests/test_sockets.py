@@ -70,3 +70,26 @@ def test_a_stale_socket_is_replaced_and_anything_else_is_refused(tmp_path):
     assert Path(restarted.socket).read_text() == "not a socket"  # left as it was
     Path(restarted.socket).unlink()
     Path(restarted.socket).parent.rmdir()
+
+
+def test_the_socket_is_born_closed_before_its_owner_and_mode_are_set(tmp_path, monkeypatch):
+    """Observed at the one moment that matters: after bind(), before chown/chmod. A spy, not a fake:
+    the real chown runs after it has looked."""
+    from shmguard import server
+
+    born_modes = []
+    real_chown = os.chown
+
+    def look_then_chown(path, uid, gid, **kwargs):
+        born_modes.append(stat.S_IMODE(os.lstat(path).st_mode))
+        return real_chown(path, uid, gid, **kwargs)
+
+    monkeypatch.setattr(os, "chown", look_then_chown)
+    old_umask = os.umask(0)  # the most open umask a caller could have left behind
+    try:
+        bound = server.bind_socket(str(tmp_path / "born.sock"), 0, 0, 0o660)
+    finally:
+        os.umask(old_umask)
+    assert born_modes == [0]  # mode 0000 between bind and chmod, whatever the umask was
+    assert stat.S_IMODE(os.lstat(tmp_path / "born.sock").st_mode) == 0o660
+    bound.remove()
