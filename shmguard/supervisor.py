@@ -13,6 +13,7 @@ import socket
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from .loop import EventLoop
 from .policy import Policy
 from .qemu import QemuProcess, choose_accel, qemu_command
 from .region import Region, text_padding
-from .server import IvshmemServer, PeerCred
+from .server import IvshmemServer, Peer, PeerCred
 
 log = logging.getLogger("shmguard")
 
@@ -99,14 +100,14 @@ class Supervisor:
         self.audit: AuditLog | None = None
         self.region: Region | None = None
         self.server: IvshmemServer | None = None
-        self.host = None
+        self.host: Peer | None = None  # the supervisor's own peer
         self.guest = GuestState()
         self.exit_code = 0
         self.qemu: QemuProcess | None = None
         self.guard: Guard | None = None
         self.control: ControlServer | None = None
         self._signal_sockets: tuple[socket.socket, socket.socket] | None = None
-        self._stop_hooks: list[callable] = []
+        self._stop_hooks: list[Callable[[], None]] = []
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -439,7 +440,7 @@ class Supervisor:
 
     # --- running and stopping ------------------------------------------------------------------------
 
-    def add_stop_hook(self, hook: callable) -> None:
+    def add_stop_hook(self, hook: Callable[[], None]) -> None:
         self._stop_hooks.append(hook)
 
     def run(self) -> int:
