@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from helpers import MEMBER_USER
+from helpers import MEMBER_USER, SOCKET_DIRS
 
 
 def missing_prerequisites() -> list[str]:
@@ -34,3 +34,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if missing:
         pytest.exit("missing: " + "; ".join(missing) + ". Run `bash scripts/bootstrap test` as root, which "
                     "installs them.", returncode=1)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for directory in SOCKET_DIRS:  # tests that never started a supervisor leave theirs empty
+        shutil.rmtree(directory, ignore_errors=True)

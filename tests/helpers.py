@@ -19,6 +19,7 @@ from pathlib import Path
 from shmguard.launcher import SHMGUARD, SupervisorProcess
 from shmguard.policy import relocated_policy_text
 
+SOCKET_DIRS: list[Path] = []  # made by policy_file under /tmp; removed when the session ends (conftest.py)
 MEMBER_USER = "shmguard-member"  # a system user in the ivshmem group (created by scripts/bootstrap)
 OUTSIDER_USER = "nobody"
 
@@ -27,6 +28,7 @@ def policy_file(tmp_path: Path, base: str = "strict", **sections: dict) -> Path:
     """A copy of a built-in policy with its paths moved into tmp_path and `sections` merged over it."""
     tag = uuid.uuid4().hex[:8]
     sockets = Path(tempfile.mkdtemp(prefix="shmguard-test-", dir="/tmp"))
+    SOCKET_DIRS.append(sockets)
     sockets.chmod(0o755)  # reachable by the unprivileged uids of attack tests; the sockets' own modes decide
     path = tmp_path / f"{base}-{tag}.toml"
     path.write_text(relocated_policy_text(base, socket_dir=sockets, audit_log=tmp_path / "audit.log",

@@ -52,24 +52,28 @@ def test_sockets_are_never_more_open_than_the_policy(tmp_path):
 def test_a_stale_socket_is_replaced_and_anything_else_is_refused(tmp_path):
     policy = policy_file(tmp_path)
     first = RunningSupervisor(policy)
-    second = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy), "--audit-log",
-                             str(tmp_path / "second.log")], capture_output=True, text=True, timeout=60)
-    assert second.returncode != 0 and "another server is listening there" in second.stderr
-    first_log = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy)], capture_output=True,
-                               text=True, timeout=60)
-    assert "is in use by another supervisor" in first_log.stderr  # one log, one supervisor
-    first.proc.kill()  # leaves both sockets behind, with nobody listening
-    first.proc.wait()
+    try:
+        second = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy), "--audit-log",
+                                 str(tmp_path / "second.log")], capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and "another server is listening there" in second.stderr
+        same_log = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy)], capture_output=True,
+                                  text=True, timeout=60)
+        assert "is in use by another supervisor" in same_log.stderr  # one log, one supervisor
+    finally:
+        first.proc.kill()  # leaves both sockets behind, with nobody listening
+        first.proc.wait()
     restarted = RunningSupervisor(policy)  # stale sockets are replaced
     restarted.stop()  # which also removes the socket directory
-    Path(restarted.socket).parent.mkdir(mode=0o755)
-    Path(restarted.socket).write_text("not a socket")
-    refused = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy)], capture_output=True,
-                             text=True, timeout=60)
-    assert refused.returncode != 0 and "exists and is not a socket" in refused.stderr
-    assert Path(restarted.socket).read_text() == "not a socket"  # left as it was
-    Path(restarted.socket).unlink()
-    Path(restarted.socket).parent.rmdir()
+    squatted = Path(restarted.socket)
+    squatted.parent.mkdir(mode=0o755)
+    squatted.write_text("not a socket")
+    try:
+        refused = subprocess.run([*SHMGUARD, "run", "--no-guest", "--policy", str(policy)], capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode != 0 and "exists and is not a socket" in refused.stderr
+        assert squatted.read_text() == "not a socket"  # left as it was
+    finally:
+        shutil.rmtree(squatted.parent, ignore_errors=True)
 
 
 def test_the_socket_is_born_closed_before_its_owner_and_mode_are_set(tmp_path, monkeypatch):
