@@ -56,6 +56,7 @@ class Connection:
     outbox: bytearray = field(default_factory=bytearray)
     last_active: float = field(default_factory=time.monotonic)
     pending: int = 0  # requests not answered yet (a write may wait for the guest's acknowledgement)
+    on_close: Callable[[], None] = lambda: None
     closed: bool = False
 
     def send(self, message: dict) -> None:
@@ -102,6 +103,7 @@ class Connection:
             self.loop.remove_reader(self.sock.fileno())
             self.loop.remove_writer(self.sock.fileno())
             self.sock.close()
+            self.on_close()  # however it ends (EOF, a failed send, a refusal), it frees its slot
 
 
 class ControlServer:
@@ -130,7 +132,8 @@ class ControlServer:
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        connection = Connection(sock, PeerCred.of(sock), self.loop, lambda: self._on_readable(connection))
+        connection = Connection(sock, PeerCred.of(sock), self.loop, lambda: self._on_readable(connection),
+                                on_close=lambda: self.connections.discard(connection))
         if len(self.connections) >= MAX_CONNECTIONS:
             connection.send({"ok": False, "error": "too many control connections; try again"})
             connection.close()
@@ -144,7 +147,7 @@ class ControlServer:
         if connection.closed:
             return
         if idle >= IDLE_SECONDS and not connection.outbox and not connection.pending:
-            self._drop(connection)
+            connection.close()
             return
         self.loop.call_later(IDLE_SECONDS - min(idle, IDLE_SECONDS) + 0.01, lambda: self._close_when_idle(connection))
 
@@ -156,7 +159,7 @@ class ControlServer:
         except OSError:
             data = b""
         if not data:
-            self._drop(connection)
+            connection.close()
             return
         connection.last_active = time.monotonic()
         connection.inbox += data
@@ -164,7 +167,7 @@ class ControlServer:
             self._dispatch(connection, line)
         if len(connection.inbox) > self.max_request:
             connection.send({"ok": False, "error": f"request longer than {self.max_request} bytes"})
-            self._drop(connection)
+            connection.close()
 
     def _dispatch(self, connection: Connection, line: bytes) -> None:
         body = parse_request(line)
@@ -182,7 +185,7 @@ class ControlServer:
             reason = f"uid {connection.cred.uid} may not {op} (policy control section)"
             self.on_refused(connection.cred, op, reason)
             request.fail(reason)
-            self._drop(connection)  # one refusal, one record: a client with no rights cannot flood the log
+            connection.close()  # one refusal, one record: a client with no rights cannot flood the log
             return
         try:
             handler(request)
@@ -192,13 +195,9 @@ class ControlServer:
             log.exception("internal error handling %r", op)
             request.fail(f"internal error handling {op!r}; see the supervisor's log")
 
-    def _drop(self, connection: Connection) -> None:
-        self.connections.discard(connection)
-        connection.close()
-
     def close(self) -> None:
         for connection in list(self.connections):
-            self._drop(connection)
+            connection.close()
         if self.listener is not None:
             self.loop.remove_reader(self.listener.sock.fileno())
             self.listener.remove()

@@ -154,3 +154,17 @@ def test_a_refused_client_is_disconnected_after_one_record(tmp_path):
         still_serving(supervisor)
     finally:
         assert supervisor.stop() == 0, supervisor.log()
+
+
+def test_clients_that_leave_before_their_reply_do_not_use_up_the_connection_slots(supervisor):
+    for _ in range(200):  # more than the 64 connections the control socket keeps at once
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(supervisor.control)
+        sock.sendall(b'{"op": "status"}\n')
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # gone before the reply: the supervisor's send fails
+    deadline = time.monotonic() + 10  # while the burst drains, "too many connections" is a fair answer
+    while not control.request(supervisor.control, {"op": "status"})["ok"]:
+        assert time.monotonic() < deadline, "the connection slots were never given back"
+        time.sleep(0.1)
+    still_serving(supervisor)
