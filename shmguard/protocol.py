@@ -67,6 +67,13 @@ def announcement(new_id: int, own: Sequence[SharedFd]) -> Iterator[Message]:
         yield new_id, fd
 
 
+def send_message(sock: socket.socket, data: bytes, fd: int | None = None) -> int:
+    """Send (the rest of) one encoded message; returns bytes sent. An fd travels with the first byte."""
+    if fd is None:
+        return sock.send(data)
+    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
 def recv_message(sock: socket.socket, deadline: float | None = None) -> tuple[int, list[int]] | None:
     """Receive one whole message and the fds that came with it; None on EOF. Blocking.
 

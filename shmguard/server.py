@@ -21,7 +21,7 @@ from .audit import executable_of
 from .errors import ShmguardError
 from .loop import EventLoop
 from .policy import ServerPolicy
-from .protocol import MAX_PEER_ID, MESSAGE, SharedFd, announcement, greeting, ring_eventfd
+from .protocol import MAX_PEER_ID, MESSAGE, SharedFd, announcement, greeting, ring_eventfd, send_message
 
 log = logging.getLogger("shmguard.server")
 EventSink = Callable[..., None]
@@ -251,7 +251,7 @@ class IvshmemServer:
         while peer.queue:
             data, fd = peer.queue[0]
             try:
-                sent = send_message_raw(peer.sock, data, fd)
+                sent = send_message(peer.sock, data, fd.fd if fd else None)
             except BlockingIOError:
                 self.loop.add_writer(peer.sock.fileno(), lambda: self._flush(peer))
                 return
@@ -303,16 +303,6 @@ def new_vectors(count: int) -> list[SharedFd]:
             fd.release()
         raise
     return vectors
-
-
-def send_message_raw(sock: socket.socket, data: bytes, fd: SharedFd | None) -> int:
-    if fd is None:
-        return sock.send(data)
-    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fd.fd))])
-
-
-def _fd_array(fd: int) -> bytes:
-    return struct.pack("i", fd)
 
 
 @dataclass

@@ -127,6 +127,9 @@ def test_qemu_killed_from_outside_is_reported_and_recorded(tmp_path, on_exit):
             assert supervisor.proc.poll() is None  # still serving
             with IvshmemClient(supervisor.socket, vectors=2) as peer:
                 assert peer.shm_size == SIZE
+            # a ring for a guest whose QEMU is gone is refused at once, never held forever
+            reply = send(supervisor, b"anyone there?")
+            assert reply["ok"] is False and "no guest is connected" in reply["error"], reply
         exits = [r for r in supervisor.audit_records() if r["action"] == "qemu-exit"]
         assert exits and exits[0]["detail"]["pid"] == qemu_pid and exits[0]["detail"]["status"] == -signal.SIGKILL
         assert f"QEMU pid {qemu_pid} exited" in supervisor.log()
