@@ -164,7 +164,7 @@ class Supervisor:
 
     def _region_intact(self) -> bool:
         """Before the region goes to a new peer: let the guard repair what it can, then look again."""
-        if self.region.sealed:
+        if self.region.backend == "memfd":  # sealed at creation: its size cannot change
             return True
         if self.guard is not None:
             self.guard.check()
@@ -341,13 +341,17 @@ class Supervisor:
     def qemu_pid(self) -> int | None:
         return self.qemu.pid if self.qemu is not None else None
 
+    def _qemu_exited(self) -> bool:
+        """A ring held for a guest whose QEMU is gone would wait forever: QEMU never comes back."""
+        return self.qemu is not None and self.qemu.poll() is not None
+
     def ring_targets(self, target) -> list[tuple[int, int]]:
         """'guest', 'all', 'PEER' or 'PEER:VECTOR' as (peer, vector) pairs; raises ControlError if unknown."""
         peers = self.server.peers
         if target == "guest":
             peer_id = self.guest_peer_id()
             if peer_id is None:
-                if self.guest.handshake:  # our guest has not connected yet: ring it once it is ready
+                if self.guest.handshake and not self._qemu_exited():  # not connected yet: ring once it is ready
                     return [(PENDING_GUEST, 0)]
                 raise ControlError("no guest is connected (ring a peer id instead; see `shmguard status`)")
             return [(peer_id, 0)]
