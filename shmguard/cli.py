@@ -16,8 +16,11 @@ WAIT_TIMEOUT, WAIT_ERROR = 124, 125  # as timeout(1) uses them
 POLICY_HELP = f"Built-in policy ({', '.join(builtin_names())}) or path to a policy TOML file."
 
 
-def user_errors(func):
-    """Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback."""
+def user_errors(func=None, *, exit_code: int | None = None):
+    """Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
+    exit_code replaces the error's own, for a command whose exit status means something else."""
+    if func is None:
+        return functools.partial(user_errors, exit_code=exit_code)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -25,11 +28,11 @@ def user_errors(func):
             return func(*args, **kwargs)
         except ShmguardError as exc:
             click.echo(f"shmguard: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            sys.exit(exit_code or exc.exit_code)
         except OSError as exc:  # the last resort for a system error the library did not put into words
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"shmguard: error: {where}{exc.strerror or exc}", err=True)
-            sys.exit(1)
+            sys.exit(exit_code or 1)
         except KeyboardInterrupt:
             sys.exit(130)
 
@@ -215,18 +218,15 @@ def notify(peer, vector, policy_name, socket_path, expected_vectors, join_timeou
 @policy_option
 @socket_option
 @join_options
+@user_errors(exit_code=WAIT_ERROR)  # not 1, which would read as "rung on vector 1"
 def wait(vectors, timeout, policy_name, socket_path, expected_vectors, join_timeout):
     """Join as a peer and wait until rung; print the vector.
 
     The exit status says what happened: the vector that was rung (0 to 63), 124 on timeout, 125 on error.
     """
-    try:
-        with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as client:
-            click.echo(f"peer {client.own_id} waiting", err=True)
-            vector = client.wait(list(vectors) or None, timeout)
-    except ShmguardError as exc:
-        click.echo(f"shmguard: error: {exc}", err=True)
-        sys.exit(WAIT_ERROR)  # not 1, which would read as "rung on vector 1"
+    with _connected_client(policy_name, socket_path, expected_vectors, join_timeout) as client:
+        click.echo(f"peer {client.own_id} waiting", err=True)
+        vector = client.wait(list(vectors) or None, timeout)
     if vector is None:
         click.echo("timeout", err=True)
         sys.exit(WAIT_TIMEOUT)
