@@ -21,7 +21,6 @@ from .server import PeerCred, bind_socket
 log = logging.getLogger("shmguard.control")
 MAX_CONNECTIONS = 64
 MAX_PENDING_REPLIES = 1 << 20  # bytes of replies a client has not read before we stop reading its requests
-IDLE_SECONDS = 60.0  # a connection that sends nothing for this long is closed: 64 idle ones would lock others out
 
 
 @dataclass
@@ -146,10 +145,11 @@ class ControlServer:
         idle = time.monotonic() - connection.last_active
         if connection.closed:
             return
-        if idle >= IDLE_SECONDS and not connection.outbox and not connection.pending:
+        limit = self.policy.idle_seconds
+        if idle >= limit and not connection.outbox and not connection.pending:
             connection.close()
             return
-        self.loop.call_later(IDLE_SECONDS - min(idle, IDLE_SECONDS) + 0.01, lambda: self._close_when_idle(connection))
+        self.loop.call_later(limit - min(idle, limit) + 0.01, lambda: self._close_when_idle(connection))
 
     def _on_readable(self, connection: Connection) -> None:
         try:

@@ -130,6 +130,7 @@ class ControlPolicy:
     writers: Access = field(default_factory=Access)
     ringers: Access = field(default_factory=Access)
     readers: Access = field(default_factory=Access)
+    idle_seconds: int = 60  # a connection that sends nothing this long is closed: idle ones would lock others out
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,7 @@ def parse_policy(text: str, source: str, name: str) -> tuple[Policy | None, list
         writers=s.get("writers", Access(), _access),
         ringers=s.get("ringers", Access(), _access),
         readers=s.get("readers", Access(), _access),
+        idle_seconds=s.get("idle_seconds", 60, _positive("idle_seconds", 86400)),
     )
     s.done()
 

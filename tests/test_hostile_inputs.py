@@ -168,3 +168,16 @@ def test_clients_that_leave_before_their_reply_do_not_use_up_the_connection_slot
         assert time.monotonic() < deadline, "the connection slots were never given back"
         time.sleep(0.1)
     still_serving(supervisor)
+
+
+def test_an_idle_control_connection_is_closed(tmp_path):
+    supervisor = RunningSupervisor(policy_file(tmp_path, region={"size": 4096}, control={"idle_seconds": 1}))
+    try:
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(supervisor.control)
+        idle.settimeout(10)
+        assert idle.recv(1) == b""  # closed by the supervisor, having sent nothing
+        idle.close()
+        still_serving(supervisor)
+    finally:
+        assert supervisor.stop() == 0, supervisor.log()
