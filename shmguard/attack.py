@@ -221,10 +221,6 @@ def acl_granting(uid: int) -> bytes:
 # ---------------------------------------------------------------------------------------------------- attacks
 
 
-def _open_rw(scene: Scene) -> Callable[[], int]:
-    return lambda: os.open(scene.region, os.O_RDWR | os.O_CLOEXEC)
-
-
 def _ftruncate_held(scene: Scene) -> Done:
     fd: list[int] = []
     return syscalls(lambda: fd.append(os.open(scene.region, os.O_RDWR)), lambda: os.ftruncate(fd[0], 0))
