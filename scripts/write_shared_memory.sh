@@ -2,7 +2,9 @@
 # Drop-in for the Zephyr sample's write_shared_memory.sh: same flags and defaults, but the message goes
 # through `shmguard write` (bounded, audited, never truncating the region) instead of dd.
 # Usage: write_shared_memory.sh [-s size in bytes] [-l location] [-m message] [-v]
-# The supervisor is found by its policy: $SHMGUARD_POLICY (default: standard, the seed's layout).
+# The supervisor is found by its policy: $SHMGUARD_POLICY (default: standard, the seed's layout). shmguard
+# talks only to a control socket served by root or the policy's owner: a local user who binds the path in /tmp
+# while no supervisor holds it is refused in one line naming its uid, and receives nothing.
 set -eu
 export LC_ALL=C  # sizes are in bytes, as dd counted them
 

@@ -9,6 +9,12 @@ served and, when QEMU is attached, that it still runs.
 
 An attack succeeded when the attacker got further than the policy allows: a change nobody put back or recorded,
 or an access that should have been refused. `exit_status` is then non-zero.
+
+The adversaries (`Attack.judge`) act within what the policy admits: a peer that changes the flags of the file
+descriptions it was handed, a join the policy refuses, a member that takes every peer slot or control
+connection it can, a hole punched through a peer's own fd. The battery then does what reveals the harm (a write,
+a ring, a repair, root's own request) while the attacker still holds what it took, and judges the promised
+behaviour; `withstood` is what it observes when the supervisor was not turned.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import pickle
@@ -29,10 +36,11 @@ import stat
 import struct
 import subprocess
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .client import IvshmemClient
@@ -41,6 +49,7 @@ from .errors import ShmguardError
 from .hardening import capability_names, read_proc_status
 from .launcher import SupervisorProcess
 from .policy import Policy, load_policy, relocated_policy_text
+from .protocol import PROTOCOL_VERSION, recv_message
 
 ROLES = ("root", "member", "outsider")
 MEMBER_USER = "shmguard-member"
@@ -51,8 +60,16 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x1, 0x2
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x1, 0x2, 0x4, 0x10, 0x20
 ATTACK_TIMEOUT = 60.0
 ATTRIBUTION_GRACE = 0.025
+ANSWER_SECONDS = 3.0  # while an adversary holds its ground, the supervisor still answers within this
+REPAIR_SECONDS = 2.0  # a tamper the guard must see is put back (and recorded) within this
+REFUSAL_NOTICE = -1  # the first word a refused peer receives: QEMU exits "server sent version -1, expecting 0"
+EVENTFD_FULL = 0xFFFFFFFFFFFFFFFE  # the largest counter an eventfd holds: one more ring would block
+PREALLOCATION = 1 << 20  # bytes allocated past the end (FALLOC_FL_KEEP_SIZE), so st_blocks never drops
+MAX_LISTED_INCIDENTS = 20
+ADVERSARY_SECONDS = 20.0  # an adversary that takes slots gives up after this, whatever the server does
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.setfsgid.argtypes = [ctypes.c_uint]
 _ERRNO_TEXTS = sorted(((os.strerror(number), name) for number, name in errno.errorcode.items()),
                       key=lambda item: -len(item[0]))
 
@@ -69,6 +86,7 @@ class Identity:
     uid: int
     gid: int
     groups: tuple[int, ...]
+    fs_group: int | None = None  # a group held only as the fsgid: the kernel's file checks see it, SO_PEERCRED not
 
     @classmethod
     def of(cls, role: str, user: str, extra_groups: tuple[int, ...] = ()) -> Identity:
@@ -91,7 +109,7 @@ class Identity:
         mode = stat.S_IMODE(st.st_mode)
         if self.uid == st.st_uid:
             bits = mode >> 6
-        elif st.st_gid in self.groups:
+        elif st.st_gid in self.groups or st.st_gid == self.fs_group:
             bits = mode >> 3
         else:
             bits = mode
@@ -135,6 +153,8 @@ class Scene:
     scratch: str  # a sticky directory any uid may write (decoys)
     near: str  # a sticky directory on the region's filesystem (hard links, rename-over)
     identity: Identity
+    peer_slots: int = 64  # server.max_peers: how many joins it takes to be refused
+    control_slots: int = 64  # shares.connections: how many control connections there are in all
 
     def name(self, suffix: str, directory: str | None = None) -> str:
         return os.path.join(directory or self.near, f"shmguard-attack-{self.token}-{suffix}")
@@ -149,6 +169,7 @@ class Done:
     pid: int  # the process that made the attacking syscall: fanotify should name it
     returned_ns: int  # CLOCK_MONOTONIC (system-wide) just after it returned
     syscall_ms: float
+    facts: dict = field(default_factory=dict)  # what an adversary learnt (its peer id, what a refusal said)
 
 
 _held: list = []  # in the child: what must outlive the attack until the parent has looked (fds, zombies)
@@ -344,6 +365,325 @@ def _truncate_during_writes(scene: Scene) -> Done:
     return syscalls(lambda: fd.append(os.open(scene.region, os.O_RDWR)), race)
 
 
+# ---------------------------------------------------------------------------------------------------- adversaries
+# A peer or member acting within what the policy admits. The action runs in the child (which stays alive, holding
+# what it took); the judge runs in the battery as root while it does, and returns (problems, the message the
+# region must now hold); the undo puts back what the attack left in the supervisor's own descriptions.
+
+
+Verdict = tuple[list[str], bytes]  # what went wrong, and the message the region must hold now
+
+
+def _as_peer(scene: Scene, act: Callable[[IvshmemClient], dict]) -> Done:
+    """Join as a peer (a refusal is the result), then act on what the greeting handed over."""
+    started = time.monotonic_ns()
+    try:
+        client = IvshmemClient(scene.socket, timeout=5.0).connect()
+    except ShmguardError as exc:
+        return Done(False, _refusal_in_words(str(exc)), os.getpid(), time.monotonic_ns(), 0.0)
+    _held.append(client)
+    facts, error = {"peer": client.own_id}, None
+    try:
+        facts.update(act(client))
+    except OSError as exc:
+        error = _errno_name(exc)
+    returned = time.monotonic_ns()
+    return Done(error is None, error, os.getpid(), returned, (returned - started) / 1e6, facts)
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def _peer_sets_append(scene: Scene) -> Done:
+    def act(client: IvshmemClient) -> dict:
+        fcntl.fcntl(client.shm_fd, fcntl.F_SETFL, fcntl.fcntl(client.shm_fd, fcntl.F_GETFL) | os.O_APPEND)
+        return {}
+
+    return _as_peer(scene, act)
+
+
+def _peer_blocks_eventfds(scene: Scene) -> Done:
+    def act(client: IvshmemClient) -> dict:
+        host = next(iter(client.peers))  # the supervisor's own peer joined first: the first id in the greeting
+        for fd in client.peers[host]:
+            _drain_eventfd(fd)  # while it is still non-blocking
+            os.set_blocking(fd, True)
+        for fd in client.own_vectors:
+            _drain_eventfd(fd)
+            os.eventfd_write(fd, EVENTFD_FULL)
+            os.set_blocking(fd, True)
+        return {"host": host}
+
+    return _as_peer(scene, act)
+
+
+def _peer_punches_hole(scene: Scene, preallocate: bool) -> Done:
+    def act(client: IvshmemClient) -> dict:
+        if preallocate:  # pages past the end keep st_blocks up; a sealed memfd refuses them (EPERM)
+            _fallocate(client.shm_fd, FALLOC_FL_KEEP_SIZE, scene.size, PREALLOCATION)
+        _fallocate(client.shm_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, min(scene.size, 65536))
+        return {}
+
+    return _as_peer(scene, act)
+
+
+def _raw_join(path: str) -> tuple[socket.socket, int | None]:
+    """Connect to the ivshmem socket and read the first word (None: closed without one); fds are dropped."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(5.0)
+        sock.connect(path)
+        message = recv_message(sock, time.monotonic() + 5.0)
+    except BaseException:
+        sock.close()
+        raise
+    if message is None:
+        return sock, None
+    for fd in message[1]:
+        os.close(fd)
+    return sock, message[0]
+
+
+def _closed_after(sock: socket.socket, seconds: float) -> bool:
+    """Does EOF (and nothing else) follow within seconds?"""
+    try:
+        return recv_message(sock, time.monotonic() + seconds) is None
+    except (OSError, TimeoutError):
+        return False
+
+
+def _discard_pending(sock: socket.socket) -> None:
+    """Read what the server sent a held peer (announcements), closing the fds: it never reaches its bound."""
+    while True:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4), socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) - len(payload) % 4]):
+                    os.close(fd)
+        if not data:
+            return
+
+
+def _take_peer_slots(scene: Scene) -> Done:
+    """Join again and again, holding every peer slot it gets, until a join is refused; say how it was refused."""
+    started, held, refusal, give_up = time.monotonic_ns(), [], None, time.monotonic() + ADVERSARY_SECONDS
+    for _ in range(scene.peer_slots + 2):
+        if time.monotonic() > give_up:
+            refusal = {"error": f"still joining after {ADVERSARY_SECONDS:g} s"}
+            break
+        try:
+            sock, first = _raw_join(scene.socket)
+        except (OSError, TimeoutError) as exc:
+            refusal = {"error": _errno_name(exc) if isinstance(exc, OSError) else "timed out"}
+            break
+        if first == PROTOCOL_VERSION:
+            sock.setblocking(False)  # a socket with a timeout would wait for data before each MSG_DONTWAIT read
+            held.append(sock)
+            for peer in held:
+                _discard_pending(peer)
+            continue
+        refusal = {"first": first, "then_eof": first is not None and _closed_after(sock, ANSWER_SECONDS)}
+        sock.close()
+        break
+    _held.extend(held)
+    returned = time.monotonic_ns()
+    facts = {"joined": len(held), "refusal": refusal}
+    if held:
+        error = None
+    elif refusal and "error" in refusal:
+        error = refusal["error"]
+    else:
+        error = "refused by the server" if refusal and refusal["first"] == REFUSAL_NOTICE else \
+            f"closed by the server after {'no word' if not refusal or refusal['first'] is None else refusal['first']}"
+    return Done(bool(held), error, os.getpid(), returned, (returned - started) / 1e6, facts)
+
+
+def _unread_bytes(sock: socket.socket) -> int:
+    """Bytes sent on a UNIX socket that the other end has not read yet (SIOCOUTQ)."""
+    count = struct.pack("i", 0)
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, count))[0]
+
+
+def _answered_or_closed(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def _take_control_connections(scene: Scene) -> Done:
+    """Open every control connection it can, each with a request begun and never finished, and hold them."""
+    started, opened, give_up = time.monotonic_ns(), [], time.monotonic() + ADVERSARY_SECONDS
+    for _ in range(scene.control_slots + 4):
+        if time.monotonic() > give_up:
+            break
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(5.0)
+        try:
+            sock.connect(scene.control)
+            sock.send(b"{")
+        except OSError as exc:
+            sock.close()
+            if not opened:
+                return Done(False, _errno_name(exc), os.getpid(), time.monotonic_ns(), 0.0)
+            break
+        opened.append(sock)
+    deadline = time.monotonic() + ANSWER_SECONDS  # until the server has taken up or turned away every one
+    while time.monotonic() < deadline and any(_unread_bytes(s) and not _answered_or_closed(s) for s in opened):
+        time.sleep(0.01)
+    turned_away = [s for s in opened if _answered_or_closed(s)]
+    held = [s for s in opened if s not in turned_away and not _unread_bytes(s)]
+    _held.extend(opened)
+    threading.Thread(target=_keep_alive, args=(held,), daemon=True).start()
+    returned = time.monotonic_ns()
+    facts = {"opened": len(opened), "held": len(held), "turned_away": len(turned_away),
+             "waiting": len(opened) - len(held) - len(turned_away)}
+    return Done(True, None, os.getpid(), returned, (returned - started) / 1e6, facts)
+
+
+def _keep_alive(held: list[socket.socket]) -> None:
+    """A byte every few seconds: a connection that sends is never idle."""
+    while True:
+        time.sleep(2.0)
+        for sock in held:
+            try:
+                sock.send(b" ")
+            except OSError:
+                pass
+
+
+def _judge_append(battery: Battery, scene: Scene, done: Done, offset: int, expected: str) -> Verdict:
+    if not done.ok:
+        return [], scene.message
+    message = scene.message + b" (written after the peer set O_APPEND)"
+    problems = battery._ask_write(message)
+    if not battery.memfd:
+        os.truncate(battery.region, battery.size // 2)  # the guard's repair must land in place too
+    return problems + battery._eventually(lambda: battery._region_problems(message), REPAIR_SECONDS), message
+
+
+def _undo_append(battery: Battery, scene: Scene, done: Done) -> None:
+    """Today the observer's fd is the supervisor's own description: clearing O_APPEND there stops the loop."""
+    fd = battery.observer.shm_fd
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND)
+    battery._eventually(lambda: [] if os.fstat(fd).st_size == battery.size else ["resized"], REPAIR_SECONDS)
+
+
+def _judge_eventfds(battery: Battery, scene: Scene, done: Done, offset: int, expected: str) -> Verdict:
+    if not done.ok:
+        return [], scene.message
+    peer, problems = done.facts["peer"], []
+    if battery._ask({"op": "ring", "target": f"{peer}:0"}) is None:
+        problems.append(f"no answer within {ANSWER_SECONDS:g} s to a ring of peer {peer}, whose eventfds it made "
+                        "blocking and full (the supervisor blocks in eventfd_write)")
+    status = battery._ask({"op": "status"})
+    if status is None or not status.get("ok"):
+        problems.append(f"status not answered within {ANSWER_SECONDS:g} s after peer {peer} made the host's "
+                        "eventfds blocking and drained them and its own blocking and full")
+    return problems, scene.message
+
+
+def _undo_eventfds(battery: Battery, scene: Scene, done: Done) -> None:
+    """Through the observer's copies (the same descriptions): non-blocking again, and the full counter drained,
+    which also frees a supervisor stuck in eventfd_write."""
+    if not done.facts:
+        return
+    try:
+        battery.observer.update()
+    except ShmguardError:
+        pass
+    for fd in battery.observer.peers.get(done.facts.get("host"), []):
+        os.set_blocking(fd, False)
+    for fd in battery.observer.peers.get(done.facts.get("peer"), []):
+        os.set_blocking(fd, False)
+        _drain_eventfd(fd)
+
+
+def _judge_refusal(battery: Battery, scene: Scene, done: Done, offset: int, expected: str) -> Verdict:
+    refusal = done.facts.get("refusal")
+    if not done.facts or (refusal and "error" in refusal and not done.facts.get("joined")):
+        return [f"the attack did not reach the server's refusal ({done.error})"], scene.message
+    problems = []
+    if refusal is None:
+        problems.append(f"{done.facts['joined']} joins and none refused")
+    elif "error" in refusal:
+        problems.append(f"join {done.facts['joined'] + 1} failed with {refusal['error']}, not a refusal")
+    elif refusal["first"] != REFUSAL_NOTICE:
+        said = "nothing" if refusal["first"] is None else f"the word {refusal['first']}"
+        problems.append(f"a refused join received {said} before EOF, not the version {REFUSAL_NOTICE} notice "
+                        "(QEMU spins in device realize)")
+    elif not refusal["then_eof"]:
+        problems.append(f"the version {REFUSAL_NOTICE} notice was not followed by EOF")
+    if refusal is not None and "error" not in refusal:
+        records = [r for r in battery._records_since(offset) if r.get("action") == "refused"
+                   and (r.get("actor") or {}).get("uid") == scene.identity.uid
+                   and (r.get("detail") or {}).get("reason")]
+        if not records:
+            problems.append(f"no refusal of uid {scene.identity.uid} with its reason in the audit log")
+    return problems, scene.message
+
+
+def _judge_peer_slots(battery: Battery, scene: Scene, done: Done, offset: int, expected: str) -> Verdict:
+    if not done.ok:
+        return [], scene.message
+    shares, joined, problems = battery.policy.shares, done.facts["joined"], []
+    if scene.identity.uid not in shares.reserved_for and joined > shares.peers_per_uid:
+        problems.append(f"uid {scene.identity.uid} took {joined} peer slots (shares.peers_per_uid: "
+                        f"{shares.peers_per_uid})")
+    try:
+        IvshmemClient(battery.policy.server.socket, timeout=ANSWER_SECONDS).connect().close()
+    except ShmguardError as exc:
+        problems.append(f"a root peer cannot join while uid {scene.identity.uid} holds {joined} slots: {exc}")
+    return problems, scene.message
+
+
+def _judge_control_connections(battery: Battery, scene: Scene, done: Done, offset: int, expected: str) -> Verdict:
+    if not done.ok:
+        return [], scene.message
+    shares, facts, problems = battery.policy.shares, done.facts, []
+    if scene.identity.uid not in shares.reserved_for and facts["held"] > shares.connections_per_uid:
+        problems.append(f"uid {scene.identity.uid} holds {facts['held']} control connections "
+                        f"(shares.connections_per_uid: {shares.connections_per_uid})")
+    status = battery._ask({"op": "status"})
+    if status is None or not status.get("ok"):
+        why = "no answer" if status is None else status.get("error")
+        problems.append(f"root's status failed while uid {scene.identity.uid} holds {facts['held']} control "
+                        f"connections: {why}")
+    return problems, scene.message
+
+
+def _judge_hole(battery: Battery, scene: Scene, done: Done, offset: int, expected: str) -> Verdict:
+    if not done.ok:
+        return [], scene.message
+
+    def unrepaired() -> list[str]:
+        holes = [r for r in battery._incidents_since(offset) if r["detail"].get("kind") == "hole"]
+        problems = [] if holes else ["no \"hole\" incident in the audit log"]
+        return problems + (battery._region_problems(scene.message) if expected == "repaired" else [])
+
+    return battery._eventually(unrepaired, REPAIR_SECONDS), scene.message
+
+
+def _undo_hole(battery: Battery, scene: Scene, done: Done) -> None:
+    """The message back (an alerting policy does not put it back) and no pages left past the end."""
+    if not done.ok:
+        return
+    battery._ask_write(scene.message)
+    if not battery.memfd:
+        try:
+            _fallocate(battery.observer.shm_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, battery.size,
+                       PREALLOCATION)
+        except OSError:
+            pass
+
+
+Judge = Callable[["Battery", Scene, Done, int, str], Verdict]  # (battery, scene, done, audit offset, expected)
+
+
 @dataclass(frozen=True)
 class Attack:
     name: str
@@ -355,6 +695,13 @@ class Attack:
     extra: bool = False  # beyond the listed attacks: what a demanding attacker also tries
     legit: bool = False  # an access the policy allows to whoever the kernel lets through
     group_only: bool = False  # the outsider holds the socket's group as a supplementary group only
+    fs_group_only: bool = False  # the socket's group as the fsgid only: past the socket's mode, not the policy
+    judge: Judge | None = None  # an adversary inside the policy: what the battery checks while it holds its ground
+    undo: Callable[[Battery, Scene, Done], None] | None = None  # puts back what it left in the supervisor's own fds
+
+    @property
+    def adversary(self) -> bool:
+        return self.judge is not None
 
 
 ATTACKS: tuple[Attack, ...] = (
@@ -403,6 +750,25 @@ ATTACKS: tuple[Attack, ...] = (
            lambda s: command(["chmod", "0777", s.socket]), extra=True),
     Attack("connect-group-only", "join holding the socket's group only as a supplementary group (a member: admitted)",
            "connect", "connect", _connect, roles=("outsider",), extra=True, legit=True, group_only=True),
+    # --- adversaries inside the policy: a peer or member turning what it was given against the supervisor ----
+    Attack("peer-append-region", "a peer sets O_APPEND on its region fd; then an audited write and a repair",
+           "descriptions", "connect", _peer_sets_append, judge=_judge_append, undo=_undo_append),
+    Attack("peer-blocking-eventfds", "a peer makes the host's eventfds blocking and drains them, and its own "
+           "blocking and full; then a ring of it and a status", "descriptions", "connect", _peer_blocks_eventfds,
+           judge=_judge_eventfds, undo=_undo_eventfds),
+    Attack("refused-peer-told", "joins until one is refused (the outsider passes the socket by its fsgid only): "
+           "the version -1 notice, EOF, the reason in the log", "refusal", "connect", _take_peer_slots,
+           roles=("member", "outsider"), fs_group_only=True, judge=_judge_refusal),
+    Attack("peer-slots-hog", "a member holds every peer slot it can get; a root peer still joins", "shares",
+           "connect", _take_peer_slots, roles=("member", "outsider"), judge=_judge_peer_slots),
+    Attack("control-connections-hog", "a member holds every control connection it can (a byte every 2 s); root's "
+           "status still works", "shares", "connect-control", _take_control_connections,
+           roles=("member", "outsider"), judge=_judge_control_connections),
+    Attack("peer-punch-hole", "a peer punches a hole through its own region fd", "hole", "connect",
+           lambda s: _peer_punches_hole(s, preallocate=False), judge=_judge_hole, undo=_undo_hole),
+    Attack("peer-preallocated-punch-hole", "a peer allocates past the end (KEEP_SIZE), then punches a hole through "
+           "its own fd", "hole-preallocated", "connect", lambda s: _peer_punches_hole(s, preallocate=True),
+           judge=_judge_hole, undo=_undo_hole),
 )
 ATTACKS_BY_NAME = {attack.name: attack for attack in ATTACKS}
 
@@ -426,6 +792,8 @@ class AttackResult:
     offender: dict | str | None = None
     problems: tuple[str, ...] = ()
     extra: bool = False
+    adversary: bool = False  # acted within what the policy admits (a peer, a member); judged by its own checks
+    facts: dict = field(default_factory=dict)  # what an adversary learnt: its peer id, slots held, a refusal
 
     @property
     def succeeded(self) -> bool:
@@ -525,14 +893,19 @@ class Battery:
         identity = self.identities[role]
         if attack.group_only:
             identity = Identity.of(role, identity.user, (self.policy.server.group,))
+        if attack.fs_group_only:
+            identity = replace(identity, fs_group=self.policy.server.group)
         expected = self.expected(attack, identity)
         self.count += 1
         message = f"shmguard attack {self.count}: {attack.name} as {role} {secrets.token_hex(8)}".encode()
         self._write(message)
         scene = Scene(self.region, self.memfd, self.size, self.policy.server.socket, self.policy.control.socket,
-                      message, secrets.token_hex(6), self.scratch, self.near, identity)
+                      message, secrets.token_hex(6), self.scratch, self.near, identity,
+                      self.policy.server.max_peers, self.policy.shares.connections)
         offset = self._audit_size()
         pid, done, release = run_as(identity, attack.action, scene)
+        if attack.adversary:
+            return self._run_adversary(attack, identity, expected, scene, done, offset, (pid, release))
         try:
             self._settle()
             if done.ok and not attack.legit:
@@ -551,6 +924,47 @@ class Battery:
             observed = "FAILED"
         return self._result(attack, identity, expected, observed, done, incidents, problems)
 
+    def _run_adversary(self, attack: Attack, identity: Identity, expected: str, scene: Scene, done: Done,
+                       offset: int, child: tuple[int, int]) -> AttackResult:
+        """Judge while the attacker still holds what it took; undo what it left in the supervisor's own
+        descriptions; then, with the attacker gone, the same checks as after every attack."""
+        try:
+            try:
+                problems, message = attack.judge(self, scene, done, offset, expected)
+            finally:
+                if attack.undo is not None:
+                    attack.undo(self, scene, done)
+        finally:
+            release_child(*child)
+            self._clear_up(scene)
+        problems = problems + self._problems_after_adversary(message)
+        incidents = self._incidents_since(offset)
+        observed = "FAILED" if problems else self._observe_adversary(attack, done, incidents)
+        if len(incidents) > MAX_LISTED_INCIDENTS:  # a repair that loops records without end: the first tell it
+            done.facts["incidents"] = len(incidents)
+            incidents = incidents[:MAX_LISTED_INCIDENTS]
+        return self._result(attack, identity, expected, observed, done, incidents, problems)
+
+    def _observe_adversary(self, attack: Attack, done: Done, incidents: list[dict]) -> str:
+        if not done.ok:
+            sealed = self.memfd and attack.kind == "hole-preallocated" and done.error == "EPERM"
+            return "blocked" if sealed else "refused"
+        if attack.kind.startswith("hole"):
+            results = {record["result"] for record in incidents if record["detail"].get("kind") == "hole"}
+            return "repaired" if "repaired" in results else "alerted" if "alerted" in results else "FAILED"
+        return "withstood"
+
+    def _problems_after_adversary(self, message: bytes) -> list[str]:
+        """The supervisor answers again once the attacker is gone (its connections take a moment to close)."""
+        if self._eventually(lambda: [] if (self._ask({"op": "status"}) or {}).get("ok") else ["no answer"],
+                            ANSWER_SECONDS * 2):
+            return [f"the supervisor does not answer status within {ANSWER_SECONDS * 2:g} s after the attack"]
+        try:
+            self._settle()
+            return self._problems(message)
+        except ShmguardError as exc:
+            return [f"after the attack: {exc}"]
+
     def run_all(self, attacks: list[str] | None = None, roles: tuple[str, ...] = ROLES,
                 extras: bool = True) -> list[AttackResult]:
         chosen = [ATTACKS_BY_NAME[name] for name in attacks] if attacks else \
@@ -566,13 +980,15 @@ class Battery:
                          "offender": r["detail"]["offender"]} for r in incidents)
         return AttackResult(attack.name, attack.description, identity.label, identity.uid, expected, observed,
                             done.error, round(done.syscall_ms, 3), None if repair_ms is None else round(repair_ms, 3),
-                            summary, done.pid, first, tuple(problems), attack.extra)
+                            summary, done.pid, first, tuple(problems), attack.extra, attack.adversary, done.facts)
 
     # --- what should happen ----------------------------------------------------------------------------
 
     def expected(self, attack: Attack, identity: Identity) -> str:
         if not self.permitted(attack.needs, identity):
             return "refused"
+        if attack.adversary:
+            return self._expected_of_adversary(attack, identity)
         if attack.legit:
             return "allowed" if self._admitted(attack, identity) else "refused"
         guard = self.policy.guard
@@ -585,6 +1001,16 @@ class Battery:
         if attack.needs == "root" and response == "repair" and not self._supervisor_may("chown"):
             return "failed"  # a file given away can only be taken back with CAP_CHOWN
         return OUTCOMES[response]
+
+    def _expected_of_adversary(self, attack: Attack, identity: Identity) -> str:
+        if attack.needs == "connect" and not self.policy.server.peers.admits(identity.uid, identity.gid,
+                                                                             identity.groups):
+            return "refused"  # by the server, with the version -1 notice
+        if attack.kind == "hole-preallocated" and self.memfd:
+            return "blocked"  # the seals refuse to grow the allocation past the end
+        if attack.kind.startswith("hole"):
+            return "alerted" if self.policy.guard.on_resize == "alert" else "repaired"
+        return "withstood"
 
     def _supervisor_may(self, capability: str) -> bool:
         return capability in capability_names(read_proc_status(self.supervisor_pid).get("CapEff", "0"))
@@ -602,8 +1028,8 @@ class Battery:
         sockets = {"unlink-socket": self.policy.server.socket, "unlink-control": self.policy.control.socket}
         if needs in sockets:
             return who.may_unlink(sockets[needs])
-        if needs == "connect":
-            path = self.policy.server.socket
+        if needs in ("connect", "connect-control"):
+            path = self.policy.server.socket if needs == "connect" else self.policy.control.socket
             return who.may_reach(path) and who.may(os.stat(path), 2)
         if needs == "own-socket":
             return root or who.uid == os.lstat(self.policy.server.socket).st_uid
@@ -704,6 +1130,34 @@ class Battery:
 
     def _write(self, message: bytes) -> None:
         self._control({"op": "write", "data": base64.b64encode(message).decode(), "text": True, "offset": 0})
+
+    def _ask(self, body: dict, timeout: float = ANSWER_SECONDS) -> dict | None:
+        """One request, no retry: its reply (ok or not), or None if none came within timeout."""
+        try:
+            return request(self.policy.control.socket, body, timeout=timeout)
+        except (ShmguardError, ValueError):
+            return None
+
+    def _ask_write(self, message: bytes) -> list[str]:
+        reply = self._ask({"op": "write", "data": base64.b64encode(message).decode(), "text": True, "offset": 0})
+        if reply is None or not reply.get("ok"):
+            return [f"an audited write failed: {'no answer' if reply is None else reply.get('error')}"]
+        return []
+
+    @staticmethod
+    def _eventually(problems: Callable[[], list[str]], seconds: float) -> list[str]:
+        """Look until nothing is wrong or the time is up; what was still wrong at the end."""
+        deadline = time.monotonic() + seconds
+        while True:
+            found = problems()
+            if not found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.02)
+
+    def _records_since(self, offset: int) -> list[dict]:
+        with open(self.policy.audit.path, "rb") as log:
+            log.seek(offset)
+            return [json.loads(line) for line in log.read().splitlines() if line.strip()]
 
     def _settle(self) -> None:
         """Two round trips through the supervisor's loop: every event the attack caused has been handled."""
@@ -817,6 +1271,8 @@ def _child(identity: Identity, action, scene: Scene, result_write: int, release_
         if identity.uid != 0 or identity.groups != (0,):
             os.setgroups(list(identity.groups))
             os.setgid(identity.gid)
+            if identity.fs_group is not None:
+                _libc.setfsgid(identity.fs_group)  # kept by setuid(), which resets only the fsuid
             os.setuid(identity.uid)
         done = action(scene)
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent

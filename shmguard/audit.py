@@ -21,12 +21,10 @@ ValueError before a single byte is written; what a user or the system can cause 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ShmguardError
+from .paths import make_directory, open_for_reading, open_log
 
 ACTIONS: tuple[str, ...] = (
     "write",
@@ -47,6 +46,7 @@ ACTIONS: tuple[str, ...] = (
     "torn-tail",
     "qemu-exit",
     "guest-ready",
+    "audit-gap",
 )
 TORN_TAIL = "torn-tail"
 ZERO_HASH = "0" * 64
@@ -400,14 +400,8 @@ def verify(path: str | Path) -> VerifyResult:
 
 
 def _open_for_reading(path: Path) -> BinaryIO:
-    try:
-        file = open(path, "rb")
-    except OSError as err:
-        raise ShmguardError(f"cannot read audit log {path}: {err.strerror}") from None
-    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-        file.close()
-        raise ShmguardError(f"{path} is not an audit log: not a regular file")
-    return file
+    # Any file the caller names may be read, but a FIFO must not hang `audit verify` or `audit show`.
+    return os.fdopen(open_for_reading(path, "audit log"), "rb")
 
 
 def read_records(path: str | Path, since: int | None = None) -> Iterator[dict]:
@@ -495,9 +489,10 @@ class AuditLog:
         self._tail_unknown = True  # set again when a write fails: the file may end in a fragment
 
     @classmethod
-    def open(cls, path: str | Path, durable: bool) -> AuditLog:
+    def open(cls, path: str | Path, durable: bool, owners: Iterable[int] | None = None) -> AuditLog:
+        """owners: who besides root may own the log and its directories (default: the uid we run as)."""
         path = Path(path)
-        fd = _open_for_append(path, durable)
+        fd = _open_for_append(path, durable, owners)
         log = cls(path, fd, durable)
         try:
             _lock(fd, path)
@@ -592,41 +587,27 @@ class AuditLog:
         )
 
 
-def _open_for_append(path: Path, durable: bool) -> int:
-    created_dir = _ensure_directory(path.parent)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW  # a symlinked log could redirect appends
+def _open_for_append(path: Path, durable: bool, owners: Iterable[int] | None = None) -> int:
+    """The log's directory (made 0750 if missing) and the file itself, checked: see shmguard/paths.py."""
+    created_dirs = _ensure_directory(path.parent, owners)
+    fd, created = open_log(path, os.O_WRONLY | os.O_APPEND, FILE_MODE, owners, "audit log")
     try:
-        try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            created = True
-        except FileExistsError:
-            fd = os.open(path, flags)
-            created = False
-    except OSError as err:
-        why = "it is a symbolic link" if err.errno == errno.ELOOP else err.strerror
-        raise ShmguardError(f"cannot open audit log {path}: {why}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ShmguardError(f"cannot open audit log {path}: not a regular file")
-    if created:
-        os.fchmod(fd, FILE_MODE)  # the umask must not loosen or tighten the documented mode
-        if durable:
+        if created and durable:
             _fsync_directory(path.parent)
-    if created_dir and durable:
-        _fsync_directory(path.parent.parent)
+        if durable:
+            for directory in created_dirs:
+                _fsync_directory(Path(directory).parent)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
-def _ensure_directory(directory: Path) -> bool:
-    """Create the log's directory (mode 0750) if missing; True if it was created."""
-    if directory.is_dir():
-        return False
-    try:
-        os.makedirs(directory, DIR_MODE, exist_ok=True)
-        os.chmod(directory, DIR_MODE)
-    except OSError as err:
-        raise ShmguardError(f"cannot create audit log directory {directory}: {err.strerror}") from None
-    return True
+def _ensure_directory(directory: Path, owners: Iterable[int] | None = None) -> list[str]:
+    """Create the log's directory (mode 0750) if missing and check every directory on the way to it.
+
+    A directory someone untrusted could write is refused: they could plant a FIFO or rewrite the history."""
+    return make_directory(directory, DIR_MODE, owners)
 
 
 def _fsync_directory(directory: Path) -> None:

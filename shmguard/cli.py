@@ -55,8 +55,17 @@ def resolve_socket(policy_name: str, socket_path: str | None) -> str:
     return socket_path or load_policy(policy_name).server.socket
 
 
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from .version import version_text
+
+        click.echo(version_text())
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="shmguard")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version (with the commit, run from a checkout) and exit.")
 def main() -> None:
     """shmguard: a production supervisor for QEMU inter-VM shared memory (ivshmem).
 
@@ -145,15 +154,25 @@ def _format_policy(data: dict) -> str:
 
 @policy.command("check")
 @click.argument("path")
+@click.option("--unit", help="Also check that this unit (shmguard.service, shmguard@NAME.service) can serve it: "
+              "its user, its writable directories, no capabilities.")
 @user_errors
-def policy_check(path):
+def policy_check(path, unit):
     """Check a policy file; print every error with file, key and reason."""
     errors = check_policy(path)
+    if unit and not errors:
+        from .units import unit_dirs, unit_problems
+
+        try:
+            unit_dirs(unit)
+        except ValueError as exc:
+            raise ShmguardError(f"--unit: {exc}") from None
+        errors = unit_problems(load_policy(path), unit)
     for error in errors:
         click.echo(error, err=True)
     if errors:
         sys.exit(2)
-    click.echo(f"{path}: OK")
+    click.echo(f"{path}: OK" + (f" for {unit}" if unit else ""))
 
 
 # --- peers and doorbells --------------------------------------------------------------------------------
@@ -168,10 +187,13 @@ def join_options(func):
 
 
 def _connected_client(policy_name, socket_path, expected_vectors=None, join_timeout=5.0):
-    from .client import IvshmemClient
+    """Joined as a peer, once the server proved to be one the policy trusts (the policy is loaded even with
+    --socket: it says who that is)."""
+    from .client import IvshmemClient, answering_uids
 
-    path = resolve_socket(policy_name, socket_path)
-    return IvshmemClient(path, vectors=expected_vectors, timeout=join_timeout).connect()
+    policy = load_policy(policy_name)
+    return IvshmemClient(socket_path or policy.server.socket, vectors=expected_vectors, timeout=join_timeout,
+                         answerers=answering_uids(policy)).connect()
 
 
 @main.command()
@@ -255,9 +277,13 @@ def control_option(func):
 
 
 def control_call(policy_name: str, control_path: str | None, body: dict, timeout: float | None = 30.0) -> dict:
+    """One request to the supervisor, sent only if the server is one the policy trusts (the policy is loaded even
+    with --control-socket: it says who that is)."""
+    from .client import answering_uids
     from .control import request
 
-    reply = request(control_path or load_policy(policy_name).control.socket, body, timeout)
+    policy = load_policy(policy_name)
+    reply = request(control_path or policy.control.socket, body, timeout, answerers=answering_uids(policy))
     if not reply.get("ok"):
         raise ShmguardError(reply.get("error", "the supervisor refused the request"))
     return reply
@@ -338,10 +364,19 @@ def ring(target, policy_name, control_path):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @user_errors
 def status(policy_name, control_path, as_json):
-    """Show the running supervisor: region, peers, guest, guard and audit state."""
+    """Show the running supervisor: region, peers, guest, guard and audit state.
+
+    The first line says whether everything is healthy; the exit status is 0 only if it is (a monitoring check).
+    """
+    from . import health
+
     reply = control_call(policy_name, control_path, {"op": "status"})
     reply.pop("ok", None)
-    emit(reply, as_json, _format_status(reply))
+    problems = health.problems(reply)
+    reply["health"] = {"healthy": not problems, "problems": problems}
+    emit(reply, as_json, health.summary(reply) + "\n" + _format_status(reply))
+    if problems:
+        sys.exit(1)
 
 
 def _format_status(data: dict) -> str:
@@ -373,13 +408,26 @@ def attack(policy_name, running, with_qemu, as_json):
     """Attack a supervisor as root, a group member and an outsider; exit 1 if any attack succeeds.
 
     Prints each attack, the uid it ran as, the expected defence, what was observed (blocked, repaired,
-    refused or FAILED) and the time to repair.
+    refused, withstood or FAILED) and the time to repair. Tampers from outside come first, then the
+    adversaries the policy admits: peers and members that turn what they were given against the supervisor.
     """
     from .attack import exit_status, format_table, run_battery
 
     results = run_battery(policy_name, start_supervisor=not running, with_qemu=with_qemu)
     emit([result.describe() for result in results], as_json, format_table(results))
     sys.exit(exit_status(results))
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script for SHELL.
+
+    For bash, add `eval "$(shmguard completion bash)"` to ~/.bashrc (zsh: ~/.zshrc; fish: `shmguard completion
+    fish | source`)."""
+    from click.shell_completion import get_completion_class
+
+    click.echo(get_completion_class(shell)(main, {}, "shmguard", "_SHMGUARD_COMPLETE").source())
 
 
 # --- the audit log ---------------------------------------------------------------------------------------
@@ -440,6 +488,41 @@ def guest_build(quiet):
     image = build_guest(log=(lambda _line: None) if quiet else lambda line: click.echo(line, err=True))
     if not quiet:
         click.echo(f"kernel  {image.kernel}\ninitrd  {image.initrd}\ncmdline {image.cmdline}")
+
+
+@guest.command("domain-xml")
+@click.option("--name", default="shmguard-guest", show_default=True, help="The libvirt domain's name.")
+@policy_option
+@socket_option
+@click.option("--host-peer", type=click.IntRange(0, 65535), help="The supervisor's own peer id (default: asked of "
+              "the running supervisor, else 0, the id a supervisor takes when it starts).")
+@click.option("--image-dir", type=click.Path(file_okay=False), default="/var/lib/libvirt/boot", show_default=True,
+              help="Where the guest image is copied to (libvirt chowns it to its QEMU user while the VM runs).")
+@click.option("--serial-log", type=click.Path(dir_okay=False), help="The guest's console "
+              "(default: /var/log/libvirt/qemu/NAME-serial.log).")
+@user_errors
+def guest_domain_xml(name, policy_name, socket_path, host_peer, image_dir, serial_log):
+    """Print a libvirt domain that boots the built-in guest on the policy's socket: `virsh define` it as printed."""
+    from pathlib import Path
+
+    from .domain import Domain, check_name, domain_xml, install_image
+    from .guest import build_guest
+    from .qemu import choose_accel
+
+    policy = load_policy(policy_name)
+    check_name(name)
+    if host_peer is None:
+        try:
+            host_peer = control_call(policy_name, None, {"op": "status"}, timeout=5)["host_peer"]
+        except (ShmguardError, OSError):
+            host_peer = 0
+            click.echo(f"shmguard: no supervisor answers at {policy.control.socket}: shmguard.host=0, the id a "
+                       "supervisor takes when it starts", err=True)
+    image = install_image(build_guest(log=lambda line: click.echo(line, err=True)), name, Path(image_dir))
+    accel, _ = choose_accel(kernel=image.kernel)
+    click.echo(domain_xml(Domain(name, socket_path or policy.server.socket, policy.server.vectors, host_peer,
+                                 image.kernel, image.initrd, image.cmdline, policy.qemu.memory,
+                                 Path(serial_log) if serial_log else None, kvm=accel == "kvm")), nl=False)
 
 
 @main.command()

@@ -1,19 +1,57 @@
 """IvshmemClient: joins an ivshmem server as a peer and checks everything the server sends.
 
-A broken or malicious server ends in one ProtocolError line, never a hang or a traceback.
+A broken or malicious server ends in one ProtocolError line, never a hang or a traceback. Before reading a
+byte, the client checks who answers (SO_PEERCRED): a socket path in /tmp can be bound by any local user while no
+supervisor holds it, so only the uids the caller names are believed (by default root alone; the CLI passes
+answering_uids(policy): root, the policy's socket owner and the user the supervisor drops to).
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import select
 import socket
 import stat
+import struct
 import time
+from collections.abc import Collection
 
 from .errors import ProtocolError
-from .policy import MAX_VECTORS
-from .protocol import MAX_PEER_ID, PROTOCOL_VERSION, SHM_MESSAGE, recv_message, ring_eventfd
+from .policy import MAX_VECTORS, Policy, resolve_uid
+from .protocol import MAX_PEER_ID, PROTOCOL_VERSION, REFUSED_VERSION, SHM_MESSAGE, recv_message, ring_eventfd
+
+ROOT_ONLY = frozenset({0})  # who answers when the caller names nobody: refuse everything else
+
+
+def answering_uids(policy: Policy) -> frozenset[int]:
+    """The uids that may serve this policy's sockets: root, the sockets' owner, and hardening.user when set
+    (a socket the guard rebinds after the supervisor dropped to that user is that user's)."""
+    uids = {0, policy.server.owner}
+    if policy.hardening.user:
+        try:
+            uids.add(resolve_uid(policy.hardening.user))
+        except ValueError:
+            pass  # a user that does not exist serves nothing
+    return frozenset(uids)
+
+
+def untrusted_server(sock: socket.socket, path: str, answerers: Collection[int]) -> str | None:
+    """Why the server at the other end of the connected sock must not be talked to, or None."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid in answerers:
+        return None
+    trusted = ", ".join(f"{_user_name(u)} ({u})" for u in sorted(answerers))
+    return (f"{path}: refused: the socket is served by uid {uid} ({_user_name(uid)}, pid {pid}), not by the policy's "
+            f"{trusted}; nothing was sent (someone else may have bound the path while no supervisor held it: "
+            "remove it and start the supervisor)")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "no such user"
 
 
 def _readable(fds: list[int], timeout: float | None) -> list[int]:
@@ -34,8 +72,10 @@ def _is_eventfd(fd: int) -> bool:
 class IvshmemClient:
     """A peer: its own id and vectors, the shared memory fd, and the other peers' vectors."""
 
-    def __init__(self, path: str, *, vectors: int | None = None, timeout: float = 5.0):
+    def __init__(self, path: str, *, vectors: int | None = None, timeout: float = 5.0,
+                 answerers: Collection[int] = ROOT_ONLY):
         self.path, self.expected_vectors, self.timeout = path, vectors, timeout
+        self.answerers = frozenset(answerers)  # the uids believed as the server (SO_PEERCRED), checked first
         self.sock: socket.socket | None = None
         self.own_id: int | None = None
         self.shm_fd: int | None = None
@@ -54,6 +94,8 @@ class IvshmemClient:
         self._deadline = time.monotonic() + self.timeout
         try:
             self._connect_retrying()
+            if (why := untrusted_server(self.sock, self.path, self.answerers)) is not None:
+                raise ProtocolError(why)
             self._read_greeting()
             self._deadline, self._joined = None, True
             self.sock.settimeout(self.timeout)
@@ -99,6 +141,8 @@ class IvshmemClient:
 
     def _read_greeting(self) -> None:
         version, fd = self._next()
+        if version == REFUSED_VERSION and fd is None:  # shmguard's refusal, the word that makes QEMU exit
+            raise ProtocolError(f"{self.path}: the server refused this peer (see the server's log for why)")
         self._expect(version == PROTOCOL_VERSION and fd is None, fd,
                      f"protocol version {version} (expected {PROTOCOL_VERSION} with no fd)")
         own_id, fd = self._next()

@@ -7,6 +7,7 @@ kernel package + a hash of the guest sources, so a second build only checks file
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import lzma
 import os
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from shmguard.errors import ShmguardError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GUEST_SOURCES = REPO_ROOT / "guest"
+# guest/ at the top of the repository, installed as shmguard.guest_sources (a directory, never a zip).
+GUEST_SOURCES = Path(str(importlib.resources.files("shmguard.guest_sources")))
 BUSYBOX = Path("/bin/busybox")
 KERNEL_META_PACKAGE = "linux-image-amd64"
 # vfio_pci drives the device; vfio_iommu_type1 is the container's IOMMU backend (not a dependency of it).
@@ -48,9 +49,11 @@ class GuestImage:
 def default_cache_dir() -> Path:
     if env := os.environ.get("SHMGUARD_GUEST_CACHE"):
         return Path(env)
-    in_repo = GUEST_SOURCES / "build"
-    if os.access(GUEST_SOURCES, os.W_OK) and (not in_repo.exists() or os.access(in_repo, os.W_OK)):
-        return in_repo
+    # In a writable checkout, guest/build (ignored by git); an installed package never caches inside itself.
+    in_checkout = GUEST_SOURCES / "build"
+    checkout = (GUEST_SOURCES.parent / "pyproject.toml").is_file()
+    if checkout and os.access(GUEST_SOURCES, os.W_OK) and (not in_checkout.exists() or os.access(in_checkout, os.W_OK)):
+        return in_checkout
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shmguard" / "guest"
 
 
@@ -277,7 +280,7 @@ def _sources_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-_INSTALL_HINT = "run from a shmguard checkout with busybox-static, gcc and libc6-dev installed"
+_INSTALL_HINT = "reinstall shmguard (its package carries guest/) and apt-get install busybox-static gcc libc6-dev"
 
 
 def _build_initrd(image_dir: Path, kernel_dir: Path, modules: list[str]) -> None:

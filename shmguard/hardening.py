@@ -8,6 +8,7 @@ Capabilities and no_new_privs are per thread: call drop_identity() and harden() 
 from __future__ import annotations
 
 import ctypes
+import errno
 import grp
 import mmap
 import os
@@ -386,6 +387,10 @@ def _mlock_failure(error: int, length: int) -> str:
     locked = read_proc_status().get("VmLck", "0 kB")
     where = (f"cannot lock the {length}-byte region in memory ({os.strerror(error)}; "
              f"RLIMIT_MEMLOCK {limit}, already locked {locked})")
+    if error == errno.EPERM and soft != 0:  # the kernel's mlock says EPERM only for a zero limit: a filter refused
+        return (f"{where}: the limit allows it, so a seccomp filter refused mlock (systemd-nspawn without "
+                "--capability=CAP_IPC_LOCK, or SystemCallFilter=~@memlock): grant CAP_IPC_LOCK to the container, "
+                "or set region.mlock = false")
     return (f"{where}: raise LimitMEMLOCK= in the unit (or `ulimit -l`) above the region size, "
             "grant CAP_IPC_LOCK, or set region.mlock = false")
 

@@ -1,6 +1,7 @@
 """Policy: what the region, the sockets, the guard and the supervisor must look like.
 
-Policies are TOML files: the built-in ones live in shmguard/policies/, a user's can be any path.
+Policies are TOML files: the built-in ones live in policies/ (installed as shmguard.policies), a local one in
+/etc/shmguard/NAME.toml takes a built-in's place, and a user's can be any path.
 Every error names the file, the key and the reason, so `shmguard policy check` can print them all.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import importlib.resources
 import json
 import pwd
 import re
@@ -16,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PolicyError
+from .protocol import MAX_PEER_ID
 
-BUILTIN_DIR = Path(__file__).parent / "policies"
+# policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip).
+BUILTIN_DIR = Path(str(importlib.resources.files("shmguard.policies")))
+LOCAL_DIR = Path("/etc/shmguard")  # NAME.toml here takes the place of the built-in NAME
 MIN_SIZE = 4096
 MAX_VECTORS = 64  # QEMU's example server caps vectors at 64
 RESPONSES = ("block", "repair", "alert")
@@ -134,11 +139,33 @@ class ControlPolicy:
 
 
 @dataclass(frozen=True)
+class SharesPolicy:
+    """Every resource the supervisor holds for others: at most a total, at most a share per uid, and the last
+    `*_reserved` of each only for the `reserved_for` users (root, and QEMU's user where it is not root)."""
+
+    reserved_for: tuple[int, ...] = (0,)
+    peers_per_uid: int = 16  # peer slots (of server.max_peers) one uid may hold
+    peers_reserved: int = 8
+    ids_per_uid: int = 4096  # peer ids one uid keeps out of use: its peers, and its departed ids still remembered
+    ids_reserved: int = 1024
+    connections: int = 64  # control connections
+    connections_per_uid: int = 8
+    connections_reserved: int = 8
+    buffer_bytes: int = 64 << 20  # request and reply bytes held for control clients
+    buffer_bytes_per_uid: int = 16 << 20
+    queued_writes: int = 32  # writes waiting behind the one whose acknowledgement is awaited
+    queued_writes_per_uid: int = 4
+    request_seconds: int = 10  # a request must arrive whole, and a reply be read, within this
+    wait_seconds: int = 60  # the longest a write may hold the one in-flight slot waiting for its acknowledgement
+
+
+@dataclass(frozen=True)
 class GuardPolicy:
     on_resize: str = "block"
     on_attributes: str = "repair"
     on_unlink: str = "repair"
     on_socket: str = "repair"
+    scan_ms: int = 100  # how often the region's allocation is looked at: some tampers make no event at all
 
 
 @dataclass(frozen=True)
@@ -174,6 +201,7 @@ class Policy:
     audit: AuditPolicy
     hardening: HardeningPolicy
     qemu: QemuPolicy
+    shares: SharesPolicy = field(default_factory=SharesPolicy)
 
     def with_overrides(self, *, size=None, vectors=None, socket=None, control_socket=None, audit_log=None) -> Policy:
         """Apply command-line overrides; each is validated like the policy file itself."""
@@ -314,7 +342,7 @@ def parse_policy(text: str, source: str, name: str) -> tuple[Policy | None, list
         return None, [f"{source}: not valid TOML: {exc}"]
     errors: list[str] = []
     reader = _Reader(source, data, errors)
-    reader.check_unknown({"region", "server", "control", "guard", "audit", "hardening", "qemu"})
+    reader.check_unknown({"region", "server", "control", "guard", "audit", "hardening", "qemu", "shares"})
     user, group = _identity("user"), _identity("group")
 
     s = reader.section("region")
@@ -368,6 +396,7 @@ def parse_policy(text: str, source: str, name: str) -> tuple[Policy | None, list
         on_attributes=s.get("on_attributes", "repair", response),
         on_unlink=s.get("on_unlink", "repair", response),
         on_socket=s.get("on_socket", "repair", response),
+        scan_ms=s.get("scan_ms", 100, _positive("scan_ms", 60000)),
     )
     s.done()
     if guard.on_resize == "block" and region.backend != "memfd":
@@ -393,9 +422,72 @@ def parse_policy(text: str, source: str, name: str) -> tuple[Policy | None, list
     qemu = QemuPolicy(on_exit=s.get("on_exit", "stay", _choice("stay", "exit")), memory=s.get("memory", "256M"))
     s.done()
 
+    shares = _read_shares(reader.section("shares"), server, source, errors)
+
     if errors:
         return None, errors
-    return Policy(name, source, region, server, control, guard, audit, hardening, qemu), []
+    return Policy(name, source, region, server, control, guard, audit, hardening, qemu, shares), []
+
+
+def _read_shares(s: _Section, server: ServerPolicy, source: str, errors: list[str]) -> SharesPolicy:
+    """[shares]: every default is SharesPolicy's; each reserve must leave room for everyone else."""
+    default = SharesPolicy()
+    count = _positive("a count", 1 << 20)
+    size = lambda v: _byte_count(v, 1 << 40)  # noqa: E731
+    values = {name: s.get(name, getattr(default, name), convert) for name, convert in (
+        ("reserved_for", _users), ("peers_per_uid", count), ("peers_reserved", _count_or_zero),
+        ("ids_per_uid", _positive("ids_per_uid", MAX_PEER_ID + 1)), ("ids_reserved", _count_or_zero),
+        ("connections", count), ("connections_per_uid", count), ("connections_reserved", _count_or_zero),
+        ("buffer_bytes", size), ("buffer_bytes_per_uid", size), ("queued_writes", count),
+        ("queued_writes_per_uid", count), ("request_seconds", _positive("request_seconds", 3600)),
+        ("wait_seconds", _positive("wait_seconds", 3600)))}
+    s.done()
+    shares = SharesPolicy(**values)
+    for reserved, total, total_key in (("peers_reserved", server.max_peers, "server.max_peers"),
+                                       ("ids_reserved", MAX_PEER_ID + 1, "the 65536 peer ids"),
+                                       ("connections_reserved", shares.connections, "shares.connections")):
+        if getattr(shares, reserved) >= total:
+            errors.append(f"{source}: shares.{reserved}: {getattr(shares, reserved)} leaves nothing of {total_key} "
+                          f"({total}) for anyone but shares.reserved_for; lower it")
+    for part, whole in (("buffer_bytes_per_uid", "buffer_bytes"), ("queued_writes_per_uid", "queued_writes"),
+                        ("connections_per_uid", "connections")):
+        if getattr(shares, part) > getattr(shares, whole):
+            errors.append(f"{source}: shares.{part}: {getattr(shares, part)} is more than shares.{whole} "
+                          f"({getattr(shares, whole)})")
+    return shares
+
+
+def _count_or_zero(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
+        raise ValueError(f"must be a whole number from 0 to {1 << 20}")
+    return value
+
+
+def _byte_count(value, limit: int) -> int:
+    """A number of bytes: 65536, "64K", "16M" (any whole number, not only powers of two)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number of bytes")
+    if isinstance(value, int):
+        number = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(value), re.IGNORECASE)
+        if not match:
+            raise ValueError(f"{value!r} is not a number of bytes (examples: 65536, 64K, 16M)")
+        number = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    if not 1 <= number <= limit:
+        raise ValueError(f"{value!r} must be from 1 byte to {limit} bytes")
+    return number
+
+
+def _users(value) -> tuple[int, ...]:
+    """Users only (names or uids): a reserve open to a group would be open to every member."""
+    if not isinstance(value, list):
+        raise ValueError("must be a list of users (\"root\", \"libvirt-qemu\", 0)")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (str, int)) or (isinstance(item, str) and (
+                item.startswith("@") or item == "*")):
+            raise ValueError(f"entry {item!r} is not a user (a reserve cannot be given to a group or to everyone)")
+    return tuple(dict.fromkeys(resolve_uid(item) for item in value))
 
 
 def _positive(key: str, limit: int):
@@ -412,13 +504,13 @@ def builtin_names() -> list[str]:
 
 
 def locate(name_or_path: str) -> Path:
-    """A built-in policy name (strict, standard, compat) or a path to a TOML file."""
+    """A policy name (/etc/shmguard/NAME.toml first, then the built-in NAME) or a path to a TOML file."""
     if "/" not in name_or_path and not name_or_path.endswith(".toml"):
-        path = BUILTIN_DIR / f"{name_or_path}.toml"
-        if not path.exists():
-            raise PolicyError(f"no built-in policy {name_or_path!r} (built-in: {', '.join(builtin_names())}; "
-                              "or give a path to a .toml file)")
-        return path
+        for path in (LOCAL_DIR / f"{name_or_path}.toml", BUILTIN_DIR / f"{name_or_path}.toml"):
+            if path.is_file():
+                return path
+        raise PolicyError(f"no built-in policy {name_or_path!r} and no {LOCAL_DIR}/{name_or_path}.toml (built-in: "
+                          f"{', '.join(builtin_names())}; or give a path to a .toml file)")
     path = Path(name_or_path)
     if not path.is_file():
         raise PolicyError(f"{name_or_path}: policy file not found")

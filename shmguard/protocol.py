@@ -12,8 +12,11 @@ import struct
 import time
 from collections.abc import Iterator, Sequence
 
+from .linux import eventfd
+
 MESSAGE = struct.Struct("<q")
 PROTOCOL_VERSION = 0
+REFUSED_VERSION = -1  # sent as the first word to a refused peer: QEMU exits ("server sent version -1, expecting 0")
 SHM_MESSAGE = -1
 MAX_PEER_ID = 65535
 FD_SIZE = array.array("i").itemsize
@@ -40,12 +43,10 @@ class SharedFd:
 Message = tuple[int, SharedFd | None]
 
 
-def ring_eventfd(fd: int) -> None:
-    """Ring a doorbell: add 1 to the eventfd. A counter someone filled (any holder can) is rung already."""
-    try:
-        os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass  # rings coalesce: the owner will wake up either way
+def ring_eventfd(fd: int) -> bool:
+    """Ring a doorbell: add 1 to the eventfd, never blocking. False if a holder had filled the counter: the
+    owner is rung already (rings coalesce)."""
+    return eventfd.ring(fd)
 
 
 def greeting(new_id: int, shm: SharedFd, others: Sequence[tuple[int, Sequence[SharedFd]]],

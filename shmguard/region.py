@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass
 
 from .errors import RegionError
+from .paths import check_directory_chain, trusted_owners
 from .policy import RegionPolicy, parse_size
 
 SEALS = {
@@ -197,6 +198,8 @@ def create_memfd(size: int, name: str = "shmguard") -> Region:
 def create_file(path: str, size: int, owner: int, group: int, mode: int) -> Region:
     """Create the file with O_EXCL and the policy's identity, or adopt one that already matches it exactly."""
     size = parse_size(size)
+    # Its directory (normally /dev/shm, sticky and root's) must be one nobody untrusted can change: shmguard/paths.py
+    check_directory_chain(os.path.dirname(path) or ".", trusted_owners(owner))
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0)

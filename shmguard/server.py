@@ -14,14 +14,26 @@ import socket
 import stat
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from .audit import executable_of
 from .errors import ShmguardError
+from .linux.files import reopen
 from .loop import EventLoop
-from .policy import ServerPolicy
-from .protocol import MAX_PEER_ID, MESSAGE, SharedFd, announcement, greeting, ring_eventfd, send_message
+from .paths import file_kind, make_directory, trusted_owners
+from .policy import ServerPolicy, SharesPolicy
+from .protocol import (
+    MAX_PEER_ID,
+    MESSAGE,
+    REFUSED_VERSION,
+    SharedFd,
+    announcement,
+    greeting,
+    ring_eventfd,
+    send_message,
+)
+from .shares import Share
 
 log = logging.getLogger("shmguard.server")
 EventSink = Callable[..., None]
@@ -85,88 +97,147 @@ class PeerIds:
     """Hands out ids 0..65535 in order; a departed id comes back only once no connected peer has seen it leave.
 
     QEMU frees a departed peer's state and crashes if that id reappears while it remembers the leave
-    (REFERENCE §2), so an id is reusable only when every connected peer joined after it left.
+    (REFERENCE §2), so an id is reusable only when every connected peer joined after it left. Ids are a
+    resource like any other: each is charged to the uid it went to until it is reusable again, so one uid that
+    joins and leaves in a loop exhausts its own share (`shares.ids_per_uid`), never the ids of root or QEMU.
     """
 
-    def __init__(self, limit: int = MAX_PEER_ID + 1):
+    def __init__(self, limit: int = MAX_PEER_ID + 1, share: Share | None = None):
         self.limit, self.next_fresh = limit, 0
-        self.departed: deque[tuple[int, int]] = deque()  # (id, leave counter), oldest first
+        self.share = share or Share("peer ids", limit, limit, 0, frozenset({0}))
+        self.departed: deque[tuple[int, int, int | None]] = deque()  # (id, leave counter, uid charged), oldest first
+        self.free = 0  # departed[:free] are reusable: no connected peer saw them leave (their charge is given back)
 
-    def allocate(self, oldest_join: int | None) -> int | None:
+    def take(self, uid: int, oldest_join: int | None) -> tuple[int | None, str | None]:
+        """An id for a peer of uid, or (None, why not)."""
+        self._forget_before(oldest_join)
+        if self.next_fresh >= self.limit and not self.free:
+            return None, "no peer id is free (every departed id is still remembered by a connected peer)"
+        reason = self.share.take(uid)
+        if reason is not None:
+            return None, reason + " (departed ids count until no connected peer remembers them)"
         if self.next_fresh < self.limit:
             self.next_fresh += 1
-            return self.next_fresh - 1
-        if self.departed and (oldest_join is None or self.departed[0][1] < oldest_join):
-            return self.departed.popleft()[0]
-        return None
+            return self.next_fresh - 1, None
+        self.free -= 1
+        return self.departed.popleft()[0], None
 
-    def release(self, peer_id: int, counter: int) -> None:
-        self.departed.append((peer_id, counter))
+    def allocate(self, oldest_join: int | None, uid: int = 0) -> int | None:
+        return self.take(uid, oldest_join)[0]
 
-    def unused(self, peer_id: int) -> None:
+    def release(self, peer_id: int, counter: int, uid: int = 0) -> None:
+        """peer_id left at `counter`: it stays charged to uid while a connected peer remembers the leave."""
+        self.departed.append((peer_id, counter, uid))
+
+    def unused(self, peer_id: int, uid: int = 0) -> None:
         """Give back an id that was never announced: nobody saw it, so it is free at once."""
-        self.departed.appendleft((peer_id, -1))
+        self.share.give(uid)
+        self.departed.appendleft((peer_id, -1, None))
+        self.free += 1
+
+    def _forget_before(self, oldest_join: int | None) -> None:
+        """Leaves before the oldest connected peer joined are remembered by nobody: those ids are free again.
+        The oldest join only moves forward, and departures are in leave order, so this walks each one once."""
+        while self.free < len(self.departed) and (oldest_join is None or self.departed[self.free][1] < oldest_join):
+            uid = self.departed[self.free][2]
+            if uid is not None:
+                self.share.give(uid)
+                self.departed[self.free] = self.departed[self.free][:2] + (None,)
+            self.free += 1
+
+
+ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
 
 
 class IvshmemServer:
     def __init__(self, policy: ServerPolicy, shm_fd: int, loop: EventLoop, on_event: EventSink | None = None,
-                 region_intact: Callable[[], bool] = lambda: True):
+                 region_intact: Callable[[], bool] = lambda: True, shares: SharesPolicy | None = None,
+                 owners: Collection[int] = ()):
         self.policy, self.loop = policy, loop
+        self.owners = tuple(owners)  # who else may own the socket's directory (paths.policy_owners)
         self.region_intact = region_intact  # checked before a greeting: QEMU aborts on a resized region
-        self.shm = SharedFd(os.dup(shm_fd))
+        # The peers' own open file description: flags a peer sets on it (O_APPEND) never reach our I/O.
+        self.shm = SharedFd(reopen(shm_fd))
         self.on_event = on_event or (lambda action, **fields: None)
         self.peers: dict[int, Peer] = {}
-        self.ids = PeerIds()
+        shares = shares or SharesPolicy()
+        reserved = frozenset(shares.reserved_for)
+        self.slots = Share("peer slots", policy.max_peers, shares.peers_per_uid,
+                           min(shares.peers_reserved, policy.max_peers - 1), reserved)
+        self.ids = PeerIds(share=Share("peer ids", MAX_PEER_ID + 1, shares.ids_per_uid, shares.ids_reserved, reserved))
         self.counter = 0  # counts joins and leaves, to know who has seen which leave
         self.listener: BoundSocket | None = None
+        self._unsent: dict[Peer, None] = {}  # peers with messages queued by the transition under way, in order
+        self._settling = False
 
     # --- the listening socket -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.listener = bind_socket(self.policy.socket, self.policy.owner, self.policy.group, self.policy.mode)
+        self.listener = bind_socket(self.policy.socket, self.policy.owner, self.policy.group, self.policy.mode,
+                                    allowed_owners=self.owners)
         self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
         log.info("serving %s (vectors=%d, max peers=%d)", self.policy.socket, self.policy.vectors,
                  self.policy.max_peers)
 
     def rebind(self) -> None:
         """Put the socket back at its path (after it was removed or replaced); connected peers are unaffected."""
-        self.listener = self.listener.rebound(self.loop, self._on_accept)
+        self.listener = self.listener.rebound(self.loop, self._on_accept, self._admit, self._on_shed)
 
     def _on_accept(self) -> None:
         self.listener.accept_waiting(self._admit, self._on_shed)
 
     def _on_shed(self) -> None:
         log.warning("out of file descriptors: refused a connection, still serving %d peers", len(self.peers))
-        self.on_event("refused", result="refused", detail={"reason": "out of file descriptors"})
+        self._record("refused", result="refused", detail={"reason": "out of file descriptors"})
 
     # --- joining and leaving --------------------------------------------------------------------------
 
     def _admit(self, sock: socket.socket) -> None:
+        """A join is complete (recorded, greeted, announced) or not visible to anyone: each step that can fail
+        comes before the first one anybody sees, and a refusal gives back everything taken."""
         sock.setblocking(False)
         cred = PeerCred.of(sock)
+        taken: list[Callable[[], None]] = []  # undo steps, newest last
         reason = self._refusal(cred)
-        if reason is None:
-            peer_id = self.ids.allocate(self._oldest_join())
-            reason = "no peer id is free (every departed id is still remembered by a connected peer)" \
-                if peer_id is None else None
+        if reason is None and (reason := self.slots.take(cred.uid)) is None:
+            taken.append(lambda: self.slots.give(cred.uid))
+            peer_id, reason = self.ids.take(cred.uid, self._oldest_join())
+            if peer_id is not None:
+                taken.append(lambda: self.ids.unused(peer_id, cred.uid))
         if reason is None:
             try:
                 vectors = new_vectors(self.policy.vectors)
+                taken.append(lambda: release_all(vectors))
             except OSError as exc:
-                self.ids.unused(peer_id)
                 reason = f"cannot create eventfds: {exc.strerror}"
+        if reason is None:
+            try:  # recorded before anyone hears of it: an audit log that cannot take it refuses the join
+                self.on_event("peer-join", actor=cred, detail={"peer": peer_id})
+            except ShmguardError as exc:
+                reason = f"the join cannot be recorded ({exc})"
         if reason is not None:
-            log.warning("refused peer pid=%d uid=%d gid=%d: %s", cred.pid, cred.uid, cred.gid, reason)
-            self.on_event("refused", result="refused", actor=cred, detail={"reason": reason, "what": "peer"})
-            sock.close()
+            for undo in reversed(taken):
+                undo()
+            self._refuse(sock, cred, reason)
             return
+        log.info("peer %d joined: pid=%d uid=%d exe=%s", peer_id, cred.pid, cred.uid, cred.exe())
         self._join(Peer(peer_id, vectors, self.counter, cred, sock))
+
+    def _refuse(self, sock: socket.socket, cred: PeerCred, reason: str) -> None:
+        """A refused QEMU must fail, not spin: it reads its greeting synchronously and loops forever on EOF, but
+        exits at once on a version other than 0 (REFERENCE §2)."""
+        log.warning("refused peer pid=%d uid=%d gid=%d: %s", cred.pid, cred.uid, cred.gid, reason)
+        # Recorded before the peer hears of it: whoever sees the refusal finds it in the log.
+        self._record("refused", result="refused", actor=cred, detail={"reason": reason, "what": "peer"})
+        try:
+            sock.send(MESSAGE.pack(REFUSED_VERSION))  # 8 bytes into an empty socket buffer: never partial
+        except OSError:
+            pass  # it is gone already
+        sock.close()
 
     def _refusal(self, cred: PeerCred) -> str | None:
         if not self.policy.peers.admits(cred.uid, cred.gid, cred.groups):
             return f"uid {cred.uid} is not allowed by the policy"
-        if len(self.peers) >= self.policy.max_peers:
-            return f"the policy's maximum of {self.policy.max_peers} peers is reached"
         if not self.region_intact():
             return "the region is not its policy size right now (tampered with, being repaired); join again"
         return None
@@ -176,27 +247,28 @@ class IvshmemServer:
         return min((p.joined for p in self.peers.values() if p.sock is not None), default=None)
 
     def _join(self, peer: Peer) -> None:
+        """Greet the newcomer first (nothing may reach it before its greeting), then announce it to the others."""
         self.counter += 1
         self.peers[peer.id] = peer
-        if peer.cred:
-            log.info("peer %d joined: pid=%d uid=%d exe=%s", peer.id, peer.cred.pid, peer.cred.uid, peer.cred.exe())
-            self.on_event("peer-join", actor=peer.cred, detail={"peer": peer.id})
-        if peer.sock is not None:  # greet first: nothing may reach the newcomer before its greeting
+        if peer.sock is not None:
             self.loop.add_reader(peer.sock.fileno(), lambda: self._on_peer_readable(peer))
             others = [(p.id, p.vectors) for p in self.peers.values() if p is not peer]
-            self._enqueue(peer, greeting(peer.id, self.shm, others, peer.vectors))
-            if self.peers.get(peer.id) is not peer:
-                return  # its greeting failed; nobody else ever heard of it
+            self._queue(peer, greeting(peer.id, self.shm, others, peer.vectors))
+            del self._unsent[peer]
+            if (error := self._flush(peer)) is not None:  # gone already: nobody ever hears of it
+                self.remove_peer(peer, f"gone before its greeting was sent: {error}")
+                return
         peer.announced = True
-        for other in list(self.peers.values()):
-            if other is not peer and self.peers.get(other.id) is other:
-                self._enqueue(other, announcement(peer.id, peer.vectors))
+        for other in self.peers.values():
+            if other is not peer:
+                self._queue(other, announcement(peer.id, peer.vectors))
+        self._settle()
 
     def add_local_peer(self) -> Peer:
         """The supervisor's own peer: it owns eventfds that guests ring, and rings theirs directly."""
-        peer_id = self.ids.allocate(self._oldest_join())
+        peer_id, reason = self.ids.take(0, self._oldest_join())
         if peer_id is None:
-            raise ShmguardError("no peer id is free for the supervisor's own peer")
+            raise ShmguardError(f"no peer id is free for the supervisor's own peer: {reason}")
         peer = Peer(peer_id, new_vectors(self.policy.vectors), self.counter)
         self._join(peer)
         return peer
@@ -212,52 +284,79 @@ class IvshmemServer:
         self.remove_peer(peer, "sent data (clients never send)" if data else "disconnected")
 
     def remove_peer(self, peer: Peer, reason: str, announce: bool = True) -> None:
+        """A leave cannot be refused: it completes whatever fails, and an audit log that cannot take its record
+        is the supervisor's to report (see Supervisor.record)."""
         if self.peers.get(peer.id) is not peer:
-            return
+            return  # left already
         del self.peers[peer.id]
+        self._unsent.pop(peer, None)
         self.counter += 1
-        self.ids.release(peer.id, self.counter)
+        uid = peer.cred.uid if peer.cred else 0
+        self.ids.release(peer.id, self.counter, uid)
+        if peer.cred is not None:
+            self.slots.give(uid)
         if peer.sock is not None:
             self.loop.remove_reader(peer.sock.fileno())
             self.loop.remove_writer(peer.sock.fileno())
-            for _, fd in peer.queue:
-                if fd is not None:
-                    fd.release()
+            release_all(fd for _, fd in peer.queue if fd is not None)
             peer.queue.clear()
             peer.sock.close()
-        for fd in peer.vectors:
-            fd.release()
+        release_all(peer.vectors)
         log.info("peer %d left: %s", peer.id, reason)
-        self.on_event("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
+        self._record("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
         if announce and peer.announced:
-            for other in list(self.peers.values()):
-                self._enqueue(other, [(peer.id, None)])
+            for other in self.peers.values():
+                self._queue(other, [(peer.id, None)])
+        self._settle()
+
+    def _record(self, action: str, **fields) -> None:
+        """Records that cannot veto what they record (a leave, a refusal): a failing log must not stop them."""
+        try:
+            self.on_event(action, **fields)
+        except ShmguardError:
+            pass  # the sink has said so once already
 
     # --- sending --------------------------------------------------------------------------------------
 
-    def _enqueue(self, peer: Peer, messages) -> None:
-        if peer.sock is None or self.peers.get(peer.id) is not peer:
-            return  # the local peer reads nothing from the wire; a removed one reads nothing more
-        was_idle = not peer.queue
+    def _queue(self, peer: Peer, messages) -> None:
+        if peer.sock is None:
+            return  # the local peer reads nothing from the wire
         for value, fd in messages:
             peer.queue.append((MESSAGE.pack(value), fd.acquire() if fd else None))
-        if len(peer.queue) > self.policy.max_queue:
-            self.remove_peer(peer, f"send queue passed {self.policy.max_queue} messages (peer is not reading)")
-            return
-        if was_idle:
-            self._flush(peer)
+        self._unsent[peer] = None
 
-    def _flush(self, peer: Peer) -> None:
+    def _settle(self) -> None:
+        """Send what the transition queued. A peer whose send fails or whose queue passes its bound leaves, and its
+        leave is a transition of its own, settled by this same loop: no send ever runs inside another's."""
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            while self._unsent:
+                peer = next(iter(self._unsent))
+                del self._unsent[peer]
+                if len(peer.queue) > self.policy.max_queue:
+                    self.remove_peer(peer, f"send queue passed {self.policy.max_queue} messages (peer is not reading)")
+                elif (error := self._flush(peer)) is not None:
+                    self.remove_peer(peer, f"send failed: {error}")
+        finally:
+            self._settling = False
+
+    def _on_writable(self, peer: Peer) -> None:
+        self._unsent[peer] = None
+        self._settle()
+
+    def _flush(self, peer: Peer) -> str | None:
+        """Send as much of peer's queue as its socket takes; why it failed (EPIPE, ECONNRESET: gone), or None."""
         while peer.queue:
             data, fd = peer.queue[0]
             try:
                 sent = send_message(peer.sock, data, fd.fd if fd else None)
             except BlockingIOError:
-                self.loop.add_writer(peer.sock.fileno(), lambda: self._flush(peer))
-                return
-            except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
-                self.remove_peer(peer, f"send failed: {exc.strerror}")
-                return
+                self.loop.add_writer(peer.sock.fileno(), lambda: self._on_writable(peer))
+                return None
+            except OSError as exc:
+                return exc.strerror or str(exc)
             if sent < len(data):  # the fd went with the first byte; the rest goes plain
                 peer.queue[0] = (data[sent:], None)
             else:
@@ -265,6 +364,7 @@ class IvshmemServer:
             if fd is not None and sent > 0:
                 fd.release()
         self.loop.remove_writer(peer.sock.fileno())
+        return None
 
     # --- ringing --------------------------------------------------------------------------------------
 
@@ -276,11 +376,15 @@ class IvshmemServer:
             raise ShmguardError(f"peer {peer_id} has vectors 0..{len(peer.vectors) - 1}, not {vector}")
         ring_eventfd(peer.vectors[vector].fd)
 
+    def describe_shares(self) -> dict:
+        return {"peer_slots": self.slots.describe(), "peer_ids": self.ids.share.describe()}
+
     def close(self, linger: float = 1.0) -> None:
         """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes."""
         everyone = list(self.peers.values())
         for peer in everyone:
-            self._enqueue(peer, [(other.id, None) for other in everyone if other is not peer])
+            self._queue(peer, [(other.id, None) for other in everyone if other is not peer])
+        self._unsent.clear()
         for peer in everyone:
             if peer.sock is not None and peer.queue:
                 peer.sock.settimeout(linger)  # a last, bounded, blocking flush
@@ -291,6 +395,11 @@ class IvshmemServer:
             self.listener.remove()
             self.listener = None
         self.shm.release()
+
+
+def release_all(fds) -> None:
+    for fd in fds:
+        fd.release()
 
 
 def new_vectors(count: int) -> list[SharedFd]:
@@ -316,6 +425,7 @@ class BoundSocket:
     mode: int
     device: int
     inode: int
+    allowed_owners: tuple[int, ...] = ()  # who else may own its directory (the policy's owners), for a rebind
     reserve_fd: int = field(default_factory=lambda: os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
 
     def is_at_path(self) -> bool:
@@ -325,23 +435,32 @@ class BoundSocket:
             return False
         return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (self.device, self.inode)
 
-    def accept_waiting(self, admit: Callable[[socket.socket], None], shed: Callable[[], None]) -> None:
-        """Hand every waiting connection to admit(). Out of fds, the waiting one is accepted through the
-        reserve fd and closed, then shed() is told: a listener that stays readable would spin the loop."""
-        while True:
+    def accept_waiting(self, admit: Callable[[socket.socket], None], shed: Callable[[], None]) -> bool:
+        """Accept what is waiting (up to ACCEPT_BATCH), then hand each to admit(): admitting may repair and rebind
+        this very socket, so it never runs inside the accept loop. Out of fds, the waiting one is accepted through
+        the reserve fd and closed, then shed() is told: a listener that stays readable would spin the loop.
+        Returns True when the batch was full (more may be waiting)."""
+        accepted: list[socket.socket] = []
+        out_of_fds = False
+        while len(accepted) < ACCEPT_BATCH:
             try:
-                sock, _ = self.sock.accept()
+                accepted.append(self.sock.accept()[0])
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EINTR):
                     continue
                 if exc.errno not in (errno.EMFILE, errno.ENFILE):
                     raise
-                self._refuse_one()
-                shed()
-                return
+                if not accepted:  # with some accepted, admitting them frees fds; the next wake-up sheds if need be
+                    self._refuse_one()
+                    out_of_fds = True
+                break
+        for sock in accepted:
             admit(sock)
+        if out_of_fds:
+            shed()
+        return len(accepted) == ACCEPT_BATCH
 
     def _refuse_one(self) -> None:
         os.close(self.reserve_fd)
@@ -351,11 +470,16 @@ class BoundSocket:
             pass
         self.reserve_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
 
-    def rebound(self, loop: EventLoop, on_accept) -> BoundSocket:
-        """A fresh listening socket at the same path, with the same identity, taking over from this one."""
-        fresh = bind_socket(self.path, self.owner, self.group, self.mode, replace=True)
+    def rebound(self, loop: EventLoop, on_accept: Callable[[], None], admit: Callable[[socket.socket], None],
+                shed: Callable[[], None]) -> BoundSocket:
+        """A fresh listening socket at the same path, with the same identity, taking over from this one. What is
+        still waiting in this one's backlog is admitted first: closing it would drop those connections."""
+        fresh = bind_socket(self.path, self.owner, self.group, self.mode, replace=True,
+                            allowed_owners=self.allowed_owners)
         loop.remove_reader(self.sock.fileno())
         loop.add_reader(fresh.sock.fileno(), on_accept)
+        while self.accept_waiting(admit, shed):
+            pass
         self.close()
         return fresh
 
@@ -370,10 +494,17 @@ class BoundSocket:
         os.close(self.reserve_fd)
 
 
-def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = False) -> BoundSocket:
-    """Bind a listening socket that appears at `path` only once its owner, group and mode are final."""
+SOCKET_DIRECTORY_MODE = 0o755  # a socket directory shmguard creates (/run/shmguard): searchable, ours alone to write
+
+
+def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = False,
+                allowed_owners: tuple[int, ...] = ()) -> BoundSocket:
+    """Bind a listening socket that appears at `path` only once its owner, group and mode are final.
+
+    Its directory must be one only root, the uid we run as, the socket's owner or `allowed_owners` can change
+    (created 0755 if missing, like /run/shmguard); anything else is refused in one line (shmguard/paths.py)."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    make_directory(directory, SOCKET_DIRECTORY_MODE, trusted_owners(owner, *allowed_owners))
     if not replace:
         check_stale_socket(path)
     staging = f"{path}.{secrets.token_hex(4)}"  # unpredictable: nobody can squat it in /tmp beforehand
@@ -391,39 +522,84 @@ def bind_socket(path: str, owner: int, group: int, mode: int, replace: bool = Fa
     finally:
         os.umask(old_umask)
     try:
-        os.chown(staging, owner, group, follow_symlinks=False)
-        os.chmod(staging, mode)  # our own fresh socket file in a directory we checked
+        st = claim_bound_socket(staging, owner, group, mode)
         sock.listen(socket.SOMAXCONN)
-        st = os.lstat(staging)
-        os.rename(staging, path)
+        try:
+            os.rename(staging, path)
+        except OSError as exc:
+            raise ShmguardError(f"{path}: cannot put the socket in place: {exc.strerror}") from None
+        if not _is_inode(path, st):
+            raise ShmguardError(f"{path}: the socket was replaced while it was put in place; refusing the path "
+                                "(someone who may write its directory is at work: check it)")
     except BaseException:
         sock.close()
         _unlink_if_socket(staging)
         raise
-    return BoundSocket(sock, path, owner, group, mode, st.st_dev, st.st_ino)
+    return BoundSocket(sock, path, owner, group, mode, st.st_dev, st.st_ino, allowed_owners=tuple(allowed_owners))
+
+
+def claim_bound_socket(staging: str, owner: int, group: int, mode: int) -> os.stat_result:
+    """Give the socket just bound at `staging` its owner, group and mode, never following a link.
+
+    The path is opened O_PATH|O_NOFOLLOW (a symlink swapped in is opened as itself) and the inode is checked to be
+    the one bind() made: a socket of ours, mode 0 as born under umask 0777. chown and chmod then go through
+    /proc/self/fd/N, which is that inode whatever the path holds by then (there is no fchmod on an O_PATH fd)."""
+    try:
+        fd = os.open(staging, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ShmguardError(f"{staging}: cannot open the socket just bound: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        born = stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0
+        if not born:
+            raise ShmguardError(
+                f"{staging}: is not the socket just bound (a {file_kind(st.st_mode)} of uid {st.st_uid}, mode "
+                f"{stat.S_IMODE(st.st_mode):04o}): something replaced it; refusing to chown or chmod it")
+        inode = f"/proc/self/fd/{fd}"
+        os.chown(inode, owner, group)
+        os.chmod(inode, mode)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_inode(path: str, st: os.stat_result) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def check_stale_socket(path: str) -> None:
-    """Refuse anything at `path` but a socket that nobody answers on (which is removed)."""
+    """Refuse anything at `path` but a socket that nobody answers on (which is removed). Follows no symlink:
+    the probe connects through an O_PATH fd of the very socket file that was looked at."""
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)  # never blocks, never opens a device
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ShmguardError(f"{path}: exists and is not a socket; refusing to replace it (remove it yourself)")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ShmguardError(f"{path}: cannot inspect what is there ({exc.strerror}); remove it yourself") from None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ShmguardError(f"{path}: exists and is not a socket (a {file_kind(st.st_mode)}); refusing to "
+                                "replace it (remove it yourself)")
         probe.settimeout(1.0)
-        probe.connect(path)
+        probe.connect(f"/proc/self/fd/{fd}")
     except ConnectionRefusedError:  # only this means nobody listens; EAGAIN is a server with a full backlog
-        os.unlink(path)
-        log.info("removed stale socket %s", path)
+        # Unlinked only if still the file probed: in a sticky directory only its owner could swap it meanwhile.
+        if _is_inode(path, st):
+            os.unlink(path)
+            log.info("removed stale socket %s", path)
         return
     except OSError as exc:
         raise ShmguardError(f"{path}: cannot tell whether a server listens there ({exc.strerror or exc}); "
                             "stop it or remove the socket yourself") from None
     finally:
         probe.close()
+        os.close(fd)
     raise ShmguardError(f"{path}: another server is listening there; stop it or choose another --socket")
 
 

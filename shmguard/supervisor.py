@@ -15,6 +15,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import layout, sdnotify
@@ -24,11 +25,14 @@ from .errors import ControlError, RegionError, ShmguardError
 from .guard import Guard
 from .guest import GuestImage, build_guest
 from .hardening import drop_identity, harden, lock_memory
+from .linux import eventfd
 from .loop import EventLoop
-from .policy import Policy
+from .paths import policy_owners
+from .policy import Policy, SharesPolicy
 from .qemu import QemuProcess, choose_accel, qemu_command
 from .region import Region, text_padding
 from .server import IvshmemServer, Peer, PeerCred
+from .shares import Share
 
 log = logging.getLogger("shmguard")
 
@@ -48,7 +52,6 @@ class GuestOptions:
 
 
 PENDING_GUEST = -1  # the peer id of "our guest", while its QEMU has not connected yet
-MAX_WAIT_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,58 @@ class GuestState:
 
     handshake: bool = False  # the built-in guest says "ready" and acknowledges; other guests do not
     ready: bool = False
-    pending_rings: list[tuple[int, int]] = field(default_factory=list)  # (peer, vector) held until ready
+    joined: set[int] = field(default_factory=set)  # peers whose built-in guest said "ready <id>" itself
+    # (peer, vector) held until ready, each once: rings coalesce, so a flood of them holds no more than this
+    pending_rings: dict[tuple[int, int], None] = field(default_factory=dict)
     waiter: AckWaiter | None = None  # one message in flight: the next would overwrite it before it is read
-    queued: deque[tuple[Request, WritePlan]] = field(default_factory=deque)
     acks: int = 0
     last_reply: str = ""
+
+
+@dataclass
+class AuditTrouble:
+    """The audit log cannot be written. The rule: joins, writes and rings, which are recorded before they happen,
+    are refused; leaves, refusals and incidents go on unrecorded and are counted here; every new record tries the
+    log again, and the first that succeeds is an `audit-gap` record of what is missing."""
+
+    error: str
+    since: str
+    missed: dict[str, int] = field(default_factory=dict)  # action -> records not written
+
+    def describe(self) -> dict:
+        return {"error": self.error, "since": self.since, "missed": dict(self.missed)}
+
+
+class WriteQueue:
+    """Writes waiting behind the one whose acknowledgement is awaited, bounded in count and bytes, per uid and in
+    all (shares.queued_writes*, shares.buffer_bytes*), with the reserve kept for shares.reserved_for."""
+
+    def __init__(self, shares: SharesPolicy):
+        reserved = frozenset(shares.reserved_for)
+        self.count = Share("queued writes", shares.queued_writes, shares.queued_writes_per_uid,
+                           min(shares.queued_writes_per_uid, shares.queued_writes - 1), reserved)
+        self.bytes = Share("bytes of queued writes", shares.buffer_bytes, shares.buffer_bytes_per_uid,
+                           min(shares.buffer_bytes_per_uid, shares.buffer_bytes - 1), reserved)
+        self.entries: deque[tuple[Request, WritePlan]] = deque()
+
+    def push(self, request: Request, plan: WritePlan) -> None:
+        uid, size = request.cred.uid, len(plan.data)
+        reason = self.count.refusal(uid) or self.bytes.refusal(uid, size)
+        if reason is not None:
+            raise ControlError(f"write not queued: {reason} (policy [shares]); try again once the guest has "
+                               "acknowledged the writes before it")
+        self.count.take(uid)
+        self.bytes.take(uid, size)
+        self.entries.append((request, plan))
+
+    def pop(self) -> tuple[Request, WritePlan]:
+        request, plan = self.entries.popleft()
+        self.count.give(request.cred.uid)
+        self.bytes.give(request.cred.uid, len(plan.data))
+        return request, plan
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 def raise_fd_limit() -> None:
@@ -102,6 +152,8 @@ class Supervisor:
         self.server: IvshmemServer | None = None
         self.host: Peer | None = None  # the supervisor's own peer
         self.guest = GuestState()
+        self.queued = WriteQueue(policy.shares)
+        self.audit_trouble: AuditTrouble | None = None
         self.exit_code = 0
         self.qemu: QemuProcess | None = None
         self.guard: Guard | None = None
@@ -117,7 +169,8 @@ class Supervisor:
             raise ShmguardError(f"the built-in guest acknowledges on vector {layout.ACK_VECTOR}: run it with "
                                 f"--vectors {layout.ACK_VECTOR + 1} or more, or serve only with --no-guest")
         raise_fd_limit()
-        self.audit = AuditLog.open(self.policy.audit.path, self.policy.audit.durable)
+        owners = policy_owners(self.policy.server.owner, self.policy.hardening.user)  # may own its directories
+        self.audit = AuditLog.open(self.policy.audit.path, self.policy.audit.durable, owners)
         if self.audit.torn_tail:
             log.warning("audit log %s: %s (sealed off with a torn-tail record)", self.audit.path, self.audit.torn_tail)
         self.region = Region.create(self.policy.region)
@@ -125,8 +178,8 @@ class Supervisor:
             lock_memory(self.region.mapping)
         log.info("region: %s backend, %d bytes%s", self.region.backend, self.region.size,
                  f", sealed {sorted(self.region.seals())}" if self.region.sealed else f" at {self.region.path}")
-        self.server = IvshmemServer(self.policy.server, self.region.fd, self.loop, on_event=self.record,
-                                    region_intact=self._region_intact)
+        self.server = IvshmemServer(self.policy.server, self.region.fd, self.loop, on_event=self._on_server_event,
+                                    region_intact=self._region_intact, shares=self.policy.shares, owners=owners)
         self.server.start()
         self.host = self.server.add_local_peer()
         for vector, fd in enumerate(self.host.vectors):
@@ -200,14 +253,14 @@ class Supervisor:
         leaving = self.policy.qemu.on_exit == "exit"
         log.warning("QEMU pid %d exited with status %d; %s", self.qemu.pid, status,
                     "stopping (policy qemu.on_exit = exit)" if leaving else "still serving peers")
-        self.record("qemu-exit", result="exited", detail={"pid": self.qemu.pid, "status": status,
+        self.note("qemu-exit", result="exited", detail={"pid": self.qemu.pid, "status": status,
                                                           "response": self.policy.qemu.on_exit})
         self.guest.ready = False
         if self.guest.waiter is not None:
             waiter, self.guest.waiter = self.guest.waiter, None
             waiter.request.fail("QEMU exited before the guest acknowledged", **waiter.reply)
-        while self.guest.queued:
-            request, _ = self.guest.queued.popleft()
+        while self.queued:
+            request, _ = self.queued.pop()
             request.fail("QEMU exited before this write's turn came; nothing was written")
         if leaving:
             self.exit_code = 3
@@ -245,11 +298,12 @@ class Supervisor:
     def _start_control(self) -> None:
         policy = self.policy
         max_request = self.region.size * 2 + 65536  # a whole region in base64, plus the request around it
-        self.control = ControlServer(policy.control, policy.server.owner, policy.server.group, self.loop, max_request)
+        self.control = ControlServer(policy.control, policy.server.owner, policy.server.group, self.loop, max_request,
+                                     policy.shares, owners=self.server.owners)
         self.control.route("write", policy.control.writers, self._handle_write)
         self.control.route("ring", policy.control.ringers, self._handle_ring)
         self.control.route("status", policy.control.readers, self._handle_status)
-        self.control.on_refused = lambda cred, op, reason: self.record(
+        self.control.on_refused = lambda cred, op, reason: self.note(
             "refused", actor=cred, result="refused", detail={"op": op, "reason": reason})
         self.control.start()
         self.add_stop_hook(self.control.close)
@@ -258,14 +312,14 @@ class Supervisor:
         """Check everything first: a refused write leaves the region and the log exactly as they were."""
         plan = self._plan_write(request.body)
         if plan.wait_for_guest and self.guest.waiter is not None:
-            self.guest.queued.append((request, plan))  # its turn comes with the acknowledgement before it
+            self.queued.push(request, plan)  # its turn comes with the acknowledgement before it
             return
         self._write(request, plan)
 
     def _plan_write(self, body: dict) -> WritePlan:
         data = _decode_data(body.get("data"))
         offset = _whole_number(body.get("offset", 0), "offset")
-        timeout = _seconds(body.get("timeout", 60), "timeout")
+        timeout = _seconds(body.get("timeout", 60), "timeout", self.policy.shares.wait_seconds)
         try:
             if body.get("text"):
                 padding = text_padding(data, offset, self.region.size, bool(body.get("allow_unterminated")))
@@ -303,8 +357,12 @@ class Supervisor:
             request.reply(**reply)
 
     def _next_queued_write(self) -> None:
-        while self.guest.waiter is None and self.guest.queued:
-            self._write(*self.guest.queued.popleft())
+        while self.guest.waiter is None and self.queued:
+            request, plan = self.queued.pop()
+            try:
+                self._write(request, plan)
+            except ShmguardError as exc:  # checked when queued; the log or the region may have failed since
+                request.fail(str(exc))
 
     def _handle_ring(self, request: Request) -> None:
         targets = self.ring_targets(request.body.get("target"))
@@ -322,21 +380,32 @@ class Supervisor:
             "peers": [peer.describe() for peer in self.server.peers.values()],
             "guest": {"peer": self.guest_peer_id(), "handshake": self.guest.handshake, "ready": self.guest.ready,
                       "acks": self.guest.acks, "last_reply": self.guest.last_reply,
-                      "writes_waiting": len(self.guest.queued)},
-            "audit": {"path": str(self.audit.path), "last_seq": self.audit.last_seq},
+                      "ready_guests": sorted(self.guest.joined & set(self.server.peers)),
+                      "writes_waiting": len(self.queued)},
+            "audit": {"path": str(self.audit.path), "last_seq": self.audit.last_seq,
+                      "writable": self.audit_trouble is None,
+                      "trouble": self.audit_trouble.describe() if self.audit_trouble else None},
+            "shares": {**self.server.describe_shares(), "queued_writes": self.queued.count.describe(),
+                       "queued_write_bytes": self.queued.bytes.describe()},
             "guard": self.guard.describe(),
         }
 
     # --- ringing peers -------------------------------------------------------------------------------
 
     def guest_peer_id(self) -> int | None:
-        """The guest is the QEMU this supervisor started, else the only peer that is not the host."""
+        """The guest is the QEMU this supervisor started; else the one built-in guest that said it is ready,
+        whoever started its QEMU (libvirt, by hand); else the only peer that is not the host."""
         others = [p for p in self.server.peers.values() if p.cred is not None]
         qemu_pid = self.qemu_pid()
         ours = [p for p in others if p.cred.pid == qemu_pid]
         if ours:
             return ours[0].id
-        return others[0].id if len(others) == 1 and qemu_pid is None else None
+        if qemu_pid is not None:
+            return None
+        joined = [p.id for p in others if p.id in self.guest.joined]
+        if joined:
+            return joined[0] if len(joined) == 1 else None  # several: each is rung by its id
+        return others[0].id if len(others) == 1 else None
 
     def qemu_pid(self) -> int | None:
         return self.qemu.pid if self.qemu is not None else None
@@ -350,6 +419,10 @@ class Supervisor:
         peers = self.server.peers
         if target == "guest":
             peer_id = self.guest_peer_id()
+            joined = sorted(p for p in self.guest.joined if p in peers)
+            if peer_id is None and self.qemu is None and len(joined) > 1:
+                raise ControlError(f"several guests are ready (peers {', '.join(map(str, joined))}): ring one "
+                                   f"by its id, e.g. --ring {joined[0]}")
             if peer_id is None:
                 if self.guest.handshake and not self._qemu_exited():  # not connected yet: ring once it is ready
                     return [(PENDING_GUEST, 0)]
@@ -359,7 +432,7 @@ class Supervisor:
             return [(p.id, v) for p in peers.values() if p.cred is not None for v in range(len(p.vectors))]
         peer_text, _, vector_text = str(target).partition(":")
         if not _is_number(peer_text) or (vector_text and not _is_number(vector_text)):
-            raise ControlError(f"ring target {target!r} is not 'guest', 'all', PEER or PEER:VECTOR")
+            raise ControlError(f"ring target {str(target)[:64]!r} is not 'guest', 'all', PEER or PEER:VECTOR")
         peer_id, vector = int(peer_text), int(vector_text or 0)
         if peer_id not in peers or peer_id == self.host.id:
             raise ControlError(f"no peer {peer_id} to ring (peers: {sorted(set(peers) - {self.host.id}) or 'none'})")
@@ -368,18 +441,19 @@ class Supervisor:
         return [(peer_id, vector)]
 
     def _is_guest(self, peer_id: int) -> bool:
-        return peer_id == PENDING_GUEST or peer_id == self.guest_peer_id()
+        return peer_id == PENDING_GUEST or peer_id == self.guest_peer_id() or peer_id in self.guest.joined
 
     def ring(self, peer_id: int, vector: int, cred) -> dict:
         """Ring now, or hold the ring until the built-in guest has said it is ready (a doorbell rung
         before the guest enabled MSI-X is lost)."""
         is_guest = self._is_guest(peer_id)
-        held = is_guest and self.guest.handshake and not self.guest.ready
+        held = is_guest and self.guest.handshake and not self.guest.ready and peer_id not in self.guest.joined
+        # Recorded first: a ring the log cannot take is not rung.
+        self.record("ring", actor=cred, detail={"peer": peer_id, "vector": vector, "held_until_ready": held})
         if held:
-            self.guest.pending_rings.append((peer_id, vector))
+            self.guest.pending_rings[peer_id, vector] = None
         else:
             self.server.ring(peer_id, vector)
-        self.record("ring", actor=cred, detail={"peer": peer_id, "vector": vector, "held_until_ready": held})
         return {"peer": peer_id, "vector": vector, "guest": is_guest, "held_until_ready": held}
 
     def _ack_timeout(self, waiter: AckWaiter, timeout: float) -> None:
@@ -392,24 +466,75 @@ class Supervisor:
     # --- events --------------------------------------------------------------------------------------
 
     def record(self, action: str, *, actor: PeerCred | Actor | None = None, result: str = "ok", **fields) -> dict:
+        """Append a record; raises ShmguardError if the log cannot take it (see AuditTrouble for the rule)."""
         if isinstance(actor, PeerCred):
             actor = Actor.from_pid(actor.pid, actor.uid, actor.gid)
-        return self.audit.append(action, actor=actor, result=result, **fields)
+        try:
+            if self.audit_trouble is not None:
+                self._record_gap()
+            return self.audit.append(action, actor=actor, result=result, **fields)
+        except ShmguardError as exc:
+            self._audit_failed(action, str(exc))
+            raise
+
+    def note(self, action: str, **fields) -> dict | None:
+        """Record what has happened already and cannot be undone: a log that cannot take it does not stop it."""
+        try:
+            return self.record(action, **fields)
+        except ShmguardError:
+            return None  # counted in audit_trouble, said once in the log
+
+    def _audit_failed(self, action: str, error: str) -> None:
+        if self.audit_trouble is None:
+            self.audit_trouble = AuditTrouble(error, datetime.now(UTC).isoformat(timespec="seconds"))
+            log.error("%s: refusing joins, writes and rings until it can be written again; connected peers are "
+                      "still served, leaves and incidents go unrecorded (counted in `shmguard status`)", error)
+            sdnotify.status(f"audit log unwritable: {error}")
+        missed = self.audit_trouble.missed
+        missed[action] = missed.get(action, 0) + 1
+
+    def _record_gap(self) -> None:
+        trouble = self.audit_trouble
+        self.audit.append("audit-gap", result="resumed", detail=trouble.describe())
+        self.audit_trouble = None
+        log.warning("audit log %s is writable again; records missed while it was not: %s", self.audit.path,
+                    trouble.missed)
+        sdnotify.status("audit log writable again")
 
     def _on_host_rung(self, vector: int, fd: int) -> None:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
+        if eventfd.drain(fd) is None:  # a peer drained it between epoll and now; never a blocking read
             return
         reply = self.read_reply()
-        guest_id = self.guest_peer_id()
         ready_id, ack = layout.parse_ready(reply), layout.parse_ack(reply)
-        if vector == layout.READY_VECTOR and ready_id is not None and ready_id == guest_id:
-            self.on_guest_ready(reply)
-        elif vector == layout.ACK_VECTOR and ack is not None and self.guest.handshake and guest_id is not None:
+        if vector == layout.READY_VECTOR and ready_id is not None and self._is_peer(ready_id):
+            self._on_guest_says_ready(ready_id, reply)
+        elif vector == layout.ACK_VECTOR and ack is not None and self.guest.handshake and (
+                self.guest_peer_id() is not None or self.guest.waiter is not None):
             self.on_guest_ack(reply, ack)
         else:  # any peer may ring the host: a stray ring is not worth more than a debug line
             log.debug("host rung on vector %d (reply area: %r)", vector, reply[:80])
+
+    def _is_peer(self, peer_id: int) -> bool:
+        peer = self.server.peers.get(peer_id)
+        return peer is not None and peer.cred is not None  # connected, and not the host itself
+
+    def _on_server_event(self, action: str, **fields) -> dict:
+        if action == "peer-leave" and self.guest_options is None:  # serving only: is "the guest" still one that
+            self.guest.ready = self.guest.ready and self.guest_peer_id() in self.guest.joined  # said it is ready?
+        return self.record(action, **fields)
+
+    def _on_guest_says_ready(self, peer_id: int, reply: str) -> None:
+        """A built-in guest joins the handshake by saying so, whoever started its QEMU. Serving only (--no-guest)
+        turns the handshake on; a QEMU this supervisor boots stays the guest that `--ring guest` means."""
+        self.guest.joined &= set(self.server.peers)  # ids are never reused: forget the guests that left
+        self.guest.joined.add(peer_id)
+        if self.guest_options is None:
+            self.guest.handshake = True
+        if peer_id == self.guest_peer_id():
+            self.on_guest_ready(reply)
+        else:
+            log.info("guest ready: %s (one of several guests: ring it by its id)", reply)
+            self.note("guest-ready", detail={"reply": reply, "peer": peer_id})
 
     def read_reply(self) -> str:
         raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)
@@ -420,9 +545,9 @@ class Supervisor:
         self.guest.ready, self.guest.last_reply = True, reply
         self.guard.refresh()  # the guest wrote through its mapping, which makes no inotify event
         log.info("guest ready: %s", reply)
-        self.record("guest-ready", detail={"reply": reply, "peer": self.guest_peer_id()})
+        self.note("guest-ready", detail={"reply": reply, "peer": self.guest_peer_id()})
         sdnotify.status("guest ready")
-        pending, self.guest.pending_rings = self.guest.pending_rings, []
+        pending, self.guest.pending_rings = self.guest.pending_rings, {}
         guest_id = self.guest_peer_id()
         for peer_id, vector in pending:
             try:
@@ -462,9 +587,9 @@ class Supervisor:
             self.server.close()
             self.server = None
         if self.region is not None:
-            last = self.record("stop", detail={"exit_code": self.exit_code})
-            # A copy outside the log (the journal) shows if records are later cut from its end.
-            log.info("audit log %s ends at seq %d, hash %s", self.audit.path, last["seq"], last["hash"])
+            last = self.note("stop", detail={"exit_code": self.exit_code})
+            if last is not None:  # a copy outside the log (the journal) shows if records are later cut from its end
+                log.info("audit log %s ends at seq %d, hash %s", self.audit.path, last["seq"], last["hash"])
             if self.region.backend == "file":
                 _unlink_if_ours(self.region.path, self.region.state().inode)
             self.region.close()
@@ -489,12 +614,14 @@ def _decode_data(value) -> bytes:
 
 
 def _is_number(text: str) -> bool:
-    return text.isascii() and text.isdigit()  # "²".isdigit() is true, int("²") is not
+    """A peer id or vector as digits: "²".isdigit() is true and int("²") is not; 5000 digits make int() raise."""
+    return text.isascii() and text.isdigit() and len(text) <= 5
 
 
-def _seconds(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_WAIT_SECONDS:
-        raise ControlError(f"{name} {value!r} must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}")
+def _seconds(value, name: str, limit: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= limit:
+        raise ControlError(f"{name} {value!r} must be a number of seconds above 0 and at most {limit:g} "
+                           "(policy shares.wait_seconds)")
     return float(value)
 
 

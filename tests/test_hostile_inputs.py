@@ -46,6 +46,7 @@ def supervisor(tmp_path):
     (b"[" * 5000, "nested too deeply"),
     (b'{"op": "ring", "target": "\xc2\xb2"}', "is not 'guest', 'all', PEER or PEER:VECTOR"),
     (b'{"op": "ring", "target": "1:\xc2\xb2"}', "is not 'guest', 'all', PEER or PEER:VECTOR"),
+    (b'{"op": "ring", "target": "' + b"9" * 5000 + b'"}', "is not 'guest', 'all', PEER or PEER:VECTOR"),
     (b'{"op": "write", "data": "aGk=", "timeout": "x"}', "timeout"),
     (b'{"op": "write", "data": "aGk=", "timeout": NaN}', "timeout"),
     (b'{"op": "write", "data": "aGk=", "timeout": Infinity}', "timeout"),

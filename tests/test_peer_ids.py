@@ -23,7 +23,7 @@ from shmguard.client import IvshmemClient
 from shmguard.errors import ProtocolError
 from shmguard.loop import EventLoop
 from shmguard.policy import Access, ServerPolicy
-from shmguard.protocol import MAX_PEER_ID, recv_message
+from shmguard.protocol import MAX_PEER_ID, REFUSED_VERSION, recv_message
 from shmguard.qemu import monitor_command
 from shmguard.region import create_memfd
 from shmguard.server import IvshmemServer, PeerIds
@@ -144,7 +144,7 @@ def test_departed_ids_come_back_once_no_remote_peer_remembers_them(tmp_path):
         watcher = IvshmemClient(path, vectors=1, timeout=10).connect()
         assert watcher.own_id == 1
         assert [join_and_leave(path), join_and_leave(path)] == [2, 3]
-        with pytest.raises(ProtocolError, match="closed the connection"):
+        with pytest.raises(ProtocolError, match="refused this peer"):
             join_and_leave(path)  # the watcher saw 2 and 3 leave: both stay out
         watcher.close()
         wait_until(lambda: len(serving.server.peers) == 1, 10, "the watcher's leave")
@@ -275,7 +275,7 @@ def test_70000_joins_run_the_id_space_dry_without_a_repeat_and_everyone_survives
     assert "1af4:1110" in monitor_command(str(tmp_path / "monitor.sock"), "info pci")
 
     # ids stay exhausted while the long-lived peer and QEMU remember every leave: refused before any message
-    with pytest.raises(ProtocolError, match="closed the connection"):
+    with pytest.raises(ProtocolError, match="refused this peer"):
         IvshmemClient(supervisor.socket, vectors=1, timeout=10).connect()
 
     # ... but the supervisor still serves the peers it has: it rings the long-lived peer, QEMU is listed
@@ -289,7 +289,7 @@ def test_70000_joins_run_the_id_space_dry_without_a_repeat_and_everyone_survives
 
 
 def join_once(path: str) -> str:
-    """Connect, read the whole greeting to learn our id, close. 'refused' if closed before any message."""
+    """Connect, read the whole greeting to learn our id, close. 'refused' if the first word is the refusal (-1)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(60)  # a hung server fails the test instead of hanging it
         sock.connect(path)
@@ -299,6 +299,8 @@ def join_once(path: str) -> str:
             for fd in fds:
                 os.close(fd)
             received += 1
+            if received == 1 and value == REFUSED_VERSION and not fds:
+                return "refused" if recv_message(sock) is None else "refusal followed by more messages"
             if received == 2:
                 own_id = value
             elif fds and value == own_id:  # our own (only) vector ends the greeting

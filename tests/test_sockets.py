@@ -85,7 +85,7 @@ def test_the_socket_is_born_closed_before_its_owner_and_mode_are_set(tmp_path, m
     real_chown = os.chown
 
     def look_then_chown(path, uid, gid, **kwargs):
-        born_modes.append(stat.S_IMODE(os.lstat(path).st_mode))
+        born_modes.append(stat.S_IMODE(os.stat(path).st_mode))  # path is /proc/self/fd/N: stat the socket itself
         return real_chown(path, uid, gid, **kwargs)
 
     monkeypatch.setattr(os, "chown", look_then_chown)

@@ -8,7 +8,7 @@ import pytest
 from arena import check
 from shmguard.attack import ATTACKS, ROLES
 
-LISTED = [attack.name for attack in ATTACKS if not attack.extra]
+LISTED = [attack.name for attack in ATTACKS if not attack.extra and not attack.adversary]  # adversaries: their own file
 INCIDENT_FIELDS = {"kind", "path", "before", "after", "response", "repair_ms", "offender"}
 
 

@@ -1,0 +1,1 @@
+"""The built-in policies, installed as the package shmguard.policies (read with importlib.resources)."""

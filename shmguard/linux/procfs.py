@@ -1,0 +1,110 @@
+"""What /proc says about a process and about this boot: each reader in one place, each failure spelled out.
+
+A pid names a process only while it lives; `start_time` (field 22 of /proc/PID/stat) with the pid names one
+process and never another, within one boot (`boot_id`).
+"""
+
+from __future__ import annotations
+
+import os
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def status(pid: int | str = "self") -> dict[str, str]:
+    """The fields of /proc/PID/status ("self" and "thread-self" work too), values stripped. Raises OSError."""
+    fields: dict[str, str] = {}
+    with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def identity(pid: int) -> tuple[int | None, int | None, str]:
+    """(effective uid, effective gid, name) from /proc/PID/status; (None, None, "unknown") once it is gone."""
+    try:
+        fields = status(pid)
+    except OSError:
+        return None, None, "unknown"
+    uid = int(fields["Uid"].split()[1]) if "Uid" in fields else None  # the effective ids did the deed
+    gid = int(fields["Gid"].split()[1]) if "Gid" in fields else None
+    return uid, gid, fields.get("Name", "unknown")
+
+
+def exe(pid: int) -> str | None:
+    """/proc/PID/exe, or None: exited (a zombie keeps its uid, not its exe), or hidden without CAP_SYS_PTRACE."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def comm(pid: int) -> str | None:
+    """The name the process gives itself: world-readable, and a hint, not proof."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cmdline(pid: int, limit: int = 256) -> str:
+    """The first `limit` bytes of its command line, spaces for NULs: written by the process, so a hint."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(limit)
+    except OSError:
+        return ""
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+
+
+def executable(pid: int) -> str:
+    """exe where it can be read, else comm labelled as such, else "unknown" (for records and logs)."""
+    path = exe(pid)
+    if path is not None:
+        return path
+    name = comm(pid)
+    return f"{name} (comm)" if name is not None else "unknown"
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat, in clock ticks since boot; None if there is no such process. Raises OSError
+    if /proc will not say (hidepid)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(data.rsplit(b")", 1)[-1].split()[19])  # the name in parentheses may hold spaces; [0] is field 3
+
+
+def boot_id() -> str:
+    """This boot's id without dashes, or "unknown"."""
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip().replace("-", "") or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def fdinfo(fd: int, pid: int | str = "self") -> dict[str, str]:
+    """The fields of /proc/PID/fdinfo/FD (flags in octal, eventfd-count in hex, ...). Raises OSError."""
+    fields: dict[str, str] = {}
+    with open(f"/proc/{pid}/fdinfo/{fd}", encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def fd_target(fd: int, pid: int | str = "self") -> str | None:
+    """What /proc/PID/fd/FD points at ("anon_inode:[eventfd]", "/memfd:shmguard (deleted)", a path), or None."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
