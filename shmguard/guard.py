@@ -1,6 +1,9 @@
 """Guard: watches the region's path and both sockets, re-reads the truth on every event, and responds.
 
-It is part of the supervisor's one event loop: an inotify fd and, as root, a fanotify fd that names offenders.
+It is part of the supervisor's one event loop: an inotify fd, a periodic scan of the region's allocation (some
+tampers make no event at all: a hole punched through a memfd's own description), and, as root, a fanotify fd that
+names offenders plus the report pipe of the opener witness (fanotify.py), which reads who opens the region while
+the kernel holds the opener.
 An event only says "look now": the truth is fstat of the held region fd, lstat of the paths and the directory
 entries, compared with the policy (REFERENCE §4: a truncation arrives as IN_MODIFY like a write, `rm` of an
 open file as IN_ATTRIB only, writes through mmap as nothing at all). Repairs cause events of their own; those
@@ -21,6 +24,7 @@ import secrets
 import stat
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +41,8 @@ from .fanotify import (
     FAN_MOVE_SELF,
     FAN_OPEN,
     Fanotify,
+    Opener,
+    OpenerWitness,
     Touch,
     Witnesses,
 )
@@ -55,14 +61,18 @@ FAN_SOCKET = FAN_ATTRIB | FAN_MOVE_SELF | FAN_DELETE_SELF
 
 # The fanotify events whose process is the offender of each kind of incident.
 OFFENCES = {
-    "shrink": FAN_MODIFY, "grow": FAN_MODIFY, "hole": FAN_MODIFY, "contents": FAN_MODIFY,
+    "shrink": FAN_MODIFY, "grow": FAN_MODIFY, "hole": FAN_MODIFY, "contents": FAN_MODIFY, "preallocation": FAN_MODIFY,
     "attributes": FAN_ATTRIB, "acl": FAN_ATTRIB, "extra-link": FAN_ATTRIB, "anchor": FAN_ATTRIB,
     "unlink": FAN_ATTRIB | FAN_DELETE_SELF, "rename": FAN_MOVE_SELF, "replaced": FAN_ATTRIB | FAN_MOVE_SELF,
     "socket-removed": FAN_SOCKET, "socket-replaced": FAN_SOCKET, "socket-attributes": FAN_ATTRIB,
     "region-opened": FAN_OPEN,
 }
+# Incidents that mean the region's contents cannot be trusted: no known-good copy is taken while one is unresolved.
+CONTENT_KINDS = frozenset({"shrink", "grow", "hole", "preallocation", "contents"})
 ATTRIBUTION_WAIT_NS = 20_000_000  # how long a repaired incident waits for its offender's fanotify event
+OPENERS_REMEMBERED = 1024  # identities of processes that opened the region, read while the kernel held them
 TAMPER_WINDOW_NS = 1_000_000_000  # after a resize or hole, writes until the writer's close are undone too
+HOLE_SEEK_BYTES = 64 << 20  # bytes a scan looks through for holes (SEEK_HOLE costs about 10 us per MiB)
 REFRESH_INTERVAL_NS = 50_000_000  # at most one read of the whole region per interval for the known-good copy
 STRAYS_PER_CHECK = 1024  # stray links unlinked per check; more are left to a follow-up check at once
 LIST_LIMIT = 16  # entries of any list in an incident's detail; `<name>_count` says how many there were
@@ -73,8 +83,12 @@ ANCHOR_PREFIX = ".shmguard-anchor."
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 AT_FDCWD = -100
 AT_SYMLINK_FOLLOW = 0x400
+FALLOC_FL_KEEP_SIZE = 0x1
+FALLOC_FL_PUNCH_HOLE = 0x2
+PAST_EOF_END = 1 << 62  # freeing "everything past EOF": offset + length must still fit in a loff_t
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 class GuardError(ShmguardError):
@@ -107,6 +121,58 @@ def allocate(fd: int, size: int) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
+
+
+def free_past_eof(fd: int, size: int) -> None:
+    """Give back pages allocated past the end of file (fallocate KEEP_SIZE): they would hide a hole from st_blocks."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size, PAST_EOF_END - size) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"cannot free the pages past the end of the region: {os.strerror(error)}")
+
+
+def first_hole(fd: int, size: int, offset: int = 0) -> int:
+    """Where the first page without data is (from offset), or size if every page holds data. tmpfs counts a page
+    that is allocated but never written (fallocate) as a hole too, so this sees what st_blocks cannot."""
+    try:
+        return min(os.lseek(fd, offset, os.SEEK_HOLE), size)
+    except OSError:
+        return size  # ENXIO (offset at the end), or a filesystem without SEEK_HOLE: st_blocks alone decides
+
+
+def fill_holes(fd: int, size: int, contents: bytes | bytearray) -> None:
+    """Write the contents into every hole (they read as zeros), so that from now on a hole means a tamper."""
+    view, offset = memoryview(contents), 0
+    while (hole := first_hole(fd, size, offset)) < size:
+        try:
+            end = min(os.lseek(fd, hole, os.SEEK_DATA), size)
+        except OSError:
+            end = size  # ENXIO: no data after the hole
+        pwrite_all(fd, view[hole:end], hole)
+        offset = end
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How the region's pages are held: what a tamper that makes no event still changes."""
+
+    size: int
+    blocks: int
+    first_hole: int
+
+    @classmethod
+    def of(cls, fd: int, size: int, holes: bool = True) -> Allocation:
+        """holes=False: fstat alone (first_hole is taken to be size), for looks that must stay cheap."""
+        st = os.fstat(fd)
+        return cls(st.st_size, st.st_blocks, first_hole(fd, size) if holes else size)
+
+
+def prepare_allocation(fd: int, size: int, contents: bytes | bytearray, is_file: bool) -> int:
+    """Every page of the region allocated and written, none past its end; returns the st_blocks of that state."""
+    allocate(fd, size)
+    if is_file:
+        free_past_eof(fd, size)  # a pre-allocation made before we started would hide the first hole
+    fill_holes(fd, size, contents)
+    return os.fstat(fd).st_blocks
 
 
 def describe_entry(path: str, st: os.stat_result | None) -> dict:
@@ -190,13 +256,13 @@ class KnownGood:
         return pread_all(fd, size) == self.data
 
     def refresh(self, fd: int, size: int, full_blocks: int) -> bool:
-        """Take the file's contents, unless its size or allocation changed while we read it."""
-        before = os.fstat(fd)
-        if before.st_size != size or before.st_blocks < full_blocks:
+        """Take the file's contents, only if it is intact (its size, every page allocated and written, none past
+        its end: st_blocks exactly full, no hole) before and after we read it."""
+        intact = Allocation(size, full_blocks, size)
+        if Allocation.of(fd, size) != intact:
             return False
         current = pread_all(fd, size)
-        after = os.fstat(fd)
-        if len(current) != size or (after.st_size, after.st_blocks) != (before.st_size, before.st_blocks):
+        if len(current) != size or Allocation.of(fd, size) != intact:
             return False
         self.data[:] = current
         return True
@@ -368,7 +434,11 @@ class Guard:
         self.sockets = self._guarded_sockets()
         self.inotify: INotify | None = None
         self.witnesses: Witnesses | None = None
+        self.openers: OpenerWitness | None = None
         self.attribution = "not started"
+        self._identities: OrderedDict[int, Opener] = OrderedDict()  # pid -> who it was when it opened the region
+        self._by_scan = False  # this check was started by the periodic scan, not by an event
+        self._opened: list[Opener] = []  # memfd openers reported by the witness, to be recorded
         self.incidents = 0
         self.last_incident: dict | None = None
         self._region_wd: int | None = None
@@ -379,6 +449,10 @@ class Guard:
         self._unattributed: list[Incident] = []  # repaired, waiting a moment for fanotify to name the offender
         self._detected_ns = 0
         self._tampered_until_ns = 0  # until then (or a close), writes continue a tampering and are undone
+        self._scan_s = self.responses.scan_ms / 1000
+        self._scan_damage: Allocation | None = None  # damage the last scan left unresolved (alerted, failed)
+        self._scans = 0
+        self._hole_stride = -(-self.size // HOLE_SEEK_BYTES)  # every scan fstats; every this many, SEEK_HOLE too
         self._last_refresh_ns = 0
         self._refresh_scheduled = False
         self._unlink_budget = STRAYS_PER_CHECK  # stray links this check may still unlink
@@ -411,8 +485,7 @@ class Guard:
     # --- starting and stopping ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        allocate(self.fd, self.size)
-        self.full_blocks = os.fstat(self.fd).st_blocks
+        self.full_blocks = prepare_allocation(self.fd, self.size, self.known_good.data, self.is_file)
         if self.is_file:
             self.anchor = self._create_anchor()
         self.inotify = INotify(nonblocking=True)
@@ -420,6 +493,7 @@ class Guard:
         self._watch_everything()
         self.loop.add_reader(self.inotify.fileno(), self._on_inotify)
         self.check()  # whatever is already wrong is an incident too
+        self.loop.call_later(self._scan_s, self._scan)
         log.info("guard: watching %s; offenders named by %s", ", ".join(self.watched_paths()), self.attribution)
 
     def _create_anchor(self) -> Anchor | None:
@@ -445,6 +519,52 @@ class Guard:
         self.witnesses = Witnesses(fanotify)
         self.loop.add_reader(fanotify.fd, self._on_fanotify)
         self.attribution = "fanotify"
+        self._start_openers()
+
+    def _start_openers(self) -> None:
+        """The child that holds each open of the region while it reads the opener's identity (fanotify.py)."""
+        try:
+            self.openers = OpenerWitness.start([f"/proc/self/fd/{self.fd}"])
+        except OSError as exc:
+            self.attribution += f"; openers not held (FAN_OPEN_PERM: {exc.strerror})"
+            return
+        self.loop.add_reader(self.openers.fd, self._on_openers)
+        programs = ", ".join(self.openers.execs_watched) or "nowhere (exec events refused)"
+        self.attribution += f"; openers held (FAN_OPEN_PERM, pid {self.openers.pid}); programs from exec events " \
+                            f"on the filesystems of {programs}"
+
+    def _on_openers(self) -> None:
+        if self.openers is not None:
+            self._collect_openers()
+        opened, self._opened = self._opened, []
+        for opener in opened:
+            self._opened_by(opener)
+
+    def _collect_openers(self) -> None:
+        """Take the witness's reports: identities to name offenders by, and (memfd) opens that are incidents."""
+        for opener in self.openers.read():
+            self._identities.pop(opener.pid, None)
+            self._identities[opener.pid] = opener
+            while len(self._identities) > OPENERS_REMEMBERED:
+                self._identities.popitem(last=False)
+            if not self.is_file:
+                if not self._opened:
+                    self.loop.call_later(0, self._on_openers)  # recorded from the loop, never inside a record
+                self._opened.append(opener)
+        if self.openers.ended:
+            log.warning("guard: the opener witness (pid %d) is gone: opens are no longer held, short-lived "
+                        "offenders may go unnamed", self.openers.pid)
+            self.loop.remove_reader(self.openers.fd)
+            self.openers.close()
+            self.openers = None
+            self.attribution += "; opener witness gone"
+
+    def before_write(self) -> None:
+        """For the supervisor to call just before an audited write: a hole the write would fill again (and so hide:
+        a refilled page is whole, with zeros around the written bytes) is repaired from the copy first."""
+        intact = Allocation(self.size, self.full_blocks, self.size)
+        if self.inotify is not None and Allocation.of(self.fd, self.size) != intact:
+            self.check()
 
     def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
         """The supervisor's hook after an audited write (data, then zero_fill NULs): it survives every repair."""
@@ -459,6 +579,8 @@ class Guard:
         read per interval, not one per event). None is done while a tampering may still be writing (the second
         after a resize or a hole, until the writer closes): its bytes must not become the copy. Returns True if
         the copy was taken now."""
+        if self._contents_unresolved():
+            return False  # an alerted or failed resize or hole stands: the region is not the known-good copy
         now = time.monotonic_ns()
         due = max(self._last_refresh_ns + REFRESH_INTERVAL_NS, self._tampered_until_ns)
         if now < due:
@@ -467,7 +589,34 @@ class Guard:
                 self.loop.call_at(due / 1e9, self._deferred_refresh)
             return False
         self._last_refresh_ns = now
-        return self.known_good.refresh(self.fd, self.size, self.full_blocks)
+        if self.known_good.refresh(self.fd, self.size, self.full_blocks):
+            return True
+        self._check_again()  # not intact (a hole that made no event, say): look, and repair, at once
+        return False
+
+    def _contents_unresolved(self) -> bool:
+        return any(kind in CONTENT_KINDS for kind, _ in self._outstanding)
+
+    def _scan(self) -> None:
+        """The periodic look at the region's allocation: a hole punched through a memfd's own file description
+        makes no fsnotify event at all (REFERENCE §4), so only looking finds it. One fstat each time (a punch lowers
+        st_blocks), and a SEEK_HOLE for a page allocated but never written (st_blocks whole, contents zeros) every
+        scan for a region up to 64 MiB, every size/64 MiB scans for a larger one."""
+        if self.inotify is None:
+            return  # closed
+        self.loop.call_later(self._scan_s, self._scan)  # first: a failure below must not end the scans
+        self._scans += 1
+        state = Allocation.of(self.fd, self.size, holes=self._scans % self._hole_stride == 0)
+        if state == Allocation(self.size, self.full_blocks, self.size):
+            self._scan_damage = None
+        elif state != self._scan_damage:  # new damage; damage already responded to is recorded once
+            self._by_scan = True
+            try:
+                self.check()
+            finally:
+                self._by_scan = False
+            after = Allocation.of(self.fd, self.size)
+            self._scan_damage = None if after == Allocation(self.size, self.full_blocks, self.size) else after
 
     def _deferred_refresh(self) -> None:
         self._refresh_scheduled = False
@@ -484,6 +633,10 @@ class Guard:
             self.loop.remove_reader(self.witnesses.fanotify.fd)
             self.witnesses.fanotify.close()
             self.witnesses = None
+        if self.openers is not None:
+            self.loop.remove_reader(self.openers.fd)
+            self.openers.close()
+            self.openers = None
         if self.anchor is not None:
             self.anchor.remove()
             self.anchor = None
@@ -616,10 +769,7 @@ class Guard:
             self._incident(kind, self.region_path, {"region": region_state(st)}, self.responses.on_resize,
                            self._restore_contents)
             self._tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
-        elif st.st_blocks < self.full_blocks:
-            # Pages were freed at the same size: a punched hole, or a truncate-and-regrow between two looks.
-            self._incident("hole", self.region_path, {"region": region_state(st), "full_blocks": self.full_blocks},
-                           content_response, self._restore_contents)
+        elif self._check_allocation(st, content_response):
             self._tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
         elif modified and time.monotonic_ns() < self._tampered_until_ns:
             # `echo hello >` truncates, then writes: a write landing after our repair belongs to the tampering.
@@ -631,6 +781,26 @@ class Guard:
         if closed:
             self._tampered_until_ns = 0  # the writer is done: its next write is an in-place write again
 
+    def _check_allocation(self, st: os.stat_result, response: str) -> bool:
+        """Pages past the end (fallocate KEEP_SIZE, which would hide a hole from st_blocks) and holes inside
+        (a punch, a truncate-and-regrow between two looks, a page allocated but never written). True if found."""
+        found = False
+        if st.st_blocks > self.full_blocks:
+            self._incident("preallocation", self.region_path, {"region": region_state(st),
+                                                               "full_blocks": self.full_blocks},
+                           response, self._free_past_eof)
+            st, found = os.fstat(self.fd), True
+        hole = first_hole(self.fd, self.size)
+        if st.st_blocks < self.full_blocks or hole < self.size:
+            self._incident("hole", self.region_path, {"region": region_state(st), "full_blocks": self.full_blocks,
+                                                      "first_hole": hole}, response, self._restore_contents)
+            found = True
+        return found
+
+    def _free_past_eof(self) -> dict:
+        free_past_eof(self.fd, self.size)
+        return {"region": region_state(os.fstat(self.fd))}
+
     def _restore_contents(self) -> dict:
         if os.fstat(self.fd).st_size != self.size:
             os.ftruncate(self.fd, self.size)
@@ -638,9 +808,20 @@ class Guard:
         return {"region": region_state(os.fstat(self.fd))}
 
     def _check_opened(self, opened: bool) -> None:
-        if opened:  # only the memfd is watched for opens: nobody but the supervisor ever opens it
+        # Only the memfd is watched for opens: nobody but the supervisor ever opens it. inotify cannot tell the
+        # supervisor's own opens (the descriptions it hands to peers) from others': while the opener witness runs,
+        # it reports every other opener instead (_on_openers), and this event is left to it.
+        if opened and self.openers is None:
             self._incident("region-opened", self.region_path, {"region": region_state(os.fstat(self.fd))},
                            self.responses.on_resize, None)
+
+    def _opened_by(self, opener: Opener) -> None:
+        """Another process opened the memfd (the witness held it and read who): an incident, named."""
+        if self.inotify is None:
+            return  # closed
+        self._detected_ns = time.monotonic_ns()
+        self._incident("region-opened", self.region_path, {"region": region_state(os.fstat(self.fd)),
+                                                           "opener": opener.pid}, self.responses.on_resize, None)
 
     def _check_attributes(self) -> None:
         st = os.fstat(self.fd)
@@ -845,7 +1026,7 @@ class Guard:
         incident = Incident(kind, result, OFFENCES.get(kind, FAN_MODIFY | FAN_ATTRIB), done_ns + ATTRIBUTION_WAIT_NS, {
             "kind": kind, "path": path, "before": before, "after": after, "response": response,
             "repair_ms": round((done_ns - self._detected_ns) / 1e6, 3),
-            "detected_ns": self._detected_ns, "done_ns": done_ns,
+            "detected_ns": self._detected_ns, "done_ns": done_ns, "found_by": "scan" if self._by_scan else "event",
         })
         offender = self._offender(incident.mask)
         if offender is None and self.witnesses is not None:
@@ -874,14 +1055,17 @@ class Guard:
             self._record(incident, None)
 
     def _record(self, incident: Incident, offender: Touch | None) -> None:
-        detail = fitted(bounded({**incident.detail, "offender": offender.describe() if offender else "unknown"}))
+        named = self._named(offender) if offender is not None else self._named_opener(incident)
+        why = {} if named is not None else {"offender_unknown": self._why_unknown(incident),
+                                            **listed("holders", self._holders())}
+        detail = fitted(bounded({**incident.detail, "offender": named or "unknown", **why}))
         self._log(incident.kind, detail["path"], incident.result, detail)
         self.incidents += 1
         self.last_incident = {"kind": incident.kind, "path": detail["path"], "result": incident.result,
                               "repair_ms": detail["repair_ms"]}
         actor = None
-        if offender is not None and offender.uid is not None and offender.gid is not None:
-            actor = Actor(offender.pid, offender.uid, offender.gid, bounded(offender.exe))
+        if named is not None and named["uid"] is not None and named["gid"] is not None:
+            actor = Actor(named["pid"], named["uid"], named["gid"], bounded(named["exe"]))
         try:
             self.supervisor.record("incident", actor=actor, result=incident.result, detail=detail)
         except (ValueError, OSError, ShmguardError) as exc:
@@ -889,6 +1073,59 @@ class Guard:
             # record it refuses) must not stop the supervisor, nor the rest of this check.
             log.error("guard: incident not recorded in the audit log (%s): %s at %s: %s in %.3f ms", exc,
                       incident.kind, detail["path"], incident.result, detail["repair_ms"])
+
+    def _named(self, touch: Touch) -> dict:
+        """The touch's process, completed from what else the kernel told us about that very process: its
+        identity when it opened the region (held, so read before it could exit), or its peer credentials."""
+        named = {**touch.describe(), "uid_from": "/proc/PID/status", "exe_from": "/proc/PID/exe"}
+        if self.openers is not None:
+            self._collect_openers()  # a report written before the opener's open returned is surely in the pipe
+        opener = self._identities.get(touch.pid)
+        if opener is not None and None not in (opener.start, touch.start) and opener.start != touch.start:
+            opener = None  # the pid was reused
+        if named["uid"] is None and opener is not None and opener.uid is not None:
+            named.update(uid=opener.uid, gid=opener.gid, uid_from="its open of the region (held by fanotify)")
+        if named["exe"] == "unknown" and opener is not None:
+            named.update(exe=opener.exe, exe_from=opener.exe_from)
+        if opener is not None and named["comm"] == "unknown":
+            named.update(comm=opener.comm)  # a gone process leaves no name in /proc
+        peer = next((p.cred for p in self._peers() if p.cred.pid == touch.pid), None)
+        if named["uid"] is None and peer is not None:
+            named.update(uid=peer.uid, gid=peer.gid, uid_from="its peer credentials (SO_PEERCRED at join)")
+        if named["uid"] is None:
+            named["uid_from"] = ("unknown: the process was gone before /proc/PID/status was read, and it neither "
+                                 "opened the region by path while watched nor joined as a peer")
+        elif named["exe"] == "unknown" and named["exe_from"] == "/proc/PID/exe":
+            named["exe_from"] = ("unknown: /proc/PID/exe was unreadable (the process was gone, or is another uid's "
+                                 "and the supervisor has no CAP_SYS_PTRACE), and it did not open the region by path "
+                                 "while watched (then its program comes from its exec event)")
+        return named
+
+    def _named_opener(self, incident: Incident) -> dict | None:
+        """The opener the witness reported for a region-opened incident whose fanotify touch never came."""
+        opener = self._identities.get(incident.detail["before"].get("opener", -1))
+        if opener is None:
+            return None
+        return {**opener.describe(), "uid_from": "its open of the region (held by fanotify)"}
+
+    def _peers(self) -> list:
+        server = getattr(self.supervisor, "server", None)
+        peers = getattr(server, "peers", None) or {}
+        return [peer for peer in list(peers.values()) if getattr(peer, "cred", None) is not None]
+
+    def _holders(self) -> list[dict]:
+        """Who holds the region through the socket: when nothing names an offender, one of these (or root) did."""
+        return [{"peer": p.id, "pid": p.cred.pid, "uid": p.cred.uid, "gid": p.cred.gid} for p in self._peers()]
+
+    def _why_unknown(self, incident: Incident) -> str:
+        if self.witnesses is None:
+            return f"offenders cannot be named: {self.attribution}"
+        if incident.detail.get("found_by") == "scan":
+            return ("no fanotify event named a process: the change made none (a hole punched or a write through "
+                    "the memfd's own file description makes no fsnotify event, checked on Linux 6.18, nor does a "
+                    "write through a mapping); the periodic scan (guard.scan_ms) found it")
+        return (f"no fanotify event of another process arrived within {ATTRIBUTION_WAIT_NS // 1_000_000} ms "
+                "(the change made none, or the event queue overflowed)")
 
     def _offender(self, mask: int) -> Touch | None:
         return None if self.witnesses is None else self.witnesses.claim(mask)

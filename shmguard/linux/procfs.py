@@ -1,6 +1,7 @@
 """What /proc says about a process and about this boot: each reader in one place, each failure spelled out.
 
-A pid names a process only while it lives; `start_time` (field 22 of /proc/PID/stat) with the pid names one
+Nothing here reads /proc/PID/cmdline: that reads the process's memory, which it can map from a file that never
+answers (FUSE), and the reader would hang. A pid names a process only while it lives; `start_time` (field 22 of /proc/PID/stat) with the pid names one
 process and never another, within one boot (`boot_id`).
 """
 
@@ -49,16 +50,6 @@ def comm(pid: int) -> str | None:
         return None
 
 
-def cmdline(pid: int, limit: int = 256) -> str:
-    """The first `limit` bytes of its command line, spaces for NULs: written by the process, so a hint."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read(limit)
-    except OSError:
-        return ""
-    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
-
-
 def executable(pid: int) -> str:
     """exe where it can be read, else comm labelled as such, else "unknown" (for records and logs)."""
     path = exe(pid)
@@ -98,10 +89,21 @@ def fdinfo(fd: int, pid: int | str = "self") -> dict[str, str]:
     return fields
 
 
+def fd_directory(pid: int | str = "self") -> str:
+    """/proc/PID/fd: one entry per open fd, each a magic link to the very file (a memfd has no other name)."""
+    return f"/proc/{pid}/fd"
+
+
+def fd_path(fd: int, pid: int | str = "self") -> str:
+    """/proc/PID/fd/FD: opening, chmod-ing or connecting through it reaches the inode behind the fd, whatever
+    path names it now (or none: a memfd, an unlinked file)."""
+    return f"{fd_directory(pid)}/{fd}"
+
+
 def fd_target(fd: int, pid: int | str = "self") -> str | None:
     """What /proc/PID/fd/FD points at ("anon_inode:[eventfd]", "/memfd:shmguard (deleted)", a path), or None."""
     try:
-        return os.readlink(f"/proc/{pid}/fd/{fd}")
+        return os.readlink(fd_path(fd, pid))
     except OSError:
         return None
 

@@ -20,6 +20,7 @@ from shmguard.attack import AttackResult, Battery, exit_status, format_table, ru
 from shmguard.client import IvshmemClient
 from shmguard.control import request
 from shmguard.guard import link_fd
+from shmguard.hardening import read_proc_status
 from shmguard.policy import load_policy
 
 SETTLE = 0.3  # long enough for any repair, its own events and a deferred attribution (20 ms)
@@ -291,3 +292,57 @@ def test_battery_against_a_supervisor_started_with_overrides(tmp_path):
 
 def _succeeded(result: AttackResult) -> AttackResult:
     return dataclasses.replace(result, observed="FAILED", problems=("region is 0 bytes",))
+
+
+def _witness_of(supervisor_pid: int) -> int:
+    """The opener witness: the supervisor's child named shmguard-witness (comm keeps 15 characters)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)
+        except OSError:
+            continue
+        comm, ppid = fields[0].split(b"(", 1)[1], int(fields[1].split()[1])
+        if ppid == supervisor_pid and comm == b"shmguard-witnes":
+            return int(name)
+    raise AssertionError(f"supervisor {supervisor_pid} has no opener witness")
+
+
+def test_a_stopped_supervisor_never_holds_an_open_of_the_region(tmp_path):
+    """Opens of the region are held only by the opener witness, which answers at once: a supervisor that is
+    stopped (or busy) delays no member's open."""
+    supervisor = RunningSupervisor(policy_file(tmp_path, "standard"))
+    try:
+        os.kill(supervisor.proc.pid, signal.SIGSTOP)
+        try:
+            as_user(MEMBER_USER, lambda path: os.close(os.open(path, os.O_RDONLY)), supervisor.region_path)
+        finally:
+            os.kill(supervisor.proc.pid, signal.SIGCONT)
+    finally:
+        assert supervisor.stop() == 0
+
+
+@pytest.mark.parametrize("hardening", [{}, {"user": MEMBER_USER, "group": "ivshmem"}], ids=["root", "dropped"])
+def test_the_opener_witness_dies_with_the_supervisor_and_opens_go_on(tmp_path, hardening):
+    """It keeps no capability and has no_new_privs; when the supervisor is killed it dies too, and the kernel
+    allows opens again, also when the supervisor had dropped to another user (which may not signal root's)."""
+    supervisor = RunningSupervisor(policy_file(tmp_path, "standard", hardening=hardening))
+    witness = _witness_of(supervisor.proc.pid)
+    status = read_proc_status(witness)
+    assert (status["CapEff"], status["CapPrm"], status["CapBnd"], status["NoNewPrivs"]) == ("0" * 16,) * 3 + ("1",)
+    supervisor.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{witness}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{witness}"), "the witness outlived its supervisor"
+    path = supervisor.region_path
+    try:
+        as_user(MEMBER_USER, lambda p: os.close(os.open(p, os.O_RDONLY)), path)
+    finally:
+        for leftover in glob.glob(f"/dev/shm/.shmguard-anchor.{supervisor.proc.pid}.*"):
+            for inner in glob.glob(f"{leftover}/*"):
+                os.unlink(inner)
+            os.rmdir(leftover)
+        os.unlink(path)

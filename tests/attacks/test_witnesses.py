@@ -1,12 +1,18 @@
 """Witnesses: the fanotify touches waiting to name an offender keep their own state, whatever Python does with
-the memory of touches that were dropped."""
+the memory of touches that were dropped; the opener witness names who opened the region and never holds an open
+for long."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import select
+import signal
+import subprocess
+import time
 
-from shmguard.fanotify import FAN_MODIFY, Fanotify, Witnesses
+from helpers import MEMBER_USER
+from shmguard.fanotify import FAN_MODIFY, ExecMemory, Fanotify, OpenerWitness, Witnesses
 
 
 def touch_from_another_process(fd: int) -> None:
@@ -49,5 +55,63 @@ def test_a_touch_dropped_after_its_claim_never_uses_up_a_later_touch(tmp_path):
             assert witnesses.claim(FAN_MODIFY) is None, "a claim uses up the events it was for"
     finally:
         fanotify.close()
+        os.close(fd)
+        os.unlink(path)
+
+
+def test_the_program_of_a_process_is_its_last_exec_that_is_not_the_elf_loader():
+    memory = ExecMemory()
+    pid = os.getpid()  # alive: its start time is read, and matches
+    for path in ("/usr/bin/setpriv", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "/usr/bin/truncate",
+                 "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"):
+        memory.ran(pid, path)
+    assert memory.program(pid, None) == "/usr/bin/truncate"
+    assert memory.program(pid, 1) is None, "another process that had the same pid"
+    assert memory.program(pid + 1 if pid < 4_000_000 else 2, None) is None
+
+
+def _open_and_close(path: str) -> None:
+    os.close(os.open(path, os.O_RDONLY))
+
+
+def test_opens_are_held_named_and_allowed_and_our_own_never_waits_for_us(tmp_path):
+    """The opener witness is a child: the opening process's uid and program are read while the kernel holds it,
+    and an open by the process that started the witness (the supervisor reopens the region per peer) is allowed
+    at once, never a permission event waiting for its own reader."""
+    path = f"/dev/shm/shmguard-opener-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    os.fchmod(fd, 0o666)
+    witness = OpenerWitness.start([f"/proc/self/fd/{fd}"])
+    try:
+        _open_and_close(f"/proc/self/fd/{fd}")  # our own: would hang forever if we had to answer it
+        member = pwd.getpwnam(MEMBER_USER)
+        run = subprocess.run(["setpriv", f"--reuid={member.pw_uid}", f"--regid={member.pw_gid}", "--clear-groups",
+                              "dd", f"if={path}", "of=/dev/null", "count=0", "status=none"], timeout=30)
+        assert run.returncode == 0
+        openers = []
+        deadline = time.monotonic() + 10
+        while not openers and time.monotonic() < deadline:
+            select.select([witness.fd], [], [], 1)
+            openers += witness.read()
+        assert [(o.uid, o.exe, o.exe_from) for o in openers] == [(member.pw_uid, "/usr/bin/dd", "exec event")]
+    finally:
+        witness.close()
+        os.close(fd)
+        os.unlink(path)
+
+
+def test_when_the_witness_dies_the_kernel_allows_what_it_held(tmp_path):
+    path = f"/dev/shm/shmguard-opener-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    witness = OpenerWitness.start([f"/proc/self/fd/{fd}"])
+    try:
+        os.kill(witness.pid, signal.SIGSTOP)  # it holds the next open ...
+        opener = subprocess.Popen(["dd", f"if={path}", "of=/dev/null", "count=0", "status=none"])
+        time.sleep(0.2)
+        assert opener.poll() is None, "a stopped witness holds the open"
+        os.kill(witness.pid, signal.SIGKILL)  # ... until it is gone
+        assert opener.wait(timeout=30) == 0
+    finally:
+        witness.close()
         os.close(fd)
         os.unlink(path)
