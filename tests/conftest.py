@@ -1,6 +1,7 @@
 """The suite needs root, QEMU and the identities scripts/bootstrap creates: say so once, clearly, and fail.
 
-Nothing here skips: a missing prerequisite is an install step that did not run (under CI=true above all).
+Under CI=true nothing skips: a missing prerequisite is an install step that did not run, and the run fails.
+Elsewhere (a developer without root) only the tests marked `pure` run, and the run says why.
 """
 
 from __future__ import annotations
@@ -29,11 +30,24 @@ def missing_prerequisites() -> list[str]:
     return missing
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "pure: needs nothing but Python (no root, no QEMU): runs anywhere")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without root or QEMU a developer still runs the pure tests; CI (CI=true) runs everything or fails."""
     missing = missing_prerequisites()
-    if missing:
-        pytest.exit("missing: " + "; ".join(missing) + ". Run `bash scripts/bootstrap test` as root, which "
-                    "installs them.", returncode=1)
+    if not missing:
+        return
+    how = "Run `bash scripts/bootstrap test` as root, which installs them."
+    if os.environ.get("CI") == "true":
+        pytest.exit("missing: " + "; ".join(missing) + ". " + how, returncode=1)
+    pure = [item for item in items if item.get_closest_marker("pure")]
+    if len(pure) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in pure])
+        items[:] = pure
+        message = (f"running only the {len(pure)} pure tests: missing {'; '.join(missing)}. {how}")
+        config.issue_config_time_warning(pytest.PytestWarning(message), stacklevel=2)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

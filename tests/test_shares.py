@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from shmguard.control import Request
+from shmguard.control_server import Request
 from shmguard.errors import ControlError
+from shmguard.linux.sockets import PeerCred
 from shmguard.policy import SharesPolicy
-from shmguard.server import PeerCred, PeerIds
+from shmguard.server import PeerIds
 from shmguard.shares import Share
 from shmguard.supervisor import WritePlan, WriteQueue
 
+pytestmark = pytest.mark.pure
 ROOT, MEMBER, OTHER = 0, 1000, 1001
 
 
