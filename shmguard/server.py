@@ -12,27 +12,20 @@ import os
 import secrets
 import socket
 import stat
-import struct
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from .audit import executable_of
 from .errors import ShmguardError
+from .limits import PEER_IDS
+from .linux import procfs
 from .linux.files import reopen
+from .linux.sockets import PeerCred
 from .loop import EventLoop
 from .paths import file_kind, make_directory, trusted_owners
+from .peers import Action, Gone, Peer, PeerIds, PeerTable, Send
 from .policy import ServerPolicy, SharesPolicy
-from .protocol import (
-    MAX_PEER_ID,
-    MESSAGE,
-    REFUSED_VERSION,
-    SharedFd,
-    announcement,
-    greeting,
-    ring_eventfd,
-    send_message,
-)
+from .protocol import MESSAGE, REFUSED_VERSION, SharedFd, ring_eventfd, send_message
 from .shares import Share
 
 log = logging.getLogger("shmguard.server")
@@ -40,116 +33,23 @@ EventSink = Callable[..., None]
 
 
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), the terminating NUL included
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python 3.11 does not name it
-MAX_GROUPS = 65536
-
-
-@dataclass(frozen=True)
-class PeerCred:
-    """Who is at the other end of a UNIX socket, as the kernel saw it at connect time."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()  # supplementary groups of the connecting process
-
-    @classmethod
-    def of(cls, sock: socket.socket) -> PeerCred:
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        return cls(pid, uid, gid, peer_groups(sock))
-
-    def exe(self) -> str:
-        return executable_of(self.pid)
-
-    def describe(self) -> dict:
-        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe()}
-
-
-def peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    """SO_PEERGROUPS: the groups the peer really holds (a sandbox that dropped a group does not have it)."""
-    size = 64 * 4
-    while True:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-            return struct.unpack(f"{len(raw) // 4}I", raw)
-        except OSError as exc:
-            if exc.errno != errno.ERANGE or size >= MAX_GROUPS * 4:
-                raise
-            size *= 4
 
 
 @dataclass(eq=False)
-class Peer:
-    id: int
-    vectors: list[SharedFd]
-    joined: int  # the join counter when it joined: it has seen every leave after this
-    cred: PeerCred | None = None  # None for the supervisor's own (local) peer
-    sock: socket.socket | None = None
+class Connection:
+    """A remote peer's socket and its send queue: bytes and fds the table's sends left to go."""
+
+    peer_id: int
+    sock: socket.socket
     queue: deque[tuple[bytes, SharedFd | None]] = field(default_factory=deque)
-    announced: bool = False  # have the other peers been told it joined?
-
-    def describe(self) -> dict:
-        who = self.cred.describe() if self.cred else {"local": True}
-        return {"id": self.id, "vectors": len(self.vectors), **who}
-
-
-class PeerIds:
-    """Hands out ids 0..65535 in order; a departed id comes back only once no connected peer has seen it leave.
-
-    QEMU frees a departed peer's state and crashes if that id reappears while it remembers the leave
-    (REFERENCE §2), so an id is reusable only when every connected peer joined after it left. Ids are a
-    resource like any other: each is charged to the uid it went to until it is reusable again, so one uid that
-    joins and leaves in a loop exhausts its own share (`shares.ids_per_uid`), never the ids of root or QEMU.
-    """
-
-    def __init__(self, limit: int = MAX_PEER_ID + 1, share: Share | None = None):
-        self.limit, self.next_fresh = limit, 0
-        self.share = share or Share("peer ids", limit, limit, 0, frozenset({0}))
-        self.departed: deque[tuple[int, int, int | None]] = deque()  # (id, leave counter, uid charged), oldest first
-        self.free = 0  # departed[:free] are reusable: no connected peer saw them leave (their charge is given back)
-
-    def take(self, uid: int, oldest_join: int | None) -> tuple[int | None, str | None]:
-        """An id for a peer of uid, or (None, why not)."""
-        self._forget_before(oldest_join)
-        if self.next_fresh >= self.limit and not self.free:
-            return None, "no peer id is free (every departed id is still remembered by a connected peer)"
-        reason = self.share.take(uid)
-        if reason is not None:
-            return None, reason + " (departed ids count until no connected peer remembers them)"
-        if self.next_fresh < self.limit:
-            self.next_fresh += 1
-            return self.next_fresh - 1, None
-        self.free -= 1
-        return self.departed.popleft()[0], None
-
-    def allocate(self, oldest_join: int | None, uid: int = 0) -> int | None:
-        return self.take(uid, oldest_join)[0]
-
-    def release(self, peer_id: int, counter: int, uid: int = 0) -> None:
-        """peer_id left at `counter`: it stays charged to uid while a connected peer remembers the leave."""
-        self.departed.append((peer_id, counter, uid))
-
-    def unused(self, peer_id: int, uid: int = 0) -> None:
-        """Give back an id that was never announced: nobody saw it, so it is free at once."""
-        self.share.give(uid)
-        self.departed.appendleft((peer_id, -1, None))
-        self.free += 1
-
-    def _forget_before(self, oldest_join: int | None) -> None:
-        """Leaves before the oldest connected peer joined are remembered by nobody: those ids are free again.
-        The oldest join only moves forward, and departures are in leave order, so this walks each one once."""
-        while self.free < len(self.departed) and (oldest_join is None or self.departed[self.free][1] < oldest_join):
-            uid = self.departed[self.free][2]
-            if uid is not None:
-                self.share.give(uid)
-                self.departed[self.free] = self.departed[self.free][:2] + (None,)
-            self.free += 1
 
 
 ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
 
 
 class IvshmemServer:
+    """The sockets of the ivshmem protocol: it asks the PeerTable what each join and leave sends, and sends it."""
+
     def __init__(self, policy: ServerPolicy, shm_fd: int, loop: EventLoop, on_event: EventSink | None = None,
                  region_intact: Callable[[], bool] = lambda: True, shares: SharesPolicy | None = None,
                  owners: Collection[int] = ()):
@@ -159,16 +59,20 @@ class IvshmemServer:
         # The peers' own open file description: flags a peer sets on it (O_APPEND) never reach our I/O.
         self.shm = SharedFd(reopen(shm_fd))
         self.on_event = on_event or (lambda action, **fields: None)
-        self.peers: dict[int, Peer] = {}
         shares = shares or SharesPolicy()
         reserved = frozenset(shares.reserved_for)
-        self.slots = Share("peer slots", policy.max_peers, shares.peers_per_uid,
-                           min(shares.peers_reserved, policy.max_peers - 1), reserved)
-        self.ids = PeerIds(share=Share("peer ids", MAX_PEER_ID + 1, shares.ids_per_uid, shares.ids_reserved, reserved))
-        self.counter = 0  # counts joins and leaves, to know who has seen which leave
+        slots = Share("peer slots", policy.max_peers, shares.peers_per_uid,
+                      min(shares.peers_reserved, policy.max_peers - 1), reserved)
+        ids = PeerIds(share=Share("peer ids", PEER_IDS, shares.ids_per_uid, shares.ids_reserved, reserved))
+        self.table = PeerTable(self.shm, slots, ids)
+        self.connections: dict[int, Connection] = {}  # remote peers by id
         self.listener: BoundSocket | None = None
-        self._unsent: dict[Peer, None] = {}  # peers with messages queued by the transition under way, in order
+        self._unsent: dict[Connection, None] = {}  # connections with messages queued and not yet flushed, in order
         self._settling = False
+
+    @property
+    def peers(self) -> dict[int, Peer]:
+        return self.table.peers
 
     # --- the listening socket -------------------------------------------------------------------------
 
@@ -197,17 +101,13 @@ class IvshmemServer:
         comes before the first one anybody sees, and a refusal gives back everything taken."""
         sock.setblocking(False)
         cred = PeerCred.of(sock)
-        taken: list[Callable[[], None]] = []  # undo steps, newest last
+        peer_id = None
         reason = self._refusal(cred)
-        if reason is None and (reason := self.slots.take(cred.uid)) is None:
-            taken.append(lambda: self.slots.give(cred.uid))
-            peer_id, reason = self.ids.take(cred.uid, self._oldest_join())
-            if peer_id is not None:
-                taken.append(lambda: self.ids.unused(peer_id, cred.uid))
+        if reason is None:
+            peer_id, reason = self.table.reserve(cred.uid, cred)
         if reason is None:
             try:
                 vectors = new_vectors(self.policy.vectors)
-                taken.append(lambda: release_all(vectors))
             except OSError as exc:
                 reason = f"cannot create eventfds: {exc.strerror}"
         if reason is None:
@@ -215,17 +115,18 @@ class IvshmemServer:
                 self.on_event("peer-join", actor=cred, detail={"peer": peer_id})
             except ShmguardError as exc:
                 reason = f"the join cannot be recorded ({exc})"
+                release_all(vectors)
         if reason is not None:
-            for undo in reversed(taken):
-                undo()
+            if peer_id is not None:
+                self.table.cancel(peer_id)
             self._refuse(sock, cred, reason)
             return
         log.info("peer %d joined: pid=%d uid=%d exe=%s", peer_id, cred.pid, cred.uid, cred.exe())
-        self._join(Peer(peer_id, vectors, self.counter, cred, sock))
+        self._join(peer_id, vectors, sock)
 
     def _refuse(self, sock: socket.socket, cred: PeerCred, reason: str) -> None:
         """A refused QEMU must fail, not spin: it reads its greeting synchronously and loops forever on EOF, but
-        exits at once on a version other than 0 (REFERENCE §2)."""
+        exits at once on a version other than 0 (docs/protocol.md §2)."""
         log.warning("refused peer pid=%d uid=%d gid=%d: %s", cred.pid, cred.uid, cred.gid, reason)
         # Recorded before the peer hears of it: whoever sees the refusal finds it in the log.
         self._record("refused", result="refused", actor=cred, detail={"reason": reason, "what": "peer"})
@@ -242,71 +143,48 @@ class IvshmemServer:
             return "the region is not its policy size right now (tampered with, being repaired); join again"
         return None
 
-    def _oldest_join(self) -> int | None:
-        """The oldest remote peer's join; the supervisor's own peer never trips over a reused id."""
-        return min((p.joined for p in self.peers.values() if p.sock is not None), default=None)
-
-    def _join(self, peer: Peer) -> None:
-        """Greet the newcomer first (nothing may reach it before its greeting), then announce it to the others."""
-        self.counter += 1
-        self.peers[peer.id] = peer
-        if peer.sock is not None:
-            self.loop.add_reader(peer.sock.fileno(), lambda: self._on_peer_readable(peer))
-            others = [(p.id, p.vectors) for p in self.peers.values() if p is not peer]
-            self._queue(peer, greeting(peer.id, self.shm, others, peer.vectors))
-            del self._unsent[peer]
-            if (error := self._flush(peer)) is not None:  # gone already: nobody ever hears of it
-                self.remove_peer(peer, f"gone before its greeting was sent: {error}")
+    def _join(self, peer_id: int, vectors: list[SharedFd], sock: socket.socket | None) -> None:
+        """Greet the newcomer first and flush it at once (nothing may reach it before its greeting), then announce
+        it to the others; a newcomer gone before its greeting went out leaves unannounced: nobody hears of it."""
+        greeting_sends = self.table.join(peer_id, tuple(vectors))
+        if sock is not None:
+            connection = self.connections[peer_id] = Connection(peer_id, sock)
+            self.loop.add_reader(sock.fileno(), lambda: self._on_peer_readable(connection))
+            self._carry_out(greeting_sends)
+            del self._unsent[connection]
+            if (error := self._flush(connection)) is not None:
+                self._leave(peer_id, f"gone before its greeting was sent: {error}")
                 return
-        peer.announced = True
-        for other in self.peers.values():
-            if other is not peer:
-                self._queue(other, announcement(peer.id, peer.vectors))
+        self._carry_out(self.table.announce(peer_id))
         self._settle()
 
     def add_local_peer(self) -> Peer:
         """The supervisor's own peer: it owns eventfds that guests ring, and rings theirs directly."""
-        peer_id, reason = self.ids.take(0, self._oldest_join())
+        peer_id, reason = self.table.reserve(0, None)
         if peer_id is None:
             raise ShmguardError(f"no peer id is free for the supervisor's own peer: {reason}")
-        peer = Peer(peer_id, new_vectors(self.policy.vectors), self.counter)
-        self._join(peer)
-        return peer
-
-    def _on_peer_readable(self, peer: Peer) -> None:
         try:
-            data = peer.sock.recv(4096)
+            vectors = new_vectors(self.policy.vectors)
+        except OSError:
+            self.table.cancel(peer_id)
+            raise
+        self._join(peer_id, vectors, None)
+        return self.peers[peer_id]
+
+    def _on_peer_readable(self, connection: Connection) -> None:
+        try:
+            data = connection.sock.recv(4096)
         except BlockingIOError:
             return
         except OSError as exc:
-            self.remove_peer(peer, f"socket error: {exc.strerror}")
+            self._leave(connection.peer_id, f"socket error: {exc.strerror}")
             return
-        self.remove_peer(peer, "sent data (clients never send)" if data else "disconnected")
+        self._leave(connection.peer_id, "sent data (clients never send)" if data else "disconnected")
 
-    def remove_peer(self, peer: Peer, reason: str, announce: bool = True) -> None:
+    def _leave(self, peer_id: int, reason: str) -> None:
         """A leave cannot be refused: it completes whatever fails, and an audit log that cannot take its record
         is the supervisor's to report (see Supervisor.record)."""
-        if self.peers.get(peer.id) is not peer:
-            return  # left already
-        del self.peers[peer.id]
-        self._unsent.pop(peer, None)
-        self.counter += 1
-        uid = peer.cred.uid if peer.cred else 0
-        self.ids.release(peer.id, self.counter, uid)
-        if peer.cred is not None:
-            self.slots.give(uid)
-        if peer.sock is not None:
-            self.loop.remove_reader(peer.sock.fileno())
-            self.loop.remove_writer(peer.sock.fileno())
-            release_all(fd for _, fd in peer.queue if fd is not None)
-            peer.queue.clear()
-            peer.sock.close()
-        release_all(peer.vectors)
-        log.info("peer %d left: %s", peer.id, reason)
-        self._record("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
-        if announce and peer.announced:
-            for other in self.peers.values():
-                self._queue(other, [(peer.id, None)])
+        self._carry_out(self.table.leave(peer_id, reason))
         self._settle()
 
     def _record(self, action: str, **fields) -> None:
@@ -316,54 +194,72 @@ class IvshmemServer:
         except ShmguardError:
             pass  # the sink has said so once already
 
-    # --- sending --------------------------------------------------------------------------------------
+    # --- carrying out what the table says -------------------------------------------------------------
 
-    def _queue(self, peer: Peer, messages) -> None:
-        if peer.sock is None:
-            return  # the local peer reads nothing from the wire
-        for value, fd in messages:
-            peer.queue.append((MESSAGE.pack(value), fd.acquire() if fd else None))
-        self._unsent[peer] = None
+    def _carry_out(self, actions: list[Action]) -> None:
+        """Queue each send on its connection and close each connection gone; sending is _settle's."""
+        for action in actions:
+            if isinstance(action, Send):
+                connection = self.connections[action.to]
+                connection.queue.append((MESSAGE.pack(action.value), action.fd.acquire() if action.fd else None))
+                self._unsent[connection] = None
+            else:
+                self._close_gone(action.peer, action.reason)
+
+    def _close_gone(self, peer: Peer, reason: str) -> None:
+        connection = self.connections.pop(peer.id, None)
+        if connection is not None:
+            self._unsent.pop(connection, None)
+            self.loop.remove_reader(connection.sock.fileno())
+            self.loop.remove_writer(connection.sock.fileno())
+            release_all(fd for _, fd in connection.queue if fd is not None)
+            connection.queue.clear()
+            connection.sock.close()
+        release_all(peer.vectors)
+        log.info("peer %d left: %s", peer.id, reason)
+        self._record("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
 
     def _settle(self) -> None:
-        """Send what the transition queued. A peer whose send fails or whose queue passes its bound leaves, and its
-        leave is a transition of its own, settled by this same loop: no send ever runs inside another's."""
+        """Send what the transitions queued. A peer whose send fails or whose queue passes its bound leaves, and
+        its leave is a transition of its own, settled by this same loop: no send ever runs inside another's."""
         if self._settling:
             return
         self._settling = True
         try:
             while self._unsent:
-                peer = next(iter(self._unsent))
-                del self._unsent[peer]
-                if len(peer.queue) > self.policy.max_queue:
-                    self.remove_peer(peer, f"send queue passed {self.policy.max_queue} messages (peer is not reading)")
-                elif (error := self._flush(peer)) is not None:
-                    self.remove_peer(peer, f"send failed: {error}")
+                connection = next(iter(self._unsent))
+                del self._unsent[connection]
+                if len(connection.queue) > self.policy.max_queue:
+                    reason = f"send queue passed {self.policy.max_queue} messages (peer is not reading)"
+                    self._carry_out(self.table.leave(connection.peer_id, reason))
+                elif (error := self._flush(connection)) is not None:
+                    self._carry_out(self.table.leave(connection.peer_id, f"send failed: {error}"))
         finally:
             self._settling = False
 
-    def _on_writable(self, peer: Peer) -> None:
-        self._unsent[peer] = None
+    def _on_writable(self, connection: Connection) -> None:
+        self._unsent[connection] = None
         self._settle()
 
-    def _flush(self, peer: Peer) -> str | None:
-        """Send as much of peer's queue as its socket takes; why it failed (EPIPE, ECONNRESET: gone), or None."""
-        while peer.queue:
-            data, fd = peer.queue[0]
+    def _flush(self, connection: Connection) -> str | None:
+        """Send as much of the queue as the socket takes; why it failed (EPIPE, ECONNRESET: gone), or None."""
+        sock, queue = connection.sock, connection.queue
+        while queue:
+            data, fd = queue[0]
             try:
-                sent = send_message(peer.sock, data, fd.fd if fd else None)
+                sent = send_message(sock, data, fd.fd if fd else None)
             except BlockingIOError:
-                self.loop.add_writer(peer.sock.fileno(), lambda: self._on_writable(peer))
+                self.loop.add_writer(sock.fileno(), lambda: self._on_writable(connection))
                 return None
             except OSError as exc:
                 return exc.strerror or str(exc)
             if sent < len(data):  # the fd went with the first byte; the rest goes plain
-                peer.queue[0] = (data[sent:], None)
+                queue[0] = (data[sent:], None)
             else:
-                peer.queue.popleft()
+                queue.popleft()
             if fd is not None and sent > 0:
                 fd.release()
-        self.loop.remove_writer(peer.sock.fileno())
+        self.loop.remove_writer(sock.fileno())
         return None
 
     # --- ringing --------------------------------------------------------------------------------------
@@ -377,19 +273,18 @@ class IvshmemServer:
         ring_eventfd(peer.vectors[vector].fd)
 
     def describe_shares(self) -> dict:
-        return {"peer_slots": self.slots.describe(), "peer_ids": self.ids.share.describe()}
+        return self.table.describe_shares()
 
     def close(self, linger: float = 1.0) -> None:
         """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes."""
-        everyone = list(self.peers.values())
-        for peer in everyone:
-            self._queue(peer, [(other.id, None) for other in everyone if other is not peer])
+        actions = self.table.shutdown()
+        self._carry_out([action for action in actions if isinstance(action, Send)])
         self._unsent.clear()
-        for peer in everyone:
-            if peer.sock is not None and peer.queue:
-                peer.sock.settimeout(linger)  # a last, bounded, blocking flush
-                self._flush(peer)
-            self.remove_peer(peer, "server shutting down", announce=False)
+        for connection in self.connections.values():
+            if connection.queue:
+                connection.sock.settimeout(linger)  # a last, bounded, blocking flush
+                self._flush(connection)
+        self._carry_out([action for action in actions if isinstance(action, Gone)])
         if self.listener is not None:
             self.loop.remove_reader(self.listener.sock.fileno())
             self.listener.remove()
@@ -555,7 +450,7 @@ def claim_bound_socket(staging: str, owner: int, group: int, mode: int) -> os.st
             raise ShmguardError(
                 f"{staging}: is not the socket just bound (a {file_kind(st.st_mode)} of uid {st.st_uid}, mode "
                 f"{stat.S_IMODE(st.st_mode):04o}): something replaced it; refusing to chown or chmod it")
-        inode = f"/proc/self/fd/{fd}"
+        inode = procfs.fd_path(fd)
         os.chown(inode, owner, group)
         os.chmod(inode, mode)
         return os.fstat(fd)
@@ -587,7 +482,7 @@ def check_stale_socket(path: str) -> None:
             raise ShmguardError(f"{path}: exists and is not a socket (a {file_kind(st.st_mode)}); refusing to "
                                 "replace it (remove it yourself)")
         probe.settimeout(1.0)
-        probe.connect(f"/proc/self/fd/{fd}")
+        probe.connect(procfs.fd_path(fd))
     except ConnectionRefusedError:  # only this means nobody listens; EAGAIN is a server with a full backlog
         # Unlinked only if still the file probed: in a sticky directory only its owner could swap it meanwhile.
         if _is_inode(path, st):

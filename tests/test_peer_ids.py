@@ -1,6 +1,6 @@
-"""Peer ids: handed out in order, never repeated while a connected peer remembers the leave (REFERENCE §2).
+"""Peer ids: handed out in order, never repeated while a connected peer remembers the leave (docs/protocol.md §2).
 
-The unit tests drive server.PeerIds directly; the big test makes 70,000 joins against a real supervisor with a
+The unit tests drive peers.PeerIds directly; the big test makes 70,000 joins against a real supervisor with a
 long-lived peer and a real QEMU attached, runs the id space dry and checks that everyone survives it.
 Run as a script, this file is one joiner process of the big test: `python test_peer_ids.py SOCKET COUNT`.
 """
@@ -21,21 +21,25 @@ import pytest
 from helpers import RunningSupervisor, policy_file
 from shmguard.client import IvshmemClient
 from shmguard.errors import ProtocolError
+from shmguard.limits import MAX_PEER_ID
 from shmguard.loop import EventLoop
+from shmguard.peers import PeerIds
 from shmguard.policy import Access, ServerPolicy
-from shmguard.protocol import MAX_PEER_ID, REFUSED_VERSION, recv_message
+from shmguard.protocol import REFUSED_VERSION, recv_message
 from shmguard.qemu import monitor_command
 from shmguard.region import create_memfd
-from shmguard.server import IvshmemServer, PeerIds
+from shmguard.server import IvshmemServer
 
 # --- PeerIds on its own -------------------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_ids_are_handed_out_in_order_from_zero():
     ids = PeerIds()
     assert [ids.allocate(None) for _ in range(5)] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.pure
 def test_the_whole_id_space_is_0_to_65535_and_then_exhausted_while_a_peer_stays():
     ids = PeerIds()
     handed_out = [ids.allocate(0) for _ in range(MAX_PEER_ID + 1)]
@@ -44,6 +48,7 @@ def test_the_whole_id_space_is_0_to_65535_and_then_exhausted_while_a_peer_stays(
     assert ids.allocate(oldest_join=0) is None  # the peer that joined at 0 saw id 7 leave
 
 
+@pytest.mark.pure
 def test_fresh_ids_come_before_any_departed_one():
     ids = PeerIds(limit=4)
     assert ids.allocate(None) == 0
@@ -51,6 +56,7 @@ def test_fresh_ids_come_before_any_departed_one():
     assert [ids.allocate(None) for _ in range(3)] == [1, 2, 3]  # monotonic while fresh ids last
 
 
+@pytest.mark.pure
 def test_a_departed_id_stays_out_while_a_peer_that_joined_before_the_leave_is_connected():
     ids = PeerIds(limit=2)
     ids.allocate(0), ids.allocate(1)
@@ -59,6 +65,7 @@ def test_a_departed_id_stays_out_while_a_peer_that_joined_before_the_leave_is_co
         assert ids.allocate(oldest_join) is None
 
 
+@pytest.mark.pure
 def test_a_departed_id_comes_back_once_every_connected_peer_joined_after_the_leave():
     ids = PeerIds(limit=2)
     ids.allocate(0), ids.allocate(1)
@@ -67,6 +74,7 @@ def test_a_departed_id_comes_back_once_every_connected_peer_joined_after_the_lea
     assert ids.allocate(oldest_join=9) is None  # and only once
 
 
+@pytest.mark.pure
 def test_with_nobody_connected_every_departed_id_comes_back_oldest_first():
     ids = PeerIds(limit=3)
     for _ in range(3):
@@ -76,6 +84,7 @@ def test_with_nobody_connected_every_departed_id_comes_back_oldest_first():
     assert [ids.allocate(None) for _ in range(4)] == [2, 0, 1, None]
 
 
+@pytest.mark.pure
 def test_an_id_that_was_never_announced_is_free_at_once():
     ids = PeerIds(limit=2)
     ids.allocate(0), ids.allocate(0)
@@ -85,6 +94,7 @@ def test_an_id_that_was_never_announced_is_free_at_once():
     assert ids.allocate(oldest_join=0) is None  # id 0 is still remembered by the peer that joined at 0
 
 
+@pytest.mark.pure
 def test_churn_with_a_long_lived_peer_never_repeats_an_id():
     ids, counter = PeerIds(limit=100), 0
     watcher_joined = counter  # joins first and never leaves, like QEMU
@@ -111,7 +121,7 @@ class ServingThread(threading.Thread):
         self.region, self.loop, self.serving = create_memfd(4096), EventLoop(), True
         policy = ServerPolicy(socket=str(path), mode=0o600, vectors=1, peers=Access(anyone=True))
         self.server = IvshmemServer(policy, self.region.fd, self.loop)
-        self.server.ids = PeerIds(limit)  # the one seam: 65,536 joins would make this a slow test
+        self.server.table.ids = PeerIds(limit)  # the one seam: 65,536 joins would make this a slow test
         self.server.start()
         self.server.add_local_peer()  # like the supervisor's own peer, id 0
 
