@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ShmguardError
+from .linux import procfs
+from .linux.files import reopen
 from .paths import make_directory, open_for_reading, open_log
 
 ACTIONS: tuple[str, ...] = (
@@ -85,15 +87,7 @@ def executable_of(pid: int) -> str:
     A hardened supervisor may not read /proc/PID/exe of a process with more privilege (QEMU as root);
     the name the process gives itself (comm) is then the best there is, and is labelled as such.
     """
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        pass
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f"{f.read().strip()} (comm)"
-    except OSError:
-        return "unknown"
+    return procfs.executable(pid)
 
 
 # One encoder for every record: json.dumps would build a new one per call when given options.
@@ -627,9 +621,9 @@ def _lock(fd: int, path: Path) -> None:
 
 
 def _reopen_for_reading(fd: int, path: Path) -> int:
-    # Through /proc/self/fd: the very inode we hold and locked, even if the path was renamed meanwhile.
+    # A new description of the very inode we hold and locked, even if the path was renamed meanwhile.
     try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return reopen(fd, os.O_RDONLY)
     except OSError as err:
         raise ShmguardError(f"cannot read audit log {path}: {err.strerror}") from None
 

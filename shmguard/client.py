@@ -13,13 +13,15 @@ import pwd
 import select
 import socket
 import stat
-import struct
 import time
 from collections.abc import Collection
 
 from .errors import ProtocolError
-from .policy import MAX_VECTORS, Policy, resolve_uid
-from .protocol import MAX_PEER_ID, PROTOCOL_VERSION, REFUSED_VERSION, SHM_MESSAGE, recv_message, ring_eventfd
+from .limits import MAX_PEER_ID, MAX_VECTORS, MIN_SIZE, valid_peer_id, valid_region_size
+from .linux import procfs
+from .linux.sockets import peer_credentials
+from .policy import Policy, resolve_uid
+from .protocol import PROTOCOL_VERSION, REFUSED_VERSION, SHM_MESSAGE, recv_message, ring_eventfd
 
 ROOT_ONLY = frozenset({0})  # who answers when the caller names nobody: refuse everything else
 
@@ -38,7 +40,7 @@ def answering_uids(policy: Policy) -> frozenset[int]:
 
 def untrusted_server(sock: socket.socket, path: str, answerers: Collection[int]) -> str | None:
     """Why the server at the other end of the connected sock must not be talked to, or None."""
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    pid, uid, _ = peer_credentials(sock)
     if uid in answerers:
         return None
     trusted = ", ".join(f"{_user_name(u)} ({u})" for u in sorted(answerers))
@@ -63,10 +65,7 @@ def _readable(fds: list[int], timeout: float | None) -> list[int]:
 
 
 def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
+    return procfs.fd_target(fd) == "anon_inode:[eventfd]"
 
 
 class IvshmemClient:
@@ -146,7 +145,7 @@ class IvshmemClient:
         self._expect(version == PROTOCOL_VERSION and fd is None, fd,
                      f"protocol version {version} (expected {PROTOCOL_VERSION} with no fd)")
         own_id, fd = self._next()
-        self._expect(0 <= own_id <= MAX_PEER_ID and fd is None, fd, f"own peer id {own_id} (expected 0..65535)")
+        self._expect(valid_peer_id(own_id) and fd is None, fd, f"own peer id {own_id} (expected 0..{MAX_PEER_ID})")
         self.own_id = own_id
         marker, fd = self._next()
         self._expect(marker == SHM_MESSAGE and fd is not None, fd,
@@ -169,9 +168,9 @@ class IvshmemClient:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise ProtocolError(f"{self.path}: the shared memory fd is not a regular file")
-        if size < 4096 or size & (size - 1):
+        if not valid_region_size(size):
             os.close(fd)
-            raise ProtocolError(f"{self.path}: the shared memory is {size} bytes, not a power of two >= 4096 "
+            raise ProtocolError(f"{self.path}: the shared memory is {size} bytes, not a power of two >= {MIN_SIZE} "
                                 "(QEMU would abort on it)")
         self.shm_fd, self.shm_size = fd, size
 
@@ -191,7 +190,7 @@ class IvshmemClient:
             self._handle(*self._next())
 
     def _handle(self, value: int, fd: int | None) -> None:
-        if value == SHM_MESSAGE or not 0 <= value <= MAX_PEER_ID:
+        if value == SHM_MESSAGE or not valid_peer_id(value):
             self._expect(False, fd, f"unexpected message {value} after the greeting's shared memory")
         if fd is None:
             self._peer_left(value)

@@ -18,19 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PolicyError
-from .protocol import MAX_PEER_ID
+from .limits import MAX_VECTORS, MIN_SIZE, PEER_IDS
 
 # policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip).
 BUILTIN_DIR = Path(str(importlib.resources.files("shmguard.policies")))
 LOCAL_DIR = Path("/etc/shmguard")  # NAME.toml here takes the place of the built-in NAME
-MIN_SIZE = 4096
-MAX_VECTORS = 64  # QEMU's example server caps vectors at 64
 RESPONSES = ("block", "repair", "alert")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str | int, maximum: int | None = None) -> int:
-    """Parse 4096, 4K, 4M, 1G; the result must be a power of two of at least 4096 bytes (QEMU aborts otherwise)."""
+    """Parse 4096, 4K, 4M, 1G; the result must be a power of two of at least MIN_SIZE bytes (QEMU aborts otherwise)."""
     if isinstance(text, bool):
         raise ValueError(f"size {text!r} is not a number")
     if isinstance(text, int):
@@ -41,7 +39,7 @@ def parse_size(text: str | int, maximum: int | None = None) -> int:
             raise ValueError(f"size {text!r} is not a number of bytes (examples: 4096, 4K, 4M, 1G)")
         value = int(match.group(1)) * _UNITS[match.group(2).upper()]
     if value < MIN_SIZE:
-        raise ValueError(f"size {text!r} is below the minimum of 4096 bytes")
+        raise ValueError(f"size {text!r} is below the minimum of {MIN_SIZE} bytes")
     if value & (value - 1):
         raise ValueError(f"size {text!r} ({value} bytes) is not a power of two, which QEMU requires")
     if maximum is not None and value > maximum:
@@ -368,7 +366,7 @@ def parse_policy(text: str, source: str, name: str) -> tuple[Policy | None, list
         group=s.get("group", 0, group),
         mode=s.get("mode", 0o660, parse_mode),
         vectors=s.get("vectors", 2, _check_vectors),
-        max_peers=s.get("max_peers", 64, _positive("max_peers", 65536)),
+        max_peers=s.get("max_peers", 64, _positive("max_peers", PEER_IDS)),
         max_queue=s.get("max_queue", 8192, _positive("max_queue", 1 << 20)),
         peers=s.get("peers", Access(), _access),
     )
@@ -436,7 +434,7 @@ def _read_shares(s: _Section, server: ServerPolicy, source: str, errors: list[st
     size = lambda v: _byte_count(v, 1 << 40)  # noqa: E731
     values = {name: s.get(name, getattr(default, name), convert) for name, convert in (
         ("reserved_for", _users), ("peers_per_uid", count), ("peers_reserved", _count_or_zero),
-        ("ids_per_uid", _positive("ids_per_uid", MAX_PEER_ID + 1)), ("ids_reserved", _count_or_zero),
+        ("ids_per_uid", _positive("ids_per_uid", PEER_IDS)), ("ids_reserved", _count_or_zero),
         ("connections", count), ("connections_per_uid", count), ("connections_reserved", _count_or_zero),
         ("buffer_bytes", size), ("buffer_bytes_per_uid", size), ("queued_writes", count),
         ("queued_writes_per_uid", count), ("request_seconds", _positive("request_seconds", 3600)),
@@ -444,7 +442,7 @@ def _read_shares(s: _Section, server: ServerPolicy, source: str, errors: list[st
     s.done()
     shares = SharesPolicy(**values)
     for reserved, total, total_key in (("peers_reserved", server.max_peers, "server.max_peers"),
-                                       ("ids_reserved", MAX_PEER_ID + 1, "the 65536 peer ids"),
+                                       ("ids_reserved", PEER_IDS, f"the {PEER_IDS} peer ids"),
                                        ("connections_reserved", shares.connections, "shares.connections")):
         if getattr(shares, reserved) >= total:
             errors.append(f"{source}: shares.{reserved}: {getattr(shares, reserved)} leaves nothing of {total_key} "

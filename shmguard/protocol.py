@@ -1,6 +1,7 @@
-"""The ivshmem server wire format (REFERENCE §1): 8-byte little-endian int64 messages, at most one fd each.
+"""The ivshmem server wire format (docs/protocol.md §1): 8-byte little-endian int64 messages, at most one fd each.
 
-Encoding and the order of a greeting live here; the server and client decide when to send and receive.
+Encoding and the order of a greeting live here (QEMU's limits on ids, vectors and sizes in limits.py); the server
+and client decide when to send and receive.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ MESSAGE = struct.Struct("<q")
 PROTOCOL_VERSION = 0
 REFUSED_VERSION = -1  # sent as the first word to a refused peer: QEMU exits ("server sent version -1, expecting 0")
 SHM_MESSAGE = -1
-MAX_PEER_ID = 65535
 FD_SIZE = array.array("i").itemsize
 
 
@@ -51,7 +51,7 @@ def ring_eventfd(fd: int) -> bool:
 
 def greeting(new_id: int, shm: SharedFd, others: Sequence[tuple[int, Sequence[SharedFd]]],
              own: Sequence[SharedFd]) -> Iterator[Message]:
-    """What a joining peer receives, in the only order QEMU survives (REFERENCE §1 and §2)."""
+    """What a joining peer receives, in the only order QEMU survives (docs/protocol.md §1 and §2)."""
     yield PROTOCOL_VERSION, None
     yield new_id, None
     yield SHM_MESSAGE, shm

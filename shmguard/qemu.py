@@ -13,8 +13,9 @@ from pathlib import Path
 
 from shmguard.errors import ShmguardError
 from shmguard.guest import GuestImage, build_guest, default_cache_dir
-from shmguard.hardening import child_preexec
 from shmguard.layout import HOST_PEER_PARAM
+from shmguard.linux import procfs
+from shmguard.linux.hardening import child_preexec
 
 QEMU = "qemu-system-x86_64"
 MAX_PARTIAL_LINE = 8 << 20  # a whole 4 MiB message printed on one line fits, with room to spare
@@ -201,10 +202,10 @@ def _read_until(monitor: socket.socket, marker: bytes, deadline: float) -> bytes
 def choose_accel(probe_cache: Path | None = None, kernel: Path | None = None) -> tuple[str, str]:
     """("kvm" | "tcg", reason). KVM only once it has booted a kernel here; the verdict holds per host boot."""
     cache_file = probe_cache or default_cache_dir() / "accel-probe.json"
-    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    boot_id = procfs.boot_id()
     try:
         cached = json.loads(cache_file.read_text())
-        if cached.get("boot_id") == boot_id:
+        if boot_id != "unknown" and cached.get("boot_id") == boot_id:
             return cached["accel"], cached["reason"]
     except (OSError, ValueError, KeyError):
         pass

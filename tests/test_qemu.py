@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from helpers import RunningSupervisor, policy_file
-from shmguard import control
 from shmguard.errors import ShmguardError
 from shmguard.guest import GuestImage, build_guest
+from shmguard.linux import procfs
 from shmguard.qemu import (
     QemuProcess,
     choose_accel,
@@ -28,7 +28,7 @@ from shmguard.qemu import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+BOOT_ID = procfs.boot_id()  # the form choose_accel caches
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def supervisor(tmp_path_factory):
 
 
 def peers_by_pid(supervisor: RunningSupervisor) -> dict[int, dict]:
-    status = control.request(supervisor.control, {"op": "status"})
+    status = supervisor.client().status()
     return {peer["pid"]: peer for peer in status["peers"] if "pid" in peer}
 
 

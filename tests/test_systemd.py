@@ -20,7 +20,7 @@ MAX_EXPOSURE = 2.0
 
 NOTIFY_CHILD = """
 import sys
-from shmguard import sdnotify
+from shmguard.linux import sdnotify
 sent = {"ready": sdnotify.ready, "stopping": sdnotify.stopping, "status": sdnotify.status}[sys.argv[1]](sys.argv[2])
 print(sent)
 """

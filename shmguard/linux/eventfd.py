@@ -1,7 +1,7 @@
 """Eventfd doorbells that never block their caller, whatever another holder did to the description.
 
 An eventfd passed over SCM_RIGHTS is one open file description shared by every holder, and an eventfd
-cannot be re-opened to get a private one: any holder may clear O_NONBLOCK on it (REFERENCE §4). Then
+cannot be re-opened to get a private one: any holder may clear O_NONBLOCK on it (docs/protocol.md §4). Then
 read() sleeps while the counter is 0 and write() sleeps while the counter is full. So a read here is a
 preadv2(RWF_NOWAIT), which the kernel answers at once whatever the flags, and a write puts O_NONBLOCK
 back and is bounded by a one-shot timer for the race in which a holder clears it again in between.

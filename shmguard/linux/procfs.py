@@ -1,8 +1,8 @@
 """What /proc says about a process and about this boot: each reader in one place, each failure spelled out.
 
 Nothing here reads /proc/PID/cmdline: that reads the process's memory, which it can map from a file that never
-answers (FUSE), and the reader would hang. A pid names a process only while it lives; `start_time` (field 22 of /proc/PID/stat) with the pid names one
-process and never another, within one boot (`boot_id`).
+answers (FUSE), and the reader would hang. A pid names a process only while it lives; `start_time` (field 22 of
+/proc/PID/stat) with the pid names one process and never another, within one boot (`boot_id`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ def executable(pid: int) -> str:
     return f"{name} (comm)" if name is not None else "unknown"
 
 
+def parse_stat(data: bytes) -> tuple[str, list[bytes]]:
+    """The name (field 2) and fields 3 onward of a /proc/PID/stat line. The name is the process's own choice and
+    may hold spaces and parentheses, so it ends at the last ")", never at the first."""
+    head, _, tail = data.rpartition(b")")
+    name = head.partition(b"(")[2]
+    return name.decode("utf-8", "replace"), tail.split()
+
+
 def start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat, in clock ticks since boot; None if there is no such process. Raises OSError
     if /proc will not say (hidepid)."""
@@ -67,7 +75,7 @@ def start_time(pid: int) -> int | None:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return int(data.rsplit(b")", 1)[-1].split()[19])  # the name in parentheses may hold spaces; [0] is field 3
+    return int(parse_stat(data)[1][22 - 3])
 
 
 def boot_id() -> str:
@@ -110,3 +118,16 @@ def fd_target(fd: int, pid: int | str = "self") -> str | None:
 
 def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def holds_open(pid: int, inode: tuple[int, int]) -> bool:
+    """Does the process hold the inode (st_dev, st_ino) open? Raises OSError if its fds cannot be read."""
+    directory = fd_directory(pid)
+    for name in os.listdir(directory):
+        try:
+            st = os.stat(os.path.join(directory, name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == inode:
+            return True
+    return False
