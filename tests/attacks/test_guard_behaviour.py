@@ -3,7 +3,6 @@ no repair loops, one record per unresolved incident, squatters on socket paths, 
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import errno
 import glob
@@ -18,9 +17,9 @@ from arena import Arena
 from helpers import MEMBER_USER, RunningSupervisor, as_user, policy_file
 from shmguard.attack import AttackResult, Battery, exit_status, format_table, run_battery
 from shmguard.client import IvshmemClient
-from shmguard.control import request
-from shmguard.guard import link_fd
+from shmguard.control import ControlClient
 from shmguard.hardening import read_proc_status
+from shmguard.linux.inodes import link_fd
 from shmguard.policy import load_policy
 
 SETTLE = 0.3  # long enough for any repair, its own events and a deferred attribution (20 ms)
@@ -35,8 +34,7 @@ def fresh(tmp_path):
 
 
 def write(arena: Arena, text: bytes) -> None:
-    body = {"op": "write", "data": base64.b64encode(text).decode(), "text": True, "offset": 0}
-    assert request(arena.supervisor.control, body)["ok"]
+    assert ControlClient(arena.supervisor.control).write(text, text=True)["ok"]
 
 
 def incidents_after(arena: Arena, count: int) -> list[dict]:

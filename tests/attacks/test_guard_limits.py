@@ -144,7 +144,9 @@ def test_a_flood_of_refreshes_reads_the_region_once_per_interval(tmp_path):
     policy = load_policy(str(policy_file(tmp_path, "strict")))
     supervisor = Supervisor(policy)
     supervisor.region = Region.create(policy.region)
-    guard = Guard(supervisor)
+    region = policy.region
+    guard = Guard(policy.guard, supervisor.region, supervisor.loop, record=supervisor.record,
+                  region_attributes=(region.owner, region.group, region.mode))
     guard.start()
     try:
         mapping = supervisor.region.mapping
@@ -154,11 +156,11 @@ def test_a_flood_of_refreshes_reads_the_region_once_per_interval(tmp_path):
         assert not guard.refresh(), "deferred"
         mapping[0:5] = b"third"
         assert not guard.refresh(), "deferred, and done only once"
-        assert bytes(guard.known_good.data[:5]) == b"first"
+        assert bytes(guard.contents.known_good.data[:5]) == b"first"
         deadline = time.monotonic() + 2
-        while bytes(guard.known_good.data[:5]) != b"third" and time.monotonic() < deadline:
+        while bytes(guard.contents.known_good.data[:5]) != b"third" and time.monotonic() < deadline:
             supervisor.loop.run_once(timeout=0.1)
-        assert bytes(guard.known_good.data[:5]) == b"third", "the deferred refresh took the latest contents"
+        assert bytes(guard.contents.known_good.data[:5]) == b"third", "the deferred refresh took the latest contents"
     finally:
         guard.close()
         supervisor.region.close()

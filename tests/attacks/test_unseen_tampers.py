@@ -1,6 +1,6 @@
 """Tampers that make no event, or whose traces another change hides, and offenders gone before they are named.
 
-A hole punched through a memfd's own file description makes no fsnotify event (REFERENCE §4): only the guard's
+A hole punched through a memfd's own file description makes no fsnotify event (docs/protocol.md §4): only the guard's
 periodic scan finds it. On the file backend a KEEP_SIZE pre-allocation past the end keeps st_blocks up while a hole
 is punched inside. A known-good copy is never taken from a damaged region. A short-lived process (`truncate`) is
 named with its uid and program, read while the kernel held it inside open().
@@ -8,7 +8,6 @@ named with its uid and program, read while the kernel held it inside open().
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import mmap
 import os
@@ -16,13 +15,12 @@ import pwd
 import signal
 import subprocess
 import time
-import types
 
 import pytest
 
 from helpers import MEMBER_USER, RunningSupervisor, as_user, policy_file
 from shmguard.client import IvshmemClient, answering_uids
-from shmguard.control import request
+from shmguard.control import ControlClient
 from shmguard.guard import Allocation, Guard, KnownGood, first_hole
 from shmguard.loop import EventLoop
 from shmguard.policy import load_policy
@@ -35,6 +33,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syscall.restype = ctypes.c_long
 SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438
+
+
+def guard_alone(policy, region: Region, loop: EventLoop, records: list[dict]) -> Guard:
+    """A guard of the region with no sockets and no peers, recording into records."""
+    attributes = (policy.region.owner, policy.region.group, policy.region.mode)
+    return Guard(policy.guard, region, loop, record=lambda action, **kw: records.append({"action": action, **kw}),
+                 region_attributes=attributes)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -73,8 +78,7 @@ def region_fd_of(supervisor: RunningSupervisor) -> int:
 
 def write(supervisor: RunningSupervisor, text: bytes, offset: int = 0) -> None:
     answerers = answering_uids(load_policy(str(supervisor.policy_path)))
-    body = {"op": "write", "data": base64.b64encode(text).decode(), "text": True, "offset": offset}
-    assert request(supervisor.control, body, answerers=answerers)["ok"]
+    assert ControlClient(supervisor.control, answerers=answerers).write(text, offset, text=True)["ok"]
 
 
 def incidents(supervisor: RunningSupervisor) -> list[dict]:
@@ -310,9 +314,8 @@ def test_no_copy_is_taken_while_an_alerted_hole_stands(tmp_path):
     policy = load_policy(str(policy_file(tmp_path, "standard", guard={"on_resize": "alert"})))
     region = Region.create(policy.region)
     records: list[dict] = []
-    supervisor = types.SimpleNamespace(policy=policy, region=region, loop=EventLoop(), server=None, control=None,
-                                       record=lambda action, **kw: records.append({"action": action, **kw}))
-    guard = Guard(supervisor)
+    loop = EventLoop()
+    guard = guard_alone(policy, region, loop, records)
     try:
         region.write(0, b"known good")
         guard.remember(0, b"known good")
@@ -322,21 +325,21 @@ def test_no_copy_is_taken_while_an_alerted_hole_stands(tmp_path):
         guard.check()
         deadline = time.monotonic() + WAIT
         while not records and time.monotonic() < deadline:
-            supervisor.loop.run_once(0.05)  # the record waits a moment for fanotify to name the offender
+            loop.run_once(0.05)  # the record waits a moment for fanotify to name the offender
         assert [r["detail"]["kind"] for r in records] == ["hole"]
         assert records[0]["result"] == "alerted"
         with open(region.path, "r+b") as f, mmap.mmap(f.fileno(), PAGE) as mapping:
             mapping[100:104] = b"gone"  # the page comes back (zeros and these bytes), with no event
-        assert Allocation.of(region.fd, region.size) == Allocation(region.size, guard.full_blocks, region.size)
+        assert Allocation.of(region.fd, region.size) == Allocation(region.size, guard.contents.full_blocks, region.size)
         time.sleep(0.06)  # past the refresh interval, so only the standing hole can refuse it
-        guard._tampered_until_ns = 0
+        guard.contents.tampered_until_ns = 0
         assert guard.refresh() is False, "the zeroed region became the known-good copy"
-        assert bytes(guard.known_good.data[:10]) == b"known good"
+        assert bytes(guard.contents.known_good.data[:10]) == b"known good"
     finally:
         guard.close()
         region.close()
         os.unlink(region.path)
-        supervisor.loop.close()
+        loop.close()
 
 
 def test_the_supervisors_own_opens_of_the_memfd_are_no_incident_and_anyone_elses_is_named(tmp_path):
@@ -346,12 +349,10 @@ def test_the_supervisors_own_opens_of_the_memfd_are_no_incident_and_anyone_elses
     region = Region.create(policy.region)
     records: list[dict] = []
     loop = EventLoop()
-    supervisor = types.SimpleNamespace(policy=policy, region=region, loop=loop, server=None, control=None,
-                                       record=lambda action, **kw: records.append({"action": action, **kw}))
-    guard = Guard(supervisor)
+    guard = guard_alone(policy, region, loop, records)
     try:
         guard.start()
-        assert guard.openers is not None, guard.attribution
+        assert guard.attribution.openers is not None, guard.attribution.description
         own = os.open(f"/proc/self/fd/{region.fd}", os.O_RDWR | os.O_CLOEXEC)  # what the server does per peer
         os.close(own)
         for _ in range(10):
@@ -379,9 +380,7 @@ def test_before_write_repairs_a_hole_the_write_would_hide(tmp_path):
     region = Region.create(policy.region)
     records: list[dict] = []
     loop = EventLoop()
-    supervisor = types.SimpleNamespace(policy=policy, region=region, loop=loop, server=None, control=None,
-                                       record=lambda action, **kw: records.append({"action": action, **kw}))
-    guard = Guard(supervisor)
+    guard = guard_alone(policy, region, loop, records)
     try:
         region.write(0, b"first audited message")
         guard.remember(0, b"first audited message")

@@ -12,7 +12,8 @@ import subprocess
 import time
 
 from helpers import MEMBER_USER
-from shmguard.fanotify import FAN_MODIFY, ExecMemory, Fanotify, OpenerWitness, Witnesses
+from shmguard.linux.fanotify import FAN_MODIFY, Fanotify, Witnesses
+from shmguard.linux.opener_witness import ExecMemory, OpenerWitness
 
 
 def touch_from_another_process(fd: int) -> None:

@@ -1,0 +1,156 @@
+"""Guard: watches the region's path and both sockets, re-reads the truth on every event, and responds.
+
+It is part of the supervisor's one event loop: an inotify fd (watches.py), a periodic scan of the region's
+allocation (contents.py: some tampers make no event at all, a hole punched through a memfd's own description),
+and, as root, a fanotify fd that names offenders plus the report pipe of the opener witness (attribution.py,
+linux/opener_witness.py), which reads who opens the region while the kernel holds the opener.
+An event only says "look now": the truth is fstat of the held region fd, lstat of the paths and the directory
+entries, compared with the policy. Repairs cause events of their own; those find nothing wrong and do nothing.
+
+Responses ([guard] in the policy): block = the sealed memfd refuses any resize in the kernel; repair = put back
+size, contents, owner/group/mode, ACLs, the path and the sockets; alert = log and record only. Each part guards
+one thing (contents, names, sockets); incidents.py turns what they find into audit records.
+
+The Guard is given its dependencies, never the supervisor: the guard policy, the region, the loop, the guarded
+sockets (endpoints with .listener and .rebind()), a record function and a peer lookup for attribution.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..policy import GuardPolicy
+from ..region import Region
+from .attribution import Attribution
+from .contents import Allocation, Contents, KnownGood, first_hole
+from .entries import FollowUp, GuardError, Target
+from .incidents import Incidents
+from .names import Names
+from .sockets import GuardedSocket, Sockets, guarded_sockets
+from .watches import Watches
+
+__all__ = ["Allocation", "Guard", "GuardError", "GuardedSocket", "KnownGood", "first_hole", "guarded_sockets"]
+
+log = logging.getLogger("shmguard.guard")
+
+
+class Guard:
+    """The coordinator: one check runs every part's checks in turn; the hooks are the supervisor's."""
+
+    def __init__(self, policy: GuardPolicy, region: Region, loop, *, record: Callable[..., Any],
+                 sockets: Iterable[GuardedSocket] = (), peers: Callable[[], Iterable[Any]] = tuple,
+                 region_attributes: tuple[int, int, int] | None = None) -> None:
+        """record(action, actor=, result=, detail=) appends to the audit log; peers() gives the connected peers
+        (.id, .cred); region_attributes: (owner, group, mode) a region file must have (a memfd keeps its own)."""
+        self.policy, self.region, self.loop = policy, region, loop
+        self.target = Target.of(region)
+        self.follow_up = FollowUp(loop, self.check)
+        self.attribution = Attribution(loop, peers)
+        self.incidents = Incidents(self.attribution, loop, record)
+        self.contents = Contents(self.target, policy, loop, self.incidents, self.follow_up, self.check)
+        self.names = Names(self.target, policy, self.incidents, self.follow_up, region_attributes)
+        self.sockets = Sockets(list(sockets), policy, self.incidents, self._ensure_watches)
+        self.watches = Watches(loop, self.attribution)
+        self.started = False
+
+    # --- starting and stopping ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        target = self.target
+        self.contents.start()
+        self.names.start()
+        self.watches.open()
+        self.attribution.start(target.fd, target.is_file, self.incidents.on_touch, self.contents.opened_by)
+        self.watches.start(target.fd, target.is_file, self._on_events)
+        self.started = True
+        self._ensure_watches()
+        self.check()  # whatever is already wrong is an incident too
+        self.contents.start_scans()
+        log.info("guard: watching %s; offenders named by %s", ", ".join(self.watched_paths()),
+                 self.attribution.description)
+
+    def close(self) -> None:
+        self.incidents.record_overdue(everything=True)
+        self.started = False
+        self.follow_up.closed = self.contents.closed = True
+        self.watches.close()
+        self.attribution.close()
+        self.names.close()
+
+    # --- the supervisor's hooks --------------------------------------------------------------------------
+
+    def before_write(self) -> None:
+        """For the supervisor to call just before an audited write: a hole the write would fill again (and so hide:
+        a refilled page is whole, with zeros around the written bytes) is repaired from the copy first."""
+        if self.started and self.contents.needs_check():
+            self.check()
+
+    def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
+        """The supervisor's hook after an audited write (data, then zero_fill NULs): it survives every repair."""
+        self.contents.known_good.remember(offset, data, zero_fill)
+
+    def refresh(self) -> bool:
+        """The supervisor's hook after its guest reported: take the region, if intact, as the known-good copy
+        (at most once per interval, never while a tampering may still be writing; see Contents.refresh)."""
+        return self.contents.refresh()
+
+    # --- the check ---------------------------------------------------------------------------------------
+
+    def check(self, modified: bool = False, closed: bool = False, opened: bool = False) -> None:
+        """Compare the truth with the policy and respond to every difference."""
+        self.incidents.begin_check()
+        self.names.begin_check()
+        self.attribution.collect()
+        steps = [lambda: self.contents.check(modified, closed),
+                 lambda: self.contents.check_opened(opened, self.attribution.openers is not None),
+                 self.names.check_attributes, self.names.check_acl]
+        if self.target.is_file:
+            steps += [self.names.check_path, self.names.check_anchor, self.names.check_extra_links]
+        steps += [lambda sock=sock: self.sockets.check(sock) for sock in self.sockets.sockets]
+        for step in steps:
+            try:
+                step()
+            except OSError as exc:  # the truth could not be read; the next event looks again
+                log.error("guard: check failed: %s", exc)
+            except Exception:  # noqa: BLE001 - a bug in one step must not skip the others, nor the watches
+                log.exception("guard: check step failed (the next event looks again)")
+        self.incidents.end_check()
+        self._ensure_watches()
+        self.incidents.settle()
+
+    def _on_events(self, modified: bool, closed: bool, opened: bool) -> None:
+        self.check(modified=modified, closed=closed, opened=opened)
+
+    def _ensure_watches(self) -> None:
+        """(Re)watch the directories and the current socket inodes; cheap, so done after every check."""
+        if self.target.is_file:
+            self.watches.watch_directory(os.path.dirname(self.region.path), self.names.watched_names())
+        for sock in self.sockets.sockets:
+            listener = sock.listener
+            if listener is not None:
+                self.watches.watch_directory(os.path.dirname(listener.path), {os.path.basename(listener.path)})
+                self.watches.watch_socket(sock, listener)
+
+    # --- status ------------------------------------------------------------------------------------------
+
+    def watched_paths(self) -> list[str]:
+        paths = [self.target.path] + ([os.path.dirname(self.region.path)] if self.target.is_file else [])
+        for sock in self.sockets.sockets:
+            if sock.listener is not None:
+                paths += [sock.listener.path, os.path.dirname(sock.listener.path)]
+        return list(dict.fromkeys(paths))
+
+    def describe(self) -> dict:
+        """For `shmguard status`."""
+        return {
+            "watching": self.watched_paths(),
+            "responses": {name: getattr(self.policy, name) for name in
+                          ("on_resize", "on_attributes", "on_unlink", "on_socket")},
+            "attribution": self.attribution.description,
+            "anchor": self.names.anchor.path if self.names.anchor else None,
+            "incidents": self.incidents.count,
+            "last_incident": self.incidents.last,
+        }
