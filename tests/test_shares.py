@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from shmguard.control_server import Request
 from shmguard.errors import ControlError
-from shmguard.linux.sockets import PeerCred
+from shmguard.guest_session import QueuedWrite, WriteQueue
 from shmguard.policy import SharesPolicy
 from shmguard.server import PeerIds
 from shmguard.shares import Share
-from shmguard.supervisor import WritePlan, WriteQueue
 
 pytestmark = pytest.mark.pure
 ROOT, MEMBER, OTHER = 0, 1000, 1001
@@ -69,30 +67,28 @@ def test_an_id_never_announced_is_free_at_once_and_uncharged():
     assert ids.take(OTHER, None)[0] == first
 
 
-def queued_write(uid: int, size: int = 10) -> tuple[Request, WritePlan]:
-    request = Request("write", {}, PeerCred(1, uid, uid), connection=None)
-    return request, WritePlan(b"x" * size, 0, 0, [], True, 1.0)
+def queued_write(uid: int, size: int = 10) -> QueuedWrite:
+    return QueuedWrite(token=object(), plan=None, uid=uid, size=size)
 
 
 def test_queued_writes_are_bounded_per_uid_in_count_and_bytes_with_room_for_root():
     # the reserve is one uid's share: of 4 queued writes, 2 are open to every uid and 2 kept for root
     shares = SharesPolicy(queued_writes=4, queued_writes_per_uid=2, buffer_bytes=100, buffer_bytes_per_uid=50)
     queue = WriteQueue(shares)
-    queue.push(*queued_write(MEMBER))
-    queue.push(*queued_write(MEMBER))
+    queue.push(queued_write(MEMBER))
+    queue.push(queued_write(MEMBER))
     with pytest.raises(ControlError, match="uid 1000 holds 2 of its share of 2 queued writes"):
-        queue.push(*queued_write(MEMBER))
+        queue.push(queued_write(MEMBER))
     with pytest.raises(ControlError, match="open to every uid are in use"):  # the last is root's
-        queue.push(*queued_write(OTHER))
-    queue.push(*queued_write(ROOT))
-    queue.push(*queued_write(ROOT))
+        queue.push(queued_write(OTHER))
+    queue.push(queued_write(ROOT))
+    queue.push(queued_write(ROOT))
     assert len(queue) == 4
-    request, _ = queue.pop()
-    assert request.cred.uid == MEMBER and queue.count.held_by(MEMBER) == 1
+    assert queue.pop().uid == MEMBER and queue.count.held_by(MEMBER) == 1
     by_bytes = WriteQueue(SharesPolicy(buffer_bytes=100, buffer_bytes_per_uid=50))
-    by_bytes.push(*queued_write(MEMBER, size=40))
+    by_bytes.push(queued_write(MEMBER, size=40))
     with pytest.raises(ControlError, match="bytes of queued writes"):
-        by_bytes.push(*queued_write(MEMBER, size=11))  # 40 of its 50 bytes are queued already
+        by_bytes.push(queued_write(MEMBER, size=11))  # 40 of its 50 bytes are queued already
 
 
 def test_room_is_exactly_what_may_be_taken_and_what_is_owed_is_held_past_the_bound():

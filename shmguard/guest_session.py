@@ -1,0 +1,424 @@
+"""The guest handshake, sans-IO: events in, actions out, no sockets, no fds, no clock, no logging of its own.
+
+A built-in guest says "ready <id>" on the host's vector 0 once its MSI-X vectors are live and "ack ..." on vector 1
+after each message it has printed (see layout.py). Until the guest is ready a ring for it is held, once per (peer,
+vector); a write that waits for the acknowledgement is the one message in flight, and those behind it wait in a
+queue bounded per uid. The supervisor feeds `GuestSession.handle` each event with a `Peers` view of who is
+connected, and carries out the actions it returns in order. Every state transition is in `handle`; the queries
+(`guest_peer_id`, `guest_target`, `is_guest`, `holds`) change nothing.
+
+The state is plain data (`GuestSessionState`): a successor takes it over with `snapshot()`/`from_snapshot()`.
+Request tokens are opaque to the session: it only hands them back, and compares them with ==.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import layout
+from .errors import ControlError
+from .policy import SharesPolicy
+from .shares import Share
+
+PENDING_GUEST = -1  # the peer id of "our guest", while its QEMU has not connected yet
+Token = Hashable  # the supervisor's name for a control request, answered through Reply or Fail
+QEMU_GONE_BEFORE_TURN = "QEMU exited before this write's turn came; nothing was written"
+QEMU_GONE_BEFORE_ACK = "QEMU exited before the guest acknowledged"
+
+
+@dataclass(frozen=True)
+class Peers:
+    """What the supervisor sees when it feeds an event: the peers, and the QEMU it started (if any)."""
+
+    connected: tuple[int, ...] = ()  # peer ids other than the host's, in the order they joined
+    ours: int | None = None  # the peer whose process is the QEMU this supervisor started
+    qemu_started: bool = False  # this supervisor started a QEMU (it may have exited since)
+    qemu_exited: bool = False
+
+
+# --- events --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RingRequested:
+    """A ring already recorded (see `holds` for what its record says): ring it now or hold it until ready."""
+
+    peer: int  # PENDING_GUEST for the guest whose QEMU has not connected yet
+    vector: int
+
+
+@dataclass(frozen=True)
+class WriteRequested:
+    token: Token
+    plan: Any  # opaque: handed back in WriteNow
+    uid: int
+    waits: bool  # waits for the guest's acknowledgement
+    size: int  # bytes of data, counted against the queue's byte share
+
+
+@dataclass(frozen=True)
+class Written:
+    """A WriteNow carried out: recorded, written and rung; `reply` are the fields of its answer."""
+
+    token: Token
+    reply: tuple[tuple[str, Any], ...]
+    crc32: int  # of the message up to its first NUL, as the guest's ack reports it
+    waits: bool
+    timeout: float
+    now: float  # when the clock of the round trip started: before the ring
+
+
+@dataclass(frozen=True)
+class WriteFailed:
+    """A WriteNow that could not be carried out (the log or the region failed after it was queued)."""
+
+    token: Token
+    error: str
+
+
+@dataclass(frozen=True)
+class HostRung:
+    vector: int
+    reply: str  # the reply area's text, made printable
+    now: float
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    token: Token
+
+
+@dataclass(frozen=True)
+class QemuExited:
+    pass
+
+
+@dataclass(frozen=True)
+class PeerLeft:
+    peer: int
+
+
+Event = RingRequested | WriteRequested | Written | WriteFailed | HostRung | TimedOut | QemuExited | PeerLeft
+
+
+# --- actions -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ring:
+    peer: int
+    vector: int
+    held: bool = False  # a held ring delivered at ready: a peer gone since is logged, not raised
+
+
+@dataclass(frozen=True)
+class Hold:
+    peer: int
+    vector: int
+
+
+@dataclass(frozen=True)
+class WriteNow:
+    token: Token
+    plan: Any
+
+
+@dataclass(frozen=True)
+class Queue:
+    token: Token
+    waiting: int  # writes in the queue, this one included
+
+
+@dataclass(frozen=True)
+class Reply:
+    token: Token
+    fields: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Fail:
+    token: Token
+    error: str
+    fields: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class RefreshGuard:
+    """The guest wrote through its mapping, which makes no inotify event: the guard's copy must follow."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A note of what has happened already: a log that cannot take it does not stop it."""
+
+    action: str
+    detail: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str  # "debug", "info", "warning"
+    message: str
+
+
+@dataclass(frozen=True)
+class Notify:
+    status: str  # for systemd's STATUS=
+
+
+@dataclass(frozen=True)
+class ScheduleTimeout:
+    token: Token
+    seconds: float
+
+
+Action = Ring | Hold | WriteNow | Queue | Reply | Fail | RefreshGuard | Record | Log | Notify | ScheduleTimeout
+
+
+# --- state ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AckWaiter:
+    """The write whose acknowledgement is awaited."""
+
+    token: Token
+    reply: tuple[tuple[str, Any], ...]
+    crc32: int
+    timeout: float
+    started: float
+
+
+@dataclass(frozen=True)
+class QueuedWrite:
+    token: Token
+    plan: Any
+    uid: int
+    size: int
+
+
+class WriteQueue:
+    """Writes waiting behind the one whose acknowledgement is awaited, bounded in count and bytes, per uid and in
+    all (shares.queued_writes*, shares.buffer_bytes*), with the reserve kept for shares.reserved_for."""
+
+    def __init__(self, shares: SharesPolicy):
+        reserved = frozenset(shares.reserved_for)
+        self.count = Share("queued writes", shares.queued_writes, shares.queued_writes_per_uid,
+                           min(shares.queued_writes_per_uid, shares.queued_writes - 1), reserved)
+        self.bytes = Share("bytes of queued writes", shares.buffer_bytes, shares.buffer_bytes_per_uid,
+                           min(shares.buffer_bytes_per_uid, shares.buffer_bytes - 1), reserved)
+        self.entries: deque[QueuedWrite] = deque()
+
+    def push(self, write: QueuedWrite) -> None:
+        """Raises ControlError, taking nothing, if the write's uid may not queue it."""
+        reason = self.count.refusal(write.uid) or self.bytes.refusal(write.uid, write.size)
+        if reason is not None:
+            raise ControlError(f"write not queued: {reason} (policy [shares]); try again once the guest has "
+                               "acknowledged the writes before it")
+        self._take(write)
+
+    def keep(self, write: QueuedWrite) -> None:
+        """Take over a write queued already (a successor's): held even past bounds a new policy may have lowered."""
+        self.count.owe(write.uid, 1)
+        self.bytes.owe(write.uid, write.size)
+        self.entries.append(write)
+
+    def _take(self, write: QueuedWrite) -> None:
+        self.count.take(write.uid)
+        self.bytes.take(write.uid, write.size)
+        self.entries.append(write)
+
+    def pop(self) -> QueuedWrite:
+        write = self.entries.popleft()
+        self.count.give(write.uid)
+        self.bytes.give(write.uid, write.size)
+        return write
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+@dataclass(frozen=True)
+class GuestSessionState:
+    """Everything the session knows, as plain data: what a successor takes over."""
+
+    serving_only: bool  # no QEMU of ours: a guest that says "ready" turns the handshake on
+    handshake: bool  # the built-in guest says "ready" and acknowledges; other guests do not
+    ready: bool = False
+    joined: tuple[int, ...] = ()  # peers whose built-in guest said "ready <id>" itself
+    pending_rings: tuple[tuple[int, int], ...] = ()  # (peer, vector) held until ready, each once, in order
+    waiter: AckWaiter | None = None
+    queued: tuple[QueuedWrite, ...] = ()
+    acks: int = 0
+    last_reply: str = ""
+
+
+@dataclass
+class GuestSession:
+    """The guest handshake: held rings, one write in flight, the queue behind it, the ack timeout, QEMU gone."""
+
+    shares: SharesPolicy
+    serving_only: bool
+    handshake: bool
+    ready: bool = False
+    joined: set[int] = field(default_factory=set)
+    # (peer, vector) held until ready, each once: rings coalesce, so a flood of them holds no more than this
+    pending_rings: dict[tuple[int, int], None] = field(default_factory=dict)
+    waiter: AckWaiter | None = None  # one message in flight: the next would overwrite it before it is read
+    acks: int = 0
+    last_reply: str = ""
+    queue: WriteQueue = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = WriteQueue(self.shares)
+
+    # --- queries (no state changes) ------------------------------------------------------------------------
+
+    def guest_peer_id(self, peers: Peers) -> int | None:
+        """The guest is the QEMU this supervisor started; else the one built-in guest that said it is ready,
+        whoever started its QEMU (libvirt, by hand); else the only peer that is not the host."""
+        if peers.ours is not None:
+            return peers.ours
+        if peers.qemu_started:
+            return None
+        joined = [peer for peer in peers.connected if peer in self.joined]
+        if joined:
+            return joined[0] if len(joined) == 1 else None  # several: each is rung by its id
+        return peers.connected[0] if len(peers.connected) == 1 else None
+
+    def ready_guests(self, peers: Peers) -> list[int]:
+        return sorted(self.joined & set(peers.connected))
+
+    def guest_target(self, peers: Peers) -> int:
+        """The peer `--ring guest` means, PENDING_GUEST if its ring is to be held; raises ControlError if none."""
+        peer_id = self.guest_peer_id(peers)
+        joined = self.ready_guests(peers)
+        if peer_id is None and not peers.qemu_started and len(joined) > 1:
+            raise ControlError(f"several guests are ready (peers {', '.join(map(str, joined))}): ring one "
+                               f"by its id, e.g. --ring {joined[0]}")
+        if peer_id is not None:
+            return peer_id
+        if self.handshake and not peers.qemu_exited:  # not connected yet: ring once it is ready
+            return PENDING_GUEST  # a ring held for a QEMU that is gone would wait forever
+        raise ControlError("no guest is connected (ring a peer id instead; see `shmguard status`)")
+
+    def is_guest(self, peer_id: int, peers: Peers) -> bool:
+        return peer_id == PENDING_GUEST or peer_id == self.guest_peer_id(peers) or peer_id in self.joined
+
+    def holds(self, peer_id: int, peers: Peers) -> bool:
+        """A ring for the guest before it is ready is held (a doorbell rung before it enabled MSI-X is lost)."""
+        return (self.is_guest(peer_id, peers) and self.handshake and not self.ready
+                and peer_id not in self.joined)
+
+    # --- the one place of every transition -----------------------------------------------------------------
+
+    def handle(self, event: Event, peers: Peers) -> list[Action]:
+        match event:
+            case RingRequested(peer, vector):
+                if self.holds(peer, peers):
+                    self.pending_rings[peer, vector] = None
+                    return [Hold(peer, vector)]
+                return [Ring(peer, vector)]
+            case WriteRequested(token, plan, uid, waits, size):
+                if waits and self.waiter is not None:
+                    try:
+                        self.queue.push(QueuedWrite(token, plan, uid, size))
+                    except ControlError as exc:  # refused: nothing changes
+                        return [Fail(token, str(exc))]
+                    return [Queue(token, len(self.queue))]  # its turn comes with the ack before it
+                return [WriteNow(token, plan)]
+            case Written(token, reply, crc32, waits, timeout, now):
+                if not waits:
+                    return [Reply(token, reply)]
+                self.waiter = AckWaiter(token, reply, crc32, timeout, now)
+                return [ScheduleTimeout(token, timeout)]
+            case WriteFailed(token, error):
+                return [Fail(token, error), *self._next_write()]
+            case HostRung(vector, reply, now):
+                return self._on_host_rung(vector, reply, now, peers)
+            case TimedOut(token):
+                waiter = self.waiter
+                if waiter is None or waiter.token != token:
+                    return []  # answered already
+                self.waiter = None
+                seq = dict(waiter.reply).get("seq")
+                return [Fail(token, f"the guest did not acknowledge within {waiter.timeout:g} s (the write itself "
+                                    f"is recorded as seq {seq})", waiter.reply), *self._next_write()]
+            case QemuExited():
+                self.ready = False
+                actions: list[Action] = []
+                if self.waiter is not None:
+                    waiter, self.waiter = self.waiter, None
+                    actions.append(Fail(waiter.token, QEMU_GONE_BEFORE_ACK, waiter.reply))
+                while self.queue:
+                    actions.append(Fail(self.queue.pop().token, QEMU_GONE_BEFORE_TURN))
+                return actions
+            case PeerLeft():
+                if self.serving_only:  # is "the guest" still one that said it is ready?
+                    self.ready = self.ready and self.guest_peer_id(peers) in self.joined
+                return []
+        raise AssertionError(f"not an event of the guest session: {event!r}")
+
+    def _on_host_rung(self, vector: int, reply: str, now: float, peers: Peers) -> list[Action]:
+        ready_id, ack = layout.parse_ready(reply), layout.parse_ack(reply)
+        if vector == layout.READY_VECTOR and ready_id is not None and ready_id in peers.connected:
+            return self._on_says_ready(ready_id, reply, peers)
+        if vector == layout.ACK_VECTOR and ack is not None and self.handshake and (
+                self.guest_peer_id(peers) is not None or self.waiter is not None):
+            return self._on_ack(reply, ack, now)
+        # any peer may ring the host: a stray ring is not worth more than a debug line
+        return [Log("debug", f"host rung on vector {vector} (reply area: {reply[:80]!r})")]
+
+    def _on_says_ready(self, peer_id: int, reply: str, peers: Peers) -> list[Action]:
+        """A built-in guest joins the handshake by saying so, whoever started its QEMU. Serving only (--no-guest)
+        turns the handshake on; a QEMU this supervisor boots stays the guest that `--ring guest` means."""
+        self.joined &= set(peers.connected)  # ids are never reused: forget the guests that left
+        self.joined.add(peer_id)
+        if self.serving_only:
+            self.handshake = True
+        guest_id = self.guest_peer_id(peers)
+        if peer_id != guest_id:
+            return [Log("info", f"guest ready: {reply} (one of several guests: ring it by its id)"),
+                    Record("guest-ready", (("reply", reply), ("peer", peer_id)))]
+        self.ready, self.last_reply = True, reply
+        pending, self.pending_rings = self.pending_rings, {}
+        return [RefreshGuard(), Log("info", f"guest ready: {reply}"),
+                Record("guest-ready", (("reply", reply), ("peer", guest_id))), Notify("guest ready"),
+                *(Ring(guest_id if peer == PENDING_GUEST else peer, vector, held=True) for peer, vector in pending)]
+
+    def _on_ack(self, reply: str, ack: layout.Ack, now: float) -> list[Action]:
+        self.acks += 1
+        self.last_reply = reply
+        actions: list[Action] = [RefreshGuard(), Log("info", f"guest acknowledged: {reply}")]
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            actions.append(Reply(waiter.token, (*waiter.reply, ("ack", reply),
+                                                ("round_trip_ms", round((now - waiter.started) * 1000, 3)),
+                                                ("delivered_exactly", ack.crc32 == waiter.crc32))))
+        return [*actions, *self._next_write()]
+
+    def _next_write(self) -> list[Action]:
+        """The next queued write, if none is in flight: its Written or WriteFailed comes back as an event."""
+        if self.waiter is None and self.queue:
+            write = self.queue.pop()
+            return [WriteNow(write.token, write.plan)]
+        return []
+
+    # --- hand-over -----------------------------------------------------------------------------------------
+
+    def snapshot(self) -> GuestSessionState:
+        return GuestSessionState(self.serving_only, self.handshake, self.ready, tuple(sorted(self.joined)),
+                                 tuple(self.pending_rings), self.waiter, tuple(self.queue.entries), self.acks,
+                                 self.last_reply)
+
+    @classmethod
+    def from_snapshot(cls, state: GuestSessionState, shares: SharesPolicy) -> GuestSession:
+        session = cls(shares, state.serving_only, state.handshake, state.ready, set(state.joined),
+                      dict.fromkeys(state.pending_rings), state.waiter, state.acks, state.last_reply)
+        for write in state.queued:
+            session.queue.keep(write)
+        return session
+

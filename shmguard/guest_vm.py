@@ -1,0 +1,73 @@
+"""GuestVM: the QEMU child that runs the guest (the built-in one or yours), its console in the log, its exit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .guest import GuestImage, build_guest
+from .loop import EventLoop
+from .policy import Policy
+from .qemu import QemuProcess, choose_accel, qemu_command
+
+log = logging.getLogger("shmguard")
+
+
+@dataclass(frozen=True)
+class GuestOptions:
+    """Which guest to boot under QEMU; kernel None means the built-in guest."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+    qemu_args: tuple[str, ...] = ()
+
+    @property
+    def builtin(self) -> bool:
+        return self.kernel is None
+
+
+def guest_command(options: GuestOptions, policy: Policy, host_peer_id: int) -> list[str]:
+    """The QEMU command line for the guest: the image built (apt-get, gcc: before hardening), the accelerator
+    chosen (KVM only once it has booted a kernel here)."""
+    image = build_guest(log=log.info) if options.builtin else GuestImage(
+        Path(options.kernel), Path(options.initrd) if options.initrd else None, options.append)
+    accel, reason = choose_accel(kernel=image.kernel)
+    log.info("QEMU accelerator: %s (%s)", accel, reason)
+    return qemu_command(socket_path=policy.server.socket, vectors=policy.server.vectors, guest=image,
+                        host_peer_id=host_peer_id if options.builtin else None, accel=accel,
+                        memory=policy.qemu.memory, extra_args=options.qemu_args)
+
+
+class GuestVM:
+    """QEMU started after hardening (it inherits no capability the supervisor dropped); on_exit(pid, status) is
+    called once, from the loop, when its console pipe closes."""
+
+    def __init__(self, loop: EventLoop, argv: list[str], on_exit: Callable[[int, int], None]):
+        self.loop, self.on_exit = loop, on_exit
+        self.process = QemuProcess(argv)
+        log.info("started QEMU pid %d: %s", self.process.pid, " ".join(argv))
+        self.loop.add_reader(self.process.console_fd, self._on_console)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exited(self) -> bool:
+        """A ring held for a guest whose QEMU is gone would wait for ever: QEMU never comes back."""
+        return self.process.poll() is not None
+
+    def _on_console(self) -> None:
+        for line in self.process.read_console():
+            if line.strip():
+                log.info("guest: %s", line)
+        if self.process.console_eof:  # the pipe closes when QEMU exits (or closes its stdout: then it is ended)
+            self.loop.remove_reader(self.process.console_fd)
+            self.on_exit(self.process.pid, self.process.terminate(timeout=2.0))
+
+    def close(self) -> None:
+        if not self.process.console_eof:
+            self.loop.remove_reader(self.process.console_fd)
+        self.process.close()

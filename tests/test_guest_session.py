@@ -1,0 +1,290 @@
+"""The guest handshake as tables: each step is (event, who is connected, the actions expected). No socket, no root."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+import zlib
+
+import pytest
+
+from shmguard.errors import ControlError
+from shmguard.guest_session import (
+    PENDING_GUEST,
+    QEMU_GONE_BEFORE_ACK,
+    QEMU_GONE_BEFORE_TURN,
+    Event,
+    Fail,
+    GuestSession,
+    Hold,
+    HostRung,
+    Log,
+    Notify,
+    PeerLeft,
+    Peers,
+    QemuExited,
+    Queue,
+    Record,
+    RefreshGuard,
+    Reply,
+    Ring,
+    RingRequested,
+    ScheduleTimeout,
+    TimedOut,
+    WriteFailed,
+    WriteNow,
+    WriteRequested,
+    Written,
+)
+from shmguard.policy import SharesPolicy
+
+pytestmark = pytest.mark.pure
+
+ROOT, MEMBER, OTHER = 0, 1000, 1001
+CRC = zlib.crc32(b"hi")
+ACK = f"ack 1 2 {CRC:08x}"
+BOOTING = Peers((), None, qemu_started=True)  # our QEMU started, not connected yet
+OURS = Peers((5,), ours=5, qemu_started=True)
+OURS_AND_STRANGER = Peers((5, 6), ours=5, qemu_started=True)
+STRANGER_ONLY = Peers((6,), None, qemu_started=True)
+EXITED = Peers((), None, qemu_started=True, qemu_exited=True)
+NOBODY = Peers()
+ONE = Peers((5,))
+TWO = Peers((5, 6))
+LATER = Peers((7,))
+
+
+def builtin(shares: SharesPolicy | None = None) -> GuestSession:
+    """The built-in guest under a QEMU this supervisor boots: the handshake is on from the start."""
+    return GuestSession(shares or SharesPolicy(), serving_only=False, handshake=True)
+
+
+def serving(shares: SharesPolicy | None = None) -> GuestSession:
+    """--no-guest: no handshake until a built-in guest says it is ready."""
+    return GuestSession(shares or SharesPolicy(), serving_only=True, handshake=False)
+
+
+def seq(n: int) -> tuple:
+    return (("seq", n),)
+
+
+def ready_actions(peer: int, *rings: Ring) -> list:
+    return [RefreshGuard(), Log("info", f"guest ready: ready {peer}"),
+            Record("guest-ready", (("reply", f"ready {peer}"), ("peer", peer))), Notify("guest ready"), *rings]
+
+
+def acked(token, reply: tuple, rtt_ms: float, exactly: bool = True) -> Reply:
+    return Reply(token, (*reply, ("ack", ACK), ("round_trip_ms", rtt_ms), ("delivered_exactly", exactly)))
+
+
+ACK_ACTIONS = [RefreshGuard(), Log("info", f"guest acknowledged: {ACK}")]
+READY_5 = (HostRung(0, "ready 5", 1.0), OURS, ready_actions(5))
+
+
+def in_flight(token: str = "a", timeout: float = 5.0, started: float = 10.0) -> list:
+    """Steps that put write `token` in flight: requested, carried out, waiting for its ack."""
+    return [(WriteRequested(token, f"plan-{token}", MEMBER, True, 2), OURS, [WriteNow(token, f"plan-{token}")]),
+            (Written(token, seq(1), CRC, True, timeout, started), OURS, [ScheduleTimeout(token, timeout)])]
+
+
+SCENARIOS = {
+    "rings for the guest are held until it is ready, each (peer, vector) once, and delivered then": (builtin, [
+        (RingRequested(PENDING_GUEST, 0), BOOTING, [Hold(PENDING_GUEST, 0)]),
+        (RingRequested(PENDING_GUEST, 0), BOOTING, [Hold(PENDING_GUEST, 0)]),
+        (RingRequested(PENDING_GUEST, 1), BOOTING, [Hold(PENDING_GUEST, 1)]),
+        (RingRequested(5, 1), OURS, [Hold(5, 1)]),  # connected, not ready yet: still held
+        # kept once per (peer, vector) as asked: the ring held for "the guest" and the one for peer 5 are both rung
+        (HostRung(0, "ready 5", 1.0), OURS, ready_actions(5, Ring(5, 0, held=True), Ring(5, 1, held=True),
+                                                          Ring(5, 1, held=True))),
+        (RingRequested(5, 0), OURS, [Ring(5, 0)]),  # ready: rung at once, nothing held any more
+        (HostRung(0, "ready 5", 2.0), OURS, ready_actions(5)),  # a second "ready" delivers nothing twice
+    ]),
+    "a ring for a peer that is not the guest is never held": (builtin, [
+        (RingRequested(6, 0), OURS_AND_STRANGER, [Ring(6, 0)]),
+    ]),
+    "serving only, with no handshake, rings go at once": (serving, [
+        (RingRequested(5, 0), ONE, [Ring(5, 0)]),
+        (WriteRequested("a", "plan-a", MEMBER, False, 2), ONE, [WriteNow("a", "plan-a")]),
+        (Written("a", seq(1), CRC, False, 60.0, 1.0), ONE, [Reply("a", seq(1))]),
+    ]),
+    "a waited write while one is in flight is queued; the ack answers the right one and starts the next": (builtin, [
+        READY_5, *in_flight("a"),
+        (WriteRequested("b", "plan-b", MEMBER, True, 2), OURS, [Queue("b", 1)]),
+        (WriteRequested("c", "plan-c", MEMBER, False, 2), OURS, [WriteNow("c", "plan-c")]),  # not waited: not queued
+        (Written("c", seq(2), CRC, False, 5.0, 10.2), OURS, [Reply("c", seq(2))]),
+        (HostRung(1, ACK, 10.5), OURS, [*ACK_ACTIONS, acked("a", seq(1), 500.0), WriteNow("b", "plan-b")]),
+        (Written("b", seq(3), CRC, True, 5.0, 11.0), OURS, [ScheduleTimeout("b", 5.0)]),
+        (TimedOut("a"), OURS, []),  # answered already: its deadline does nothing to the write in flight now
+        (HostRung(1, ACK, 11.25), OURS, [*ACK_ACTIONS, acked("b", seq(3), 250.0)]),
+        (TimedOut("b"), OURS, []),
+    ]),
+    "an ack whose checksum differs says the message was not delivered exactly": (builtin, [
+        READY_5,
+        (WriteRequested("a", "plan-a", MEMBER, True, 2), OURS, [WriteNow("a", "plan-a")]),
+        (Written("a", seq(1), CRC ^ 1, True, 5.0, 10.0), OURS, [ScheduleTimeout("a", 5.0)]),
+        (HostRung(1, ACK, 10.0), OURS, [*ACK_ACTIONS, acked("a", seq(1), 0.0, exactly=False)]),
+    ]),
+    "a forged ack with no write waiting answers nobody": (builtin, [
+        (HostRung(1, ACK, 1.0), BOOTING, [Log("debug", f"host rung on vector 1 (reply area: {ACK!r})")]),
+        READY_5,
+        (HostRung(1, ACK, 2.0), OURS, ACK_ACTIONS),  # counted, the guard's copy refreshed, no reply
+        (HostRung(0, ACK, 3.0), OURS, [Log("debug", f"host rung on vector 0 (reply area: {ACK!r})")]),
+        (HostRung(1, "ready 5", 4.0), OURS, [Log("debug", "host rung on vector 1 (reply area: 'ready 5')")]),
+    ]),
+    "a stranger's ready is not the guest's": (builtin, [
+        (HostRung(0, "ready 9", 1.0), OURS, [Log("debug", "host rung on vector 0 (reply area: 'ready 9')")]),
+        (HostRung(0, "ready 6", 1.0), OURS_AND_STRANGER, [
+            Log("info", "guest ready: ready 6 (one of several guests: ring it by its id)"),
+            Record("guest-ready", (("reply", "ready 6"), ("peer", 6)))]),
+        (RingRequested(6, 0), OURS_AND_STRANGER, [Ring(6, 0)]),  # ready itself: rung by its id at once
+        (RingRequested(5, 0), OURS_AND_STRANGER, [Hold(5, 0)]),  # ours is still not ready
+    ]),
+    "the ack timeout fails the write in flight and starts the next": (builtin, [
+        READY_5, *in_flight("a", timeout=2.0),
+        (WriteRequested("b", "plan-b", MEMBER, True, 2), OURS, [Queue("b", 1)]),
+        (TimedOut("a"), OURS, [Fail("a", "the guest did not acknowledge within 2 s (the write itself is recorded "
+                                    "as seq 1)", seq(1)), WriteNow("b", "plan-b")]),
+        (TimedOut("a"), OURS, []),
+        (Written("b", seq(2), CRC, True, 2.0, 13.0), OURS, [ScheduleTimeout("b", 2.0)]),
+        (HostRung(1, ACK, 13.5), OURS, [*ACK_ACTIONS, acked("b", seq(2), 500.0)]),
+    ]),
+    "a queued write that fails when its turn comes is answered, and the next starts": (builtin, [
+        READY_5, *in_flight("a"),
+        (WriteRequested("b", "plan-b", MEMBER, True, 2), OURS, [Queue("b", 1)]),
+        (WriteRequested("c", "plan-c", ROOT, True, 2), OURS, [Queue("c", 2)]),
+        (TimedOut("a"), OURS, [Fail("a", "the guest did not acknowledge within 5 s (the write itself is recorded "
+                                    "as seq 1)", seq(1)), WriteNow("b", "plan-b")]),
+        (WriteFailed("b", "audit log full"), OURS, [Fail("b", "audit log full"), WriteNow("c", "plan-c")]),
+        (WriteFailed("c", "audit log full"), OURS, [Fail("c", "audit log full")]),
+    ]),
+    "QEMU exits with a write in flight and writes queued: each fails, nothing more is held": (builtin, [
+        READY_5, *in_flight("a"),
+        (WriteRequested("b", "plan-b", MEMBER, True, 2), OURS, [Queue("b", 1)]),
+        (WriteRequested("c", "plan-c", OTHER, True, 2), OURS, [Queue("c", 2)]),
+        (QemuExited(), EXITED, [Fail("a", QEMU_GONE_BEFORE_ACK, seq(1)), Fail("b", QEMU_GONE_BEFORE_TURN),
+                                Fail("c", QEMU_GONE_BEFORE_TURN)]),
+        (TimedOut("a"), EXITED, []),
+        (HostRung(1, ACK, 20.0), EXITED, [Log("debug", f"host rung on vector 1 (reply area: {ACK!r})")]),
+        (QemuExited(), EXITED, []),
+    ]),
+    "several ready guests: each is rung by its id": (serving, [
+        (HostRung(0, "ready 5", 1.0), TWO, ready_actions(5)),  # the only one ready yet: it is the guest
+        (HostRung(0, "ready 6", 2.0), TWO, [  # now neither is "the guest"
+            Log("info", "guest ready: ready 6 (one of several guests: ring it by its id)"),
+            Record("guest-ready", (("reply", "ready 6"), ("peer", 6)))]),
+        (RingRequested(5, 0), TWO, [Ring(5, 0)]),
+        (RingRequested(6, 1), TWO, [Ring(6, 1)]),
+    ]),
+    "a guest that leaves and comes back: rings wait for the new one": (serving, [
+        (HostRung(0, "ready 5", 1.0), ONE, ready_actions(5)),
+        (PeerLeft(5), NOBODY, []),
+        (RingRequested(PENDING_GUEST, 0), NOBODY, [Hold(PENDING_GUEST, 0)]),
+        (HostRung(0, "ready 7", 2.0), LATER, ready_actions(7, Ring(7, 0, held=True))),
+        (PeerLeft(5), LATER, []),  # someone else left: the guest is still ready
+        (RingRequested(7, 0), LATER, [Ring(7, 0)]),
+    ]),
+    "queued writes are bounded per uid, in count and bytes, with the reserve kept for root": (
+        lambda: builtin(SharesPolicy(queued_writes=4, queued_writes_per_uid=2, buffer_bytes=100,
+                                     buffer_bytes_per_uid=50)), [
+            READY_5, *in_flight("a"),
+            (WriteRequested("b", "plan", MEMBER, True, 2), OURS, [Queue("b", 1)]),
+            (WriteRequested("c", "plan", MEMBER, True, 2), OURS, [Queue("c", 2)]),
+            (WriteRequested("d", "plan", MEMBER, True, 2), OURS, [Fail("d", (
+                "write not queued: uid 1000 holds 2 of its share of 2 queued writes (policy [shares]); try again "
+                "once the guest has acknowledged the writes before it"))]),
+            (WriteRequested("e", "plan", OTHER, True, 2), OURS, [Fail("e", (
+                "write not queued: the 2 queued writes open to every uid are in use (the last 2 are kept for uids "
+                "[0]) (policy [shares]); try again once the guest has acknowledged the writes before it"))]),
+            (TimedOut("a"), OURS, [Fail("a", "the guest did not acknowledge within 5 s (the write itself is "
+                                             "recorded as seq 1)", seq(1)), WriteNow("b", "plan")]),
+            (Written("b", seq(2), CRC, True, 5.0, 16.0), OURS, [ScheduleTimeout("b", 5.0)]),
+            (WriteRequested("g", "plan", MEMBER, True, 2), OURS, [Queue("g", 2)]),  # b's turn gave its place back
+            (WriteRequested("f", "plan", ROOT, True, 60), OURS, [Queue("f", 3)]),  # root may take the reserve
+            (WriteRequested("h", "plan", OTHER, True, 2), OURS, [Fail("h", (
+                "write not queued: the 2 queued writes open to every uid are in use (the last 2 are kept for uids "
+                "[0]) (policy [shares]); try again once the guest has acknowledged the writes before it"))]),
+        ]),
+}
+
+
+def play(session: GuestSession, steps) -> list:
+    return [session.handle(event, peers) for event, peers, _ in steps]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_each_event_gives_exactly_the_actions_in_the_table(name):
+    make, steps = SCENARIOS[name]
+    assert play(make(), steps) == [expected for _, _, expected in steps]
+
+
+def test_the_tables_cover_every_event():
+    used = {type(event) for _, steps in SCENARIOS.values() for event, _, _ in steps}
+    assert used == set(typing.get_args(Event))
+
+
+@pytest.mark.parametrize("make, peers, expected", [
+    (builtin, BOOTING, PENDING_GUEST),  # our QEMU has not connected: held for it
+    (builtin, OURS, 5),
+    (builtin, OURS_AND_STRANGER, 5),
+    (builtin, STRANGER_ONLY, PENDING_GUEST),  # a stranger is never "the guest" of a QEMU we booted
+    (serving, ONE, 5),  # serving only, the only peer
+])
+def test_ring_guest_means_our_qemu_or_the_one_peer(make, peers, expected):
+    assert make().guest_target(peers) == expected
+
+
+@pytest.mark.parametrize("make, steps, peers, error", [
+    (builtin, [], EXITED, re.escape("no guest is connected (ring a peer id instead; see `shmguard status`)")),
+    (serving, [], NOBODY, "no guest is connected"),  # no handshake: nothing to wait for
+    (serving, [], TWO, "no guest is connected"),
+    (serving, [(HostRung(0, "ready 5", 1.0), TWO), (HostRung(0, "ready 6", 1.0), TWO)], TWO,
+     r"several guests are ready \(peers 5, 6\): ring one by its id, e.g. --ring 5"),
+])
+def test_ring_guest_is_refused_by_name_when_it_cannot_be_meant(make, steps, peers, error):
+    session = make()
+    for event, seen in steps:
+        session.handle(event, seen)
+    with pytest.raises(ControlError, match=error):
+        session.guest_target(peers)
+
+
+def test_exit_of_qemu_ends_readiness_and_rings_for_it_are_refused():
+    session = builtin()
+    session.handle(*READY_5[:2])
+    assert session.ready
+    session.handle(QemuExited(), EXITED)
+    assert not session.ready and session.waiter is None and len(session.queue) == 0
+    with pytest.raises(ControlError, match="no guest is connected"):
+        session.guest_target(EXITED)
+
+
+def test_status_counts_acks_and_keeps_the_last_reply():
+    session = builtin()
+    play(session, [READY_5, *in_flight("a"), (HostRung(1, ACK, 11.0), OURS, None),
+                   (HostRung(1, ACK, 12.0), OURS, None)])
+    assert (session.acks, session.last_reply, session.ready_guests(OURS_AND_STRANGER)) == (2, ACK, [5])
+
+
+def test_a_successor_takes_over_the_state_and_goes_on_exactly_as_the_original():
+    steps = [(RingRequested(PENDING_GUEST, 1), BOOTING, None), READY_5, *in_flight("a"),
+             (WriteRequested("b", "plan-b", MEMBER, True, 2), OURS, None),
+             (RingRequested(PENDING_GUEST, 0), BOOTING, None)]
+    original = builtin()
+    play(original, steps)
+    state = original.snapshot()
+    assert dataclasses.asdict(state)["queued"] == ({"token": "b", "plan": "plan-b", "uid": MEMBER, "size": 2},)
+    successor = GuestSession.from_snapshot(state, SharesPolicy())
+    assert successor.snapshot() == state
+    assert successor.queue.count.held_by(MEMBER) == 1 and successor.queue.bytes.held_by(MEMBER) == 2
+    rest = [(HostRung(1, ACK, 10.5), OURS, None), (Written("b", seq(2), CRC, True, 5.0, 11.0), OURS, None),
+            (QemuExited(), EXITED, None)]
+    assert play(successor, rest) == play(original, rest)
+    assert successor.snapshot() == original.snapshot()
+
+
+def test_guests_that_left_are_forgotten_at_the_next_ready_so_the_state_stays_bounded():
+    session = serving()
+    play(session, [(HostRung(0, "ready 5", 1.0), ONE, None), (PeerLeft(5), NOBODY, None),
+                   (HostRung(0, "ready 7", 2.0), LATER, None)])
+    assert session.snapshot().joined == (7,)
