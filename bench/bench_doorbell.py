@@ -20,7 +20,6 @@ Y), COUNT round trips: the floor for the host's share of a doorbell round trip i
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import re
 import shutil
@@ -30,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import Series, file_system_of, strict_policy, timed_calls
+from common import Series, file_system_of, timed_calls
 
-from shmguard import control
-from shmguard.launcher import SupervisorProcess
+from shmguard.control import ControlClient, ControlError, WriteRequest
+from shmguard.launcher import ThrowawaySupervisor
 
 REGION_SIZE = 4096  # the demo's size, and all the seed's Zephyr x86_64 guest fits
 WARMUP = 20
@@ -87,12 +86,10 @@ class Boot:
     inexact: int = 0
 
 
-def write_body(number: int, ring: bool) -> dict:
-    body = {"op": "write", "data": base64.b64encode(f"doorbell {number}".encode()).decode(), "text": True,
-            "offset": 0}
-    if ring:
-        body.update(ring="guest", wait=True, timeout=30)
-    return body
+def write_request(number: int, ring: bool) -> WriteRequest:
+    message = f"doorbell {number}".encode()
+    return WriteRequest(message, text=True, ring="guest", wait=True, timeout=30) if ring else WriteRequest(
+        message, text=True)
 
 
 def doorbells(control_path: str, count: int, boot: Boot) -> None:
@@ -101,13 +98,14 @@ def doorbells(control_path: str, count: int, boot: Boot) -> None:
     boot.client = Series(f"shmguard, client-observed ({mode})")
     boot.supervisor = Series(f"shmguard, supervisor round_trip_ms ({mode})")
     boot.write_only = Series(f"write without ring, client ({mode})")
+    client = ControlClient(control_path, timeout=60)
 
     def request(ring: bool) -> Callable[[int], dict]:
         def call(number: int) -> dict:
-            reply = control.request(control_path, write_body(number, ring=ring), timeout=60)
-            if not reply.get("ok"):
-                raise SystemExit(f"{'doorbell' if ring else 'write'} {number}: {reply.get('error')}")
-            return reply
+            try:
+                return client.call(write_request(number, ring=ring))
+            except ControlError as exc:
+                raise SystemExit(f"{'doorbell' if ring else 'write'} {number}: {exc}") from None
 
         return call
 
@@ -120,13 +118,11 @@ def doorbells(control_path: str, count: int, boot: Boot) -> None:
 
 def boot_guest(root: Path, durable: bool, count: int) -> Boot:
     """Start `shmguard run` with the built-in guest, time it to ready, run the doorbells (count > 0), stop."""
-    directory = Path(tempfile.mkdtemp(prefix="boot-", dir=root))
-    directory.chmod(0o755)
-    policy = strict_policy(directory, durable=durable, region={"size": REGION_SIZE})
     boot = Boot(durable)
     started = time.monotonic()
-    supervisor = SupervisorProcess(["--policy", str(policy)], directory / "supervisor.log", directory / "notify",
-                                   timeout=120)
+    supervisor = ThrowawaySupervisor("strict", guest=True, parent=root, prefix="boot-", durable=durable, keep=True,
+                                     timeout=120, region={"size": REGION_SIZE})
+    directory = supervisor.directory
     try:
         boot.serving_s = time.monotonic() - started
         supervisor.wait_for("guest ready", 300)
@@ -134,7 +130,7 @@ def boot_guest(root: Path, durable: bool, count: int) -> Boot:
         found = re.search(r"QEMU accelerator: (\w+)", supervisor.log())
         boot.accel = found.group(1) if found else "?"
         if count:
-            doorbells(str(directory / "control.sock"), count, boot)
+            doorbells(supervisor.control, count, boot)
     except BaseException:
         print(f"supervisor log ({directory / 'supervisor.log'}):\n{supervisor.log_tail()}")
         raise

@@ -26,10 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import percentile, strict_policy
+from common import percentile
 
 from shmguard.client import IvshmemClient
-from shmguard.launcher import SupervisorProcess
+from shmguard.launcher import ThrowawaySupervisor
 from shmguard.protocol import MESSAGE, recv_message
 
 VECTORS = (1, 8, 64)
@@ -144,12 +144,9 @@ def stop(pid: int) -> None:
 
 def measure_supervisor(directory: Path, vectors: int, count: int, durable: bool) -> dict[int, tuple]:
     """For each number of idle peers: (per-join times, wall time) against one supervisor."""
-    run_directory = directory / f"run-{vectors}-{next(RUNS)}"  # a new set of files for every run
-    run_directory.mkdir()
-    policy = strict_policy(run_directory, durable=durable, server={"vectors": vectors})
-    socket_path = str(run_directory / "ivshmem.sock")
-    supervisor = SupervisorProcess(["--policy", str(policy), "--no-guest"], run_directory / "run.log",
-                                   run_directory / "notify")
+    supervisor = ThrowawaySupervisor("strict", parent=directory, prefix=f"run-{vectors}-{next(RUNS)}-",
+                                     durable=durable, timeout=60, server={"vectors": vectors})
+    socket_path = supervisor.policy.server.socket  # a new set of files for every run
     results, idle_pid = {}, None
     try:
         for idle in IDLE:

@@ -13,7 +13,6 @@ two status round trips let the supervisor's loop go idle. Run as root.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import statistics
@@ -22,8 +21,9 @@ import time
 
 from common import percentile
 
-from shmguard.attack import ThrowawaySupervisor, start_paused_qemu
-from shmguard.control import request
+from shmguard.attack import start_paused_qemu
+from shmguard.control import ControlClient
+from shmguard.launcher import ThrowawaySupervisor
 from shmguard.policy import load_policy
 
 PAGE = 4096
@@ -32,7 +32,7 @@ PAGE = 4096
 def idle(control: str) -> None:
     """Two round trips through the supervisor's loop: the repair and its own events are all handled."""
     for _ in range(2):
-        request(control, {"op": "status"})
+        ControlClient(control).status()
 
 
 def one_round(fd: int, size: int, pattern: bytes) -> tuple[float, float, int]:
@@ -80,7 +80,7 @@ def main() -> int:
         qemu = start_paused_qemu(policy)
         size, control = policy.region.size, policy.control.socket
         pattern = os.urandom(size)
-        request(control, {"op": "write", "data": base64.b64encode(pattern).decode(), "offset": 0})
+        ControlClient(control).write(pattern)
         fd = os.open(policy.region.path, os.O_RDWR | os.O_CLOEXEC)
         syscall, broken, returns = [], [], []
         for _ in range(args.count):

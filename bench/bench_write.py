@@ -12,7 +12,7 @@ Latency of one message, a new process per message as a user or a script would ru
   file of the same size in /dev/shm (dd truncates it and writes SIZE bytes: the message and NUL padding).
 The two are interleaved message by message, so both see the same machine.
 
-Rate: one persistent client (this process) calls shmguard.control.request in a loop, each request one audited
+Rate: one persistent client (this process) calls shmguard.control.ControlClient.call in a loop, each request one audited
 write of the message padded to the end of the region, with a durable audit log (fsync per record) and without.
 Each rate stops after its count or after --budget seconds, whichever comes first (a 4 MiB write takes
 milliseconds). Baseline: plain writes of the same padded message into an mmap of a memfd of the same size.
@@ -23,7 +23,6 @@ The audit logs go to --dir (default /var/tmp): on tmpfs an fsync costs nothing, 
 from __future__ import annotations
 
 import argparse
-import base64
 import mmap
 import os
 import shutil
@@ -33,11 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Series, file_system_of, strict_policy
+from common import Series, file_system_of
 
-from shmguard import control
 from shmguard.audit import verify
-from shmguard.launcher import SHMGUARD, SupervisorProcess
+from shmguard.control import ControlClient, ControlError, WriteRequest
+from shmguard.launcher import SHMGUARD, ThrowawaySupervisor
 from shmguard.region import text_payload
 
 WARMUP = 3
@@ -64,14 +63,11 @@ class Supervisor:
     """`shmguard run --no-guest` with its own policy in its own directory."""
 
     def __init__(self, root: Path, size: int, durable: bool):
-        self.directory = Path(tempfile.mkdtemp(prefix=f"{size_label(size)}-{'durable' if durable else 'fast'}-",
-                                               dir=root))
-        self.directory.chmod(0o755)
-        self.policy = strict_policy(self.directory, durable=durable, region={"size": size})
-        self.control = str(self.directory / "control.sock")
-        self.audit = self.directory / "audit.log"
-        self.process = SupervisorProcess(["--policy", str(self.policy), "--no-guest"],
-                                         self.directory / "supervisor.log", self.directory / "notify")
+        self.process = ThrowawaySupervisor("strict", parent=root, prefix=f"{size_label(size)}-"
+                                           f"{'durable' if durable else 'fast'}-", durable=durable, keep=True,
+                                           timeout=60, region={"size": size})
+        self.policy, self.audit = self.process.policy_path, self.process.policy.audit.path
+        self.client = ControlClient(self.process.control)
 
     def stop(self) -> str:
         status = self.process.stop()
@@ -123,15 +119,16 @@ def message_latency(supervisor: Supervisor, size: int, message: str, count: int)
 
 def audited_rate(supervisor: Supervisor, message: bytes, count: int, budget_s: float) -> tuple[float, int]:
     """Writes per second over `count` requests, or fewer if `budget_s` runs out first (at least 20)."""
-    body = {"op": "write", "data": base64.b64encode(message).decode(), "text": True, "offset": 0}
+    write = WriteRequest(message, text=True)
     for _ in range(WARMUP):
-        control.request(supervisor.control, body)
+        supervisor.client.ask(write)
     start = time.perf_counter()
     done = 0
     while done < count and (done < 20 or time.perf_counter() - start < budget_s):
-        reply = control.request(supervisor.control, body)
-        if not reply.get("ok"):
-            raise SystemExit(f"write refused: {reply.get('error')}")
+        try:
+            supervisor.client.call(write)
+        except ControlError as exc:
+            raise SystemExit(f"write refused: {exc}") from None
         done += 1
     return done / (time.perf_counter() - start), done
 

@@ -1,5 +1,5 @@
 """What the benchmarks share: figures (nearest-rank percentiles, series of timings), timed loops with a warm-up,
-the file system under a directory, and the strict policy moved into a benchmark's own directory.
+and the file system under a directory. A benchmark starts its supervisor with shmguard.launcher.ThrowawaySupervisor.
 
 A benchmark run as `.venv/bin/python bench/NAME.py` (from the repository or from bench/) has bench/ first on its
 module path, so `import common` finds this file.
@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from shmguard.policy import relocated_policy_text
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -71,11 +69,3 @@ def file_system_of(directory: Path) -> str:
                 best, fs_type = mount_point, after
     return fs_type
 
-
-def strict_policy(directory: Path, *, durable: bool, **sections: dict) -> Path:
-    """directory/policy.toml: the strict policy with its sockets and audit log in `directory`, the audit log durable
-    or not, and `sections` merged over it."""
-    path = directory / "policy.toml"
-    path.write_text(relocated_policy_text("strict", socket_dir=directory, audit_log=directory / "audit.log",
-                                          durable=durable, **sections))
-    return path

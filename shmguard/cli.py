@@ -10,6 +10,7 @@ import sys
 import click
 
 from .errors import ShmguardError
+from .limits import MAX_PEER_ID, MAX_VECTORS, MIN_SIZE
 from .policy import builtin_names, check_policy, load_policy
 
 WAIT_TIMEOUT, WAIT_ERROR = 124, 125  # as timeout(1) uses them
@@ -80,8 +81,8 @@ def main() -> None:
 
 @main.command()
 @policy_option
-@click.option("--size", help="Region size: a power of two >= 4096 (4096, 4K, 4M, 1G).")
-@click.option("--vectors", type=int, help="Interrupt vectors per peer (1..64).")
+@click.option("--size", help=f"Region size: a power of two >= {MIN_SIZE} (4096, 4K, 4M, 1G).")
+@click.option("--vectors", type=int, help=f"Interrupt vectors per peer (1..{MAX_VECTORS}).")
 @socket_option
 @click.option("--control-socket", "control_path", help="Control socket path (default: the policy's).")
 @click.option("--audit-log", help="Audit log path (default: the policy's).")
@@ -101,7 +102,8 @@ def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_gue
     By default it also boots the built-in guest under QEMU (KVM once it has proved it can boot, TCG
     otherwise), streams the guest's console into the log and reports when the guest is ready.
     """
-    from .supervisor import GuestOptions, Supervisor
+    from .guest_vm import GuestOptions
+    from .supervisor import Supervisor
 
     setup_logging(verbose)
     policy = load_policy(policy_name).with_overrides(size=size, vectors=vectors, socket=socket_path,
@@ -180,7 +182,7 @@ def policy_check(path, unit):
 
 def join_options(func):
     """How a command joins as a peer: the server's vector count (checked if given) and a time limit."""
-    func = click.option("--vectors", "expected_vectors", type=click.IntRange(1, 64),
+    func = click.option("--vectors", "expected_vectors", type=click.IntRange(1, MAX_VECTORS),
                         help="Vectors the server must give each peer (refuse more or fewer).")(func)
     return click.option("--join-timeout", default=5.0, show_default=True,
                         help="Seconds for the whole greeting.")(func)
@@ -276,17 +278,14 @@ def control_option(func):
     return click.option("--control-socket", "control_path", help="Control socket path (default: the policy's).")(func)
 
 
-def control_call(policy_name: str, control_path: str | None, body: dict, timeout: float | None = 30.0) -> dict:
-    """One request to the supervisor, sent only if the server is one the policy trusts (the policy is loaded even
-    with --control-socket: it says who that is)."""
+def control_client(policy_name: str, control_path: str | None, timeout: float | None = 30.0):
+    """The supervisor's control client, talking only to a server the policy trusts (the policy is loaded even with
+    --control-socket: it says who that is); a refused request raises with the supervisor's one line."""
     from .client import answering_uids
-    from .control import request
+    from .control import ControlClient
 
     policy = load_policy(policy_name)
-    reply = request(control_path or policy.control.socket, body, timeout, answerers=answering_uids(policy))
-    if not reply.get("ok"):
-        raise ShmguardError(reply.get("error", "the supervisor refused the request"))
-    return reply
+    return ControlClient(control_path or policy.control.socket, answerers=answering_uids(policy), timeout=timeout)
 
 
 @main.command()
@@ -306,13 +305,10 @@ def control_call(policy_name: str, control_path: str | None, body: dict, timeout
 def write(message, file_path, from_stdin, offset, ring, no_wait, timeout, allow_unterminated, policy_name,
           control_path, as_json):
     """Write a message into the region through the supervisor: bounded, never resizing, audited."""
-    import base64
-
     data = _message_bytes(message, file_path, from_stdin)
-    body = {"op": "write", "data": base64.b64encode(data).decode(), "offset": offset, "text": message is not None,
-            "allow_unterminated": allow_unterminated, "ring": ring, "wait": bool(ring) and not no_wait,
-            "timeout": timeout}
-    reply = control_call(policy_name, control_path, body, timeout=timeout + 30)
+    reply = control_client(policy_name, control_path, timeout=timeout + 30).write(
+        data, offset, text=message is not None, ring=ring, wait=bool(ring) and not no_wait, timeout=timeout,
+        allow_unterminated=allow_unterminated)
     emit(reply, as_json, _format_write(reply))
 
 
@@ -353,7 +349,7 @@ def _format_write(reply: dict) -> str:
 @user_errors
 def ring(target, policy_name, control_path):
     """Ring TARGET through the supervisor: 'guest', 'all', PEER or PEER:VECTOR (audited)."""
-    reply = control_call(policy_name, control_path, {"op": "ring", "target": target})
+    reply = control_client(policy_name, control_path).ring(target)
     for rang in reply["rang"]:
         click.echo(f"rang peer {rang['peer']} vector {rang['vector']}")
 
@@ -370,7 +366,7 @@ def status(policy_name, control_path, as_json):
     """
     from . import health
 
-    reply = control_call(policy_name, control_path, {"op": "status"})
+    reply = control_client(policy_name, control_path).status()
     reply.pop("ok", None)
     problems = health.problems(reply)
     reply["health"] = {"healthy": not problems, "problems": problems}
@@ -494,8 +490,8 @@ def guest_build(quiet):
 @click.option("--name", default="shmguard-guest", show_default=True, help="The libvirt domain's name.")
 @policy_option
 @socket_option
-@click.option("--host-peer", type=click.IntRange(0, 65535), help="The supervisor's own peer id (default: asked of "
-              "the running supervisor, else 0, the id a supervisor takes when it starts).")
+@click.option("--host-peer", type=click.IntRange(0, MAX_PEER_ID), help="The supervisor's own peer id (default: asked "
+              "of the running supervisor, else 0, the id a supervisor takes when it starts).")
 @click.option("--image-dir", type=click.Path(file_okay=False), default="/var/lib/libvirt/boot", show_default=True,
               help="Where the guest image is copied to (libvirt chowns it to its QEMU user while the VM runs).")
 @click.option("--serial-log", type=click.Path(dir_okay=False), help="The guest's console "
@@ -513,7 +509,7 @@ def guest_domain_xml(name, policy_name, socket_path, host_peer, image_dir, seria
     check_name(name)
     if host_peer is None:
         try:
-            host_peer = control_call(policy_name, None, {"op": "status"}, timeout=5)["host_peer"]
+            host_peer = control_client(policy_name, None, timeout=5).status()["host_peer"]
         except (ShmguardError, OSError):
             host_peer = 0
             click.echo(f"shmguard: no supervisor answers at {policy.control.socket}: shmguard.host=0, the id a "

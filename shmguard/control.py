@@ -1,458 +1,108 @@
-"""The control socket: authenticated JSON-line requests (write, ring, status) to a running supervisor.
+"""The control protocol: one JSON line per request (write, ring, status, reload), one JSON line per reply.
 
-Each request names an operation; the policy says which uids and groups may perform it, checked against
-SO_PEERCRED of the connection. A bad request gets an error reply; the connection and supervisor survive.
-
-What the supervisor holds for its control clients is bounded by the policy's [shares] (see SECURITY.md):
-- connections: `shares.connections` in all, `connections_per_uid` for one uid, and the last
-  `connections_reserved` only for `shares.reserved_for` (root). A refused connection gets one error line.
-- bytes: request bytes read but not yet dispatched plus reply bytes not yet read count against
-  `shares.buffer_bytes_per_uid` for the uid and `shares.buffer_bytes` in all. The reserve is one uid's share
-  (at most half the total): other uids together hold at most the total minus it, and `reserved_for` uids are
-  bounded by the total alone. A uid at its bound is not read from (the kernel keeps the rest); a uid whose bytes
-  are all unfinished request lines could never finish one, so the connection asking for more is refused.
-- time: a request line must arrive whole within `shares.request_seconds` of its first byte, and each reply
-  must be read within `shares.request_seconds` of being queued; with nothing pending and nothing arriving a
-  connection is closed after `control.idle_seconds`. A write waiting for the guest's acknowledgement is bounded
-  by its own timeout, not by these.
-- pipelining: requests are dispatched only while the connection's unread replies are under OUTBOX_LIMIT.
-
-The client side, request(), refuses to send anything to a server whose SO_PEERCRED uid the caller did not name
-(by default only root): a local user who binds the path while no supervisor holds it receives nothing.
+Every request is a typed value here: `to_body()` is what a client sends, `parse(body)` what the server makes of
+it (the request, or one line saying why not), so the client's encoding and the server's parsing are one module.
+ControlClient is the one client: it refuses to send anything to a server whose SO_PEERCRED uid the caller did
+not name (by default only root), so a local user who binds the path while no supervisor holds it receives
+nothing. The server side (connections, shares, deadlines) is control_server.py.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-import logging
 import socket
-import time
-from collections import deque
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import ClassVar
 
 from .client import ROOT_ONLY, untrusted_server
-from .errors import ControlError, ShmguardError
-from .loop import EventLoop
-from .policy import Access, ControlPolicy, SharesPolicy
-from .server import PeerCred, bind_socket
-from .shares import Share
+from .errors import ControlError
+from .policy import SharesPolicy
 
-log = logging.getLogger("shmguard.control")
-READ_CHUNK = 1 << 16
-OUTBOX_LIMIT = 256 << 10  # unread reply bytes of one connection before none of its requests are dispatched
-MAX_ERROR = 2048  # characters of an error reply: a reply never grows with what the request sent
-CLOCK_SLACK = 0.01  # a deadline check runs just after the deadline, never just before it
+DEFAULT_WAIT_SECONDS = SharesPolicy.wait_seconds  # the policy's bound on a write's timeout, unless it says otherwise
+DEFAULT_TIMEOUT = 60.0  # seconds a waiting write waits for the guest's acknowledgement, unless the request says
+REPLY_SLACK = 30.0  # seconds a client waits for a waiting write's reply beyond the write's own timeout
 
 
-@dataclass
-class Request:
-    """One request, answered exactly once with reply() (now or later, e.g. after the guest's ack)."""
+@dataclass(frozen=True)
+class WriteRequest:
+    """Bytes at an offset; `text` pads with NULs after them (to the end of the region or of the guest's room);
+    `ring` rings a target once the write is recorded; `wait` waits for the built-in guest's acknowledgement."""
 
-    op: str
-    body: dict
-    cred: PeerCred
-    connection: Connection
+    OP: ClassVar[str] = "write"
+    data: bytes
+    offset: int = 0
+    text: bool = False
+    ring: str | None = None
+    wait: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    allow_unterminated: bool = False
 
-    def reply(self, **fields) -> None:
-        self.connection.pending -= 1
-        self.connection.send({"ok": True, **fields})
+    def to_body(self) -> dict:
+        return {"op": self.OP, "data": base64.b64encode(self.data).decode(), "offset": self.offset,
+                "text": self.text, "ring": self.ring, "wait": self.wait, "timeout": self.timeout,
+                "allow_unterminated": self.allow_unterminated}
 
-    def fail(self, error: str, **fields) -> None:
-        self.connection.pending -= 1
-        self.connection.send({"ok": False, "error": _clip(error), **fields})
-
-
-Handler = Callable[[Request], None]
-
-
-@dataclass(eq=False)
-class Connection:
-    sock: socket.socket
-    cred: PeerCred
-    server: ControlServer
-    inbox: bytearray = field(default_factory=bytearray)
-    scanned: int = 0  # bytes of inbox already searched for a newline
-    outbox: bytearray = field(default_factory=bytearray)
-    queued: int = 0  # reply bytes ever queued, and ever sent: offsets into the stream of replies
-    sent: int = 0
-    replies: deque[tuple[int, float]] = field(default_factory=deque)  # (end offset, when queued) of unread replies
-    input_since: float | None = None  # since when unconsumed request bytes have waited with no request dispatched
-    last_active: float = field(default_factory=time.monotonic)
-    pending: int = 0  # requests not answered yet (a write may wait for the guest's acknowledgement)
-    charged: int = 0  # bytes counted against the uid's buffer share
-    reading: bool = False
-    serving: bool = False  # dispatching its lines now: a reply's flush must not start a nested dispatch
-    watch_at: float | None = None  # when the deadline check is due
-    closed: bool = False
-
-    @property
-    def fd(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, message: dict) -> None:
-        if self.closed:
-            return  # the requester went away; its reply has nowhere to go
-        line = json.dumps(message, sort_keys=True).encode() + b"\n"
-        self.outbox += line
-        self.queued += len(line)
-        self.replies.append((self.queued, time.monotonic()))
-        if not self.pending:
-            self.last_active = time.monotonic()
-        self.flush()
-
-    def flush(self) -> None:
-        while self.outbox and not self.closed:
-            try:
-                sent = self.sock.send(self.outbox)
-            except BlockingIOError:
-                self.server.loop.add_writer(self.fd, self.flush)
-                break
-            except OSError:
-                self.close()
-                return
-            del self.outbox[:sent]
-            self.sent += sent
-            self.last_active = time.monotonic()
-            while self.replies and self.replies[0][0] <= self.sent:
-                self.replies.popleft()
-        if self.closed:
-            return
-        if not self.outbox:
-            self.server.loop.remove_writer(self.fd)
-            self.outbox = bytearray()  # a bytearray keeps its largest size: give the memory back
-        self.server.changed(self)
-
-    def next_line(self) -> bytes | None:
-        """The next complete request line, searching only bytes not searched before."""
-        end = self.inbox.find(b"\n", self.scanned)
-        if end < 0:
-            self.scanned = len(self.inbox)
-            return None
-        line = bytes(self.inbox[:end])
-        del self.inbox[:end + 1]
-        self.scanned = 0
-        if not self.inbox:
-            self.inbox = bytearray()
-        return line
-
-    def has_line(self) -> bool:
-        return self.inbox.find(b"\n", self.scanned) >= 0
-
-    def deadline(self, request_seconds: float, idle_seconds: float) -> tuple[float, str] | None:
-        """The next moment this connection has made no progress for too long, and why; None if it need not end."""
-        due: list[tuple[float, str]] = []
-        if self.input_since is not None:
-            due.append((self.input_since + request_seconds, f"the request did not arrive whole within "
-                                                            f"{request_seconds:g} s (policy shares.request_seconds)"))
-        if self.replies:
-            due.append((self.replies[0][1] + request_seconds, f"its reply was not read within {request_seconds:g} s "
-                                                              "(policy shares.request_seconds)"))
-        if not self.inbox and not self.outbox and not self.pending:
-            due.append((self.last_active + idle_seconds, f"idle for {idle_seconds:g} s (policy control.idle_seconds)"))
-        return min(due, default=None)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.server.loop.remove_reader(self.fd)
-            self.server.loop.remove_writer(self.fd)
-            self.sock.close()
-            self.inbox, self.outbox, self.replies = bytearray(), bytearray(), deque()
-            self.server.closed(self)  # however it ends (EOF, a failed send, a refusal), it gives back what it held
+    @classmethod
+    def from_body(cls, body: dict, wait_seconds: float) -> WriteRequest:
+        data = _decode_data(body.get("data"))
+        offset = _whole_number(body.get("offset", 0), "offset")
+        timeout = _seconds(body.get("timeout", DEFAULT_TIMEOUT), "timeout", wait_seconds)
+        ring = body.get("ring")
+        return cls(data, offset, bool(body.get("text")), str(ring) if ring else None, bool(body.get("wait")),
+                   timeout, bool(body.get("allow_unterminated")))
 
 
-class ControlServer:
-    def __init__(self, policy: ControlPolicy, owner: int, group: int, loop: EventLoop, max_request: int,
-                 shares: SharesPolicy | None = None, owners: Collection[int] = ()):
-        self.policy, self.owner, self.group, self.loop = policy, owner, group, loop
-        self.owners = tuple(owners)  # who else may own the socket's directory (paths.policy_owners)
-        self.max_request = max_request
-        self.shares = shares = shares or SharesPolicy()
-        reserved_for = frozenset(shares.reserved_for)
-        self.slots = Share("control connections", shares.connections, shares.connections_per_uid,
-                           shares.connections_reserved, reserved_for)
-        self.buffers = Share("buffered control bytes", shares.buffer_bytes, shares.buffer_bytes_per_uid,
-                             min(shares.buffer_bytes_per_uid, shares.buffer_bytes // 2), reserved_for)
-        self.handlers: dict[str, tuple[Access, Handler]] = {}
-        self.connections: set[Connection] = set()
-        self.paused: set[Connection] = set()  # not read from while their uid (or everyone) is at the byte bound
-        self._resume_due = False
-        self._warned_uids: set[int] = set()  # a uid at its connection share is logged once, not per attempt
-        self.listener = None
-        self.on_refused: Callable[[PeerCred, str, str], None] = lambda cred, op, reason: None
+@dataclass(frozen=True)
+class RingRequest:
+    """Ring 'guest', 'all', PEER or PEER:VECTOR (the supervisor checks the target against the peers it has)."""
 
-    def route(self, op: str, access: Access, handler: Handler) -> None:
-        self.handlers[op] = (access, handler)
+    OP: ClassVar[str] = "ring"
+    target: str
 
-    def start(self) -> None:
-        self.listener = bind_socket(self.policy.socket, self.owner, self.group, self.policy.mode,
-                                    allowed_owners=self.owners)
-        self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
+    def to_body(self) -> dict:
+        return {"op": self.OP, "target": self.target}
 
-    def rebind(self) -> None:
-        """Put the socket back at its path; open connections are unaffected."""
-        self.listener = self.listener.rebound(self.loop, self._on_accept, self._admit, self._on_shed)
-
-    def describe(self) -> dict:
-        return {"connections": self.slots.describe(), "buffered_bytes": self.buffers.describe()}
-
-    # --- connections: one slot each, from the uid's share -----------------------------------------------
-
-    def _on_accept(self) -> None:
-        self.listener.accept_waiting(self._admit, self._on_shed)
-
-    @staticmethod
-    def _on_shed() -> None:
-        log.warning("control socket: out of file descriptors: refused a connection")
-
-    def _admit(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        try:
-            cred = PeerCred.of(sock)
-        except OSError:  # gone before it was looked at
-            sock.close()
-            return
-        if (reason := self.slots.take(cred.uid)) is not None:
-            self._refuse_connection(sock, cred, reason)
-            return
-        connection = Connection(sock, cred, self)
-        self.connections.add(connection)
-        self._set_reading(connection, True)
-        self._watch(connection)
-
-    def _refuse_connection(self, sock: socket.socket, cred: PeerCred, reason: str) -> None:
-        """One error line into an empty socket buffer, then closed; it took nothing, so it gives nothing back."""
-        key = _bound_key(self.slots, cred.uid, "shares.connections", "shares.connections_per_uid",
-                         "shares.connections_reserved")
-        if cred.uid not in self._warned_uids:
-            self._warned_uids.add(cred.uid)
-            log.warning("control socket: refused a connection of uid %d pid %d: %s (policy %s)", cred.uid, cred.pid,
-                        reason, key)
-        line = json.dumps({"ok": False, "error": f"control connection refused: {reason} (policy {key}); "
-                           "close one or try again later"}) + "\n"
-        try:
-            sock.send(line.encode())
-        except OSError:
-            pass
-        sock.close()
-
-    def closed(self, connection: Connection) -> None:
-        self.connections.discard(connection)
-        self.paused.discard(connection)
-        self._charge(connection, 0)
-        self.slots.give(connection.cred.uid)
-        if not self.slots.held_by(connection.cred.uid):
-            self._warned_uids.discard(connection.cred.uid)
-
-    # --- reading, dispatching, and the byte share ----------------------------------------------------
-
-    def _on_readable(self, connection: Connection) -> None:
-        uid = connection.cred.uid
-        if connection.has_line() or len(connection.outbox) >= OUTBOX_LIMIT:
-            self._set_reading(connection, False)  # its replies are not read: leave its requests in the kernel
-            return
-        room = self.buffers.room(uid)
-        if room <= 0:
-            self._at_byte_bound(connection)
-            return
-        try:
-            data = connection.sock.recv(min(READ_CHUNK, room))
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            connection.close()
-            return
-        now = time.monotonic()
-        connection.last_active = now
-        if not connection.inbox:
-            connection.input_since = now
-        connection.inbox += data
-        self._charge(connection, len(connection.inbox) + len(connection.outbox))
-        self._serve(connection)
-        if not connection.closed and not connection.has_line():
-            self._refuse_if_too_long(connection)
-
-    def _serve(self, connection: Connection) -> None:
-        """Dispatch complete lines while the connection's replies are being read and its uid has room; the first
-        reply is always allowed, so every connection can make progress."""
-        if connection.serving:
-            return
-        connection.serving = True
-        try:
-            while not connection.closed and (not connection.outbox or (
-                    len(connection.outbox) < OUTBOX_LIMIT and self.buffers.room(connection.cred.uid) > 0)):
-                line = connection.next_line()
-                if line is None:
-                    break
-                connection.input_since = time.monotonic() if connection.inbox else None
-                self._dispatch(connection, line)
-                self._charge(connection, len(connection.inbox) + len(connection.outbox))
-        finally:
-            connection.serving = False
-        if not connection.closed:
-            self._charge(connection, len(connection.inbox) + len(connection.outbox))
-            self._set_reading(connection, not connection.has_line() and len(connection.outbox) < OUTBOX_LIMIT)
-            self._watch(connection)
-
-    def changed(self, connection: Connection) -> None:
-        """After a flush: replies were read, so more lines may be dispatched and other uids may read again."""
-        if not connection.serving:
-            self._serve(connection)
-
-    def _refuse_if_too_long(self, connection: Connection) -> None:
-        """An unfinished line longer than a request may be, or than the uid may ever buffer, is refused at once."""
-        uid, length = connection.cred.uid, len(connection.inbox)
-        if length > self.max_request:
-            self._refuse_request(connection, f"request longer than {self.max_request} bytes (twice the region "
-                                             "size plus 64 KiB)")
-            return
-        limit, key = self._limit_of(uid)
-        if length >= limit:
-            self._refuse_request(connection, f"request refused: uid {uid} may buffer at most {limit} bytes of "
-                                             f"requests and replies (policy {key}) and this request is longer")
-
-    def _at_byte_bound(self, connection: Connection) -> None:
-        """Backpressure while something the uid holds will be freed (a reply being read, a line being dispatched);
-        when everything it holds is unfinished lines nothing will free, so the connection asking for more ends."""
-        uid = connection.cred.uid
-        limit, key = self._limit_of(uid)
-        stuck = all(not other.outbox and not other.has_line() for other in self.connections if other.cred.uid == uid)
-        held = self.buffers.held_by(uid)
-        if stuck and held >= limit:
-            self._refuse_request(connection, f"request refused: uid {uid} already buffers {held} bytes of unfinished "
-                                             f"requests, its share of {limit} (policy {key})")
-            return
-        self._set_reading(connection, False)
-        self.paused.add(connection)
-
-    def _refuse_request(self, connection: Connection, reason: str) -> None:
-        log.info("control socket: closed a connection of uid %d pid %d: %s", connection.cred.uid, connection.cred.pid,
-                 reason)
-        connection.inbox = bytearray()
-        connection.input_since = None
-        connection.send({"ok": False, "error": reason})
-        connection.close()
-
-    def _limit_of(self, uid: int) -> tuple[int, str]:
-        if uid in self.buffers.reserved_for:
-            return self.buffers.total, "shares.buffer_bytes"
-        return min(self.buffers.per_uid, self.buffers.total - self.buffers.reserved), "shares.buffer_bytes_per_uid"
-
-    def _charge(self, connection: Connection, holding: int) -> None:
-        """Count what the connection holds now against its uid's share. Reads never pass the share (they ask for
-        no more than the room); a reply already owed is queued even past it, which only stops further reading."""
-        uid, delta = connection.cred.uid, holding - connection.charged
-        connection.charged = holding
-        if delta > 0 and self.buffers.take(uid, delta) is not None:
-            self.buffers.owe(uid, delta)
-        elif delta < 0:
-            self.buffers.give(uid, -delta)
-            if self.paused and not self._resume_due:
-                self._resume_due = True
-                self.loop.call_later(0, self._resume_paused)  # later, from the loop: never inside another's flush
-
-    def _resume_paused(self) -> None:
-        self._resume_due = False
-        for connection in list(self.paused):
-            if self.buffers.room(connection.cred.uid) > 0:
-                self.paused.discard(connection)
-                self._serve(connection)
-
-    def _set_reading(self, connection: Connection, reading: bool) -> None:
-        if connection.closed or reading == connection.reading:
-            return
-        connection.reading = reading
-        if reading:
-            self.loop.add_reader(connection.fd, lambda: self._on_readable(connection))
-        else:
-            self.loop.remove_reader(connection.fd)
-
-    # --- deadlines: a connection that makes no progress is closed, whatever it sends --------------------
-
-    def _watch(self, connection: Connection) -> None:
-        """Make sure a check runs at the connection's next deadline (one timer per connection, reused)."""
-        next_due = connection.deadline(self.shares.request_seconds, self.policy.idle_seconds)
-        if connection.closed or next_due is None:
-            return
-        when = next_due[0]
-        if connection.watch_at is not None and connection.watch_at <= when:
-            return  # a check is due earlier; it looks again then
-        connection.watch_at = when
-        self.loop.call_at(when + CLOCK_SLACK, lambda: self._check_deadline(connection, when))
-
-    def _check_deadline(self, connection: Connection, scheduled: float) -> None:
-        if connection.closed or connection.watch_at != scheduled:
-            return  # closed, or superseded by an earlier check that has rescheduled
-        connection.watch_at = None
-        next_due = connection.deadline(self.shares.request_seconds, self.policy.idle_seconds)
-        if next_due is not None and next_due[0] <= time.monotonic():
-            reason = next_due[1]
-            log.info("control socket: closed a connection of uid %d pid %d: %s", connection.cred.uid,
-                     connection.cred.pid, reason)
-            if connection.inbox and not connection.outbox:  # it may still read: say why, once
-                connection.inbox = bytearray()
-                connection.input_since = None
-                connection.send({"ok": False, "error": f"connection closed: {reason}"})
-            connection.close()
-            return
-        self._watch(connection)
-
-    # --- requests ------------------------------------------------------------------------------------
-
-    def _dispatch(self, connection: Connection, line: bytes) -> None:
-        body = parse_request(line)
-        if isinstance(body, str):
-            connection.send({"ok": False, "error": _clip(f"malformed request: {body}")})
-            return
-        op = body["op"]
-        if op not in self.handlers:
-            connection.send({"ok": False, "error": _clip(f"unknown op {op[:64]!r} (known: "
-                                                         f"{', '.join(sorted(self.handlers))})")})
-            return
-        access, handler = self.handlers[op]
-        request = Request(op, body, connection.cred, connection)
-        connection.pending += 1
-        if not access.admits(connection.cred.uid, connection.cred.gid, connection.cred.groups):
-            reason = f"uid {connection.cred.uid} may not {op} (policy control section)"
-            self.on_refused(connection.cred, op, reason)
-            request.fail(reason)
-            connection.close()  # one refusal, one record: a client with no rights cannot flood the log
-            return
-        try:
-            handler(request)
-        except ShmguardError as exc:
-            request.fail(str(exc))
-        except Exception:  # noqa: BLE001 - a bug must still answer the client, and keep the supervisor up
-            log.exception("internal error handling %r", op)
-            request.fail(f"internal error handling {op!r}; see the supervisor's log")
-
-    def close(self) -> None:
-        for connection in list(self.connections):
-            connection.close()
-        if self.listener is not None:
-            self.loop.remove_reader(self.listener.sock.fileno())
-            self.listener.remove()
-            self.listener = None
+    @classmethod
+    def from_body(cls, body: dict, wait_seconds: float) -> RingRequest:
+        return cls(str(body.get("target")))  # a missing target is 'None', refused as a target like any other
 
 
-def _bound_key(share: Share, uid: int, total_key: str, per_uid_key: str, reserved_key: str) -> str:
-    """The policy key of the bound that Share.refusal(uid) names, so a refusal says what to change."""
-    if share.in_use + 1 > share.total:
-        return total_key
-    if uid not in share.reserved_for and share.held_by(uid) + 1 > share.per_uid:
-        return per_uid_key
-    return reserved_key
+@dataclass(frozen=True)
+class StatusRequest:
+    OP: ClassVar[str] = "status"
+
+    def to_body(self) -> dict:
+        return {"op": self.OP}
+
+    @classmethod
+    def from_body(cls, body: dict, wait_seconds: float) -> StatusRequest:
+        return cls()
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + "…"
+@dataclass(frozen=True)
+class ReloadRequest:
+    """Read the policy again (no supervisor serves it yet: it answers "unknown op")."""
+
+    OP: ClassVar[str] = "reload"
+
+    def to_body(self) -> dict:
+        return {"op": self.OP}
+
+    @classmethod
+    def from_body(cls, body: dict, wait_seconds: float) -> ReloadRequest:
+        return cls()
 
 
-def parse_request(line: bytes) -> dict | str:
-    """The request object, or why it is not one (deeply nested JSON included: no RecursionError escapes)."""
+ControlRequest = WriteRequest | RingRequest | StatusRequest | ReloadRequest
+REQUEST_TYPES: dict[str, type[ControlRequest]] = {kind.OP: kind for kind in (WriteRequest, RingRequest, StatusRequest,
+                                                                             ReloadRequest)}
+
+
+def parse_line(line: bytes) -> dict | str:
+    """The request object of one line, or why it is not one (deeply nested JSON included: no RecursionError)."""
     try:
         body = json.loads(line)
     except RecursionError:
@@ -464,35 +114,128 @@ def parse_request(line: bytes) -> dict | str:
     return body
 
 
-def request(path: str, body: dict, timeout: float | None = 30.0, *, answerers: Collection[int] = ROOT_ONLY) -> dict:
-    """Send one request and wait for its reply (the client side, used by the CLI).
-
-    Only a server whose SO_PEERCRED uid is in `answerers` gets the request (by default root alone; the CLI passes
-    client.answering_uids(policy)): anyone else listening at the path is refused before a byte is sent.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
+def parse(body: dict, wait_seconds: float = DEFAULT_WAIT_SECONDS) -> ControlRequest | str:
+    """The typed request of a request object (see parse_line), or the one line that says what is wrong with it.
+    wait_seconds is the policy's bound on a write's timeout (shares.wait_seconds)."""
+    op = body.get("op")
+    kind = REQUEST_TYPES.get(op) if isinstance(op, str) else None
+    if kind is None:
+        return f"unknown op {str(op)[:64]!r} (known: {', '.join(sorted(REQUEST_TYPES))})"
     try:
-        sock.connect(path)
-        if (why := untrusted_server(sock, path, answerers)) is not None:
-            raise ControlError(why)
-        sock.sendall(json.dumps(body).encode() + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                raise ControlError(f"{path}: the supervisor closed the connection without a reply")
-            reply += chunk
-    except TimeoutError:
-        raise ControlError(f"{path}: no reply from the supervisor within {timeout:g} s") from None
-    except FileNotFoundError:
-        raise ControlError(f"{path}: no control socket (is `shmguard run` running with this policy?)") from None
-    except PermissionError:
-        raise ControlError(f"{path}: permission denied (the policy's control socket mode/group)") from None
-    except ConnectionRefusedError:
-        raise ControlError(f"{path}: nothing is listening (stale socket: is the supervisor running?)") from None
-    except OSError as exc:
-        raise ControlError(f"{path}: cannot talk to the supervisor: {exc.strerror or exc}") from None
-    finally:
-        sock.close()
-    return json.loads(reply)
+        return kind.from_body(body, wait_seconds)
+    except ControlError as exc:
+        return str(exc)
+
+
+def encode(request: ControlRequest) -> bytes:
+    """The request as the line a client sends."""
+    return json.dumps(request.to_body()).encode() + b"\n"
+
+
+def _decode_data(value) -> bytes:
+    if not isinstance(value, str):
+        raise ControlError("a write needs \"data\": the bytes in base64")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise ControlError("\"data\" is not valid base64") from None
+
+
+def _seconds(value, name: str, limit: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= limit:
+        raise ControlError(f"{name} {value!r} must be a number of seconds above 0 and at most {limit:g} "
+                           "(policy shares.wait_seconds)")
+    return float(value)
+
+
+def _whole_number(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(f"{name} {value!r} must be a whole number")
+    return value
+
+
+# --- the client ------------------------------------------------------------------------------------------
+
+
+class ControlRefused(ControlError):
+    """The supervisor answered, and refused: str() is its one line, `reply` the whole reply (a write whose
+    acknowledgement timed out still carries its seq)."""
+
+    def __init__(self, reply: dict):
+        super().__init__(str(reply.get("error", "the supervisor refused the request")))
+        self.reply = reply
+
+    def __reduce__(self):  # pickled whole (a test's forked child sends it back to its parent)
+        return type(self), (self.reply,)
+
+
+class ControlClient:
+    """Requests to the supervisor at `path`, one connection each, sent only to a server whose uid is in
+    `answerers` (the CLI passes client.answering_uids(policy)); `timeout` bounds each reply (None: no bound)."""
+
+    def __init__(self, path: str, answerers: Collection[int] = ROOT_ONLY, timeout: float | None = 30.0):
+        self.path, self.answerers, self.timeout = path, frozenset(answerers), timeout
+
+    def write(self, data: bytes, offset: int = 0, *, text: bool = False, ring: str | None = None, wait: bool = False,
+              timeout: float = DEFAULT_TIMEOUT, allow_unterminated: bool = False) -> dict:
+        return self.call(WriteRequest(data, offset, text, ring, wait, timeout, allow_unterminated))
+
+    def ring(self, target: str) -> dict:
+        return self.call(RingRequest(target))
+
+    def status(self) -> dict:
+        return self.call(StatusRequest())
+
+    def reload(self) -> dict:
+        return self.call(ReloadRequest())
+
+    def call(self, request: ControlRequest) -> dict:
+        """The reply of a request the supervisor carried out; ControlRefused (a ControlError) if it refused it."""
+        reply = self.ask(request)
+        if not reply.get("ok"):
+            raise ControlRefused(reply)
+        return reply
+
+    def ask(self, request: ControlRequest) -> dict:
+        """The reply as the supervisor sent it, ok or not; ControlError if none came."""
+        return self.exchange(encode(request), self._reply_seconds(request))
+
+    def exchange(self, line: bytes, timeout: float | None = None) -> dict:
+        """Send one line and read one reply line: for requests that are not typed on purpose (hostile-input
+        tests); everything else goes through ask()."""
+        path = self.path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            if (why := untrusted_server(sock, path, self.answerers)) is not None:
+                raise ControlError(why)
+            sock.sendall(line)
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise ControlError(f"{path}: the supervisor closed the connection without a reply")
+                reply += chunk
+        except TimeoutError:
+            raise ControlError(f"{path}: no reply from the supervisor within {timeout:g} s") from None
+        except FileNotFoundError:
+            raise ControlError(f"{path}: no control socket (is `shmguard run` running with this policy?)") from None
+        except PermissionError:
+            raise ControlError(f"{path}: permission denied (the policy's control socket mode/group)") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"{path}: nothing is listening (stale socket: is the supervisor running?)") from None
+        except OSError as exc:
+            raise ControlError(f"{path}: cannot talk to the supervisor: {exc.strerror or exc}") from None
+        finally:
+            sock.close()
+        try:
+            return json.loads(reply)
+        except ValueError:
+            raise ControlError(f"{path}: the reply is not JSON") from None
+
+    def _reply_seconds(self, request: ControlRequest) -> float | None:
+        """A write that waits for the guest may take its own timeout, and then some, to be answered."""
+        if self.timeout is None or not (isinstance(request, WriteRequest) and request.wait):
+            return self.timeout
+        return max(self.timeout, request.timeout + REPLY_SLACK)

@@ -5,19 +5,16 @@
 
 from __future__ import annotations
 
-import base64
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from . import control
 from .attack import AttackResult, Battery, format_table
 from .audit import verify
-from .launcher import SupervisorProcess
-from .policy import Policy, load_policy
+from .control import ControlClient, ControlError
+from .launcher import SupervisorProcess, ThrowawaySupervisor
+from .policy import Policy
 
 MESSAGES = ("hello world", "shmguard: sealed, guarded, audited", "the quick brown fox jumps over the lazy dog")
 REGION_SIZE = "4K"  # what the seed's Zephyr x86_64 guest fits; the built-in guest takes any size
@@ -51,17 +48,12 @@ class DemoReport:
 
 def run_demo(say: Callable[[str], None], policy_name: str = "strict", attacks: bool = True,
              keep: bool = False) -> DemoReport:
-    workdir = Path(tempfile.mkdtemp(prefix="shmguard-demo-"))
-    workdir.chmod(0o755)
-    policy = load_policy(policy_name).with_overrides(
-        size=REGION_SIZE, socket=workdir / "ivshmem.sock", control_socket=workdir / "control.sock",
-        audit_log=workdir / "audit.log")
-    args = ["--policy", policy_name, "--size", REGION_SIZE, "--socket", policy.server.socket,
-            "--control-socket", policy.control.socket, "--audit-log", policy.audit.path]
     report = DemoReport()
     say(f"starting the supervisor ({policy_name} policy, {REGION_SIZE} region) with the built-in guest")
     started = time.monotonic()
-    supervisor = SupervisorProcess(args, workdir / "supervisor.log", workdir / "notify", timeout=120)
+    supervisor = ThrowawaySupervisor(policy_name, guest=True, prefix="shmguard-demo-", durable=True, keep=True,
+                                     timeout=120, region={"size": REGION_SIZE})
+    policy, workdir = supervisor.policy, supervisor.directory
     try:
         supervisor.wait_for("guest ready", 180)
         report.boot_to_ready_s = time.monotonic() - started
@@ -88,12 +80,11 @@ def run_demo(say: Callable[[str], None], policy_name: str = "strict", attacks: b
 
 
 def _deliver(control_path: str, message: str, say: Callable[[str], None]) -> Delivery:
-    body = {"op": "write", "data": base64.b64encode(message.encode()).decode(), "text": True, "offset": 0,
-            "ring": "guest", "wait": True, "timeout": 60}
-    reply = control.request(control_path, body, timeout=90)
-    if not reply.get("ok"):
-        say(f"message {message!r}: {reply.get('error')}")
-        return Delivery(message, reply.get("seq", 0), False, False, None)
+    try:
+        reply = ControlClient(control_path).write(message.encode(), text=True, ring="guest", wait=True, timeout=60)
+    except ControlError as exc:
+        say(f"message {message!r}: {exc}")
+        return Delivery(message, getattr(exc, "reply", {}).get("seq", 0), False, False, None)
     say(f"wrote {message!r} (audit seq {reply['seq']}); guest acknowledged in {reply['round_trip_ms']:.1f} ms")
     return Delivery(message, reply["seq"], True, reply["delivered_exactly"], reply["round_trip_ms"])
 

@@ -16,6 +16,7 @@ import tomllib
 import uuid
 from pathlib import Path
 
+from shmguard.control import ControlClient
 from shmguard.launcher import SHMGUARD, SupervisorProcess
 from shmguard.policy import relocated_policy_text
 
@@ -50,6 +51,10 @@ class RunningSupervisor(SupervisorProcess):
         # The notify socket sits beside the sockets, reachable by a supervisor that drops to another user.
         super().__init__(["--policy", str(policy_path), *args], policy_path.with_suffix(".log"),
                          Path(self.socket).with_name("notify"), timeout, notify_mode=0o622)
+
+    def client(self, timeout: float | None = 30.0) -> ControlClient:
+        """The control client for this supervisor (every request a test sends on purpose goes through it)."""
+        return ControlClient(self.control, timeout=timeout)
 
     def wait_for_log(self, pattern: str, timeout: float = 60) -> re.Match:
         """The first match of a regular expression in the supervisor's log, once it appears."""

@@ -21,7 +21,7 @@ import select
 import sys
 
 from shmguard.client import IvshmemClient
-from shmguard.control import request
+from shmguard.control import ControlClient, StatusRequest
 from shmguard.errors import ControlError, ProtocolError
 from shmguard.linux.eventfd import MAX_COUNT, drain
 
@@ -87,7 +87,7 @@ def race_the_host_reads(host_vectors: list[int], control_path: str, rounds: int 
                 os.eventfd_write(fd, 1)  # wakes the supervisor's epoll ...
                 drain(fd)  # ... and empties the counter before it reads
         try:
-            request(control_path, {"op": "status"}, timeout=0.5)
+            ControlClient(control_path, timeout=0.5).ask(StatusRequest())
         except ControlError:
             return  # it is asleep in a read: ring no more
 

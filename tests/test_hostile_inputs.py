@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import mmap
 import os
@@ -13,11 +12,13 @@ import time
 import pytest
 
 from helpers import RunningSupervisor, policy_file
-from shmguard import control, layout
+from shmguard import layout
 from shmguard.client import IvshmemClient
+from shmguard.control import RingRequest, StatusRequest, WriteRequest, encode
 
 
 def request_line(supervisor, line: bytes) -> dict:
+    """A raw line on purpose: hostile bytes that no ControlClient request encodes to."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(supervisor.control)
@@ -29,7 +30,7 @@ def request_line(supervisor, line: bytes) -> dict:
 
 def still_serving(supervisor) -> None:
     assert supervisor.proc.poll() is None, supervisor.log()
-    assert control.request(supervisor.control, {"op": "status"}, timeout=10)["ok"]
+    assert supervisor.client(timeout=10).status()["ok"]
     with IvshmemClient(supervisor.socket, vectors=2, timeout=10):
         pass
     assert "Traceback" not in supervisor.log()
@@ -66,7 +67,7 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_supervisor(superv
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(supervisor.control)
     sock.setblocking(False)
-    request = b'{"op": "status"}\n' * 1000
+    request = encode(StatusRequest()) * 1000
     sent = 0
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # pipeline requests until the supervisor stops reading them
@@ -86,7 +87,7 @@ def test_a_peer_that_fills_an_eventfd_counter_cannot_break_ringing(supervisor):
     with IvshmemClient(supervisor.socket, vectors=2) as victim, IvshmemClient(supervisor.socket, vectors=2) as evil:
         evil.update()
         os.write(evil.peers[victim.own_id][0], struct.pack("Q", 0xFFFFFFFFFFFFFFFE))  # the counter is full
-        reply = control.request(supervisor.control, {"op": "ring", "target": f"{victim.own_id}:0"})
+        reply = supervisor.client().ask(RingRequest(f"{victim.own_id}:0"))
         assert reply["ok"], reply
         assert victim.wait([0], timeout=5) == 0
     still_serving(supervisor)
@@ -99,9 +100,7 @@ def test_a_guest_that_lies_in_its_replies_cannot_crash_the_handshake(tmp_path):
         supervisor.wait_for_log(r"peer \d+ joined: .*qemu")
         waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         waiting.connect(supervisor.control)
-        body = {"op": "write", "data": base64.b64encode(b"hello").decode(), "text": True, "ring": "guest",
-                "wait": True, "timeout": 30}
-        waiting.sendall(json.dumps(body).encode() + b"\n")
+        waiting.sendall(encode(WriteRequest(b"hello", text=True, ring="guest", wait=True, timeout=30)))
         with IvshmemClient(supervisor.socket, vectors=2) as liar:
             host = min(liar.peers)
             region = mmap.mmap(liar.shm_fd, 4096)
@@ -113,7 +112,7 @@ def test_a_guest_that_lies_in_its_replies_cannot_crash_the_handshake(tmp_path):
                 liar.notify(host, 1)
                 time.sleep(0.05)
             region.close()
-        status = control.request(supervisor.control, {"op": "status"})
+        status = supervisor.client().status()
         assert status["guest"]["ready"] is False  # no lie made the parked guest ready
         assert supervisor.proc.poll() is None and "Traceback" not in supervisor.log()
         waiting.close()
@@ -134,10 +133,11 @@ def test_a_truncated_file_region_is_never_handed_to_a_joining_peer(tmp_path):
 
 
 def _two_requests_on_one_connection(path: str) -> list[bytes]:
+    """Raw on purpose: two pipelined lines on one connection, which ControlClient never sends."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(path)
-    sock.sendall(b'{"op": "write", "data": "aGk="}\n{"op": "write", "data": "aGk="}\n')
+    sock.sendall(encode(WriteRequest(b"hi")) * 2)
     stream = sock.makefile("rb")
     return [stream.readline(), stream.readline()]
 
@@ -158,14 +158,14 @@ def test_a_refused_client_is_disconnected_after_one_record(tmp_path):
 
 
 def test_clients_that_leave_before_their_reply_do_not_use_up_the_connection_slots(supervisor):
-    for _ in range(200):  # more than the 64 connections the control socket keeps at once
+    for _ in range(200):  # more than the 64 connections the control socket keeps at once (raw: gone unread)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(supervisor.control)
-        sock.sendall(b'{"op": "status"}\n')
+        sock.sendall(encode(StatusRequest()))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # gone before the reply: the supervisor's send fails
     deadline = time.monotonic() + 10  # while the burst drains, "too many connections" is a fair answer
-    while not control.request(supervisor.control, {"op": "status"})["ok"]:
+    while not supervisor.client().ask(StatusRequest())["ok"]:
         assert time.monotonic() < deadline, "the connection slots were never given back"
         time.sleep(0.1)
     still_serving(supervisor)

@@ -8,7 +8,6 @@ cost libvirt ~70 s of capability probing) and is put back afterwards.
 
 from __future__ import annotations
 
-import base64
 import grp
 import json
 import mmap
@@ -25,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from helpers import RunningSupervisor, policy_file
-from shmguard import control, layout
+from shmguard import layout
 from shmguard.client import IvshmemClient
+from shmguard.control import RingRequest, WriteRequest
 from shmguard.launcher import SHMGUARD
 
 SIZE = 4096
@@ -63,9 +63,8 @@ class FakeBuiltinGuest:
 
 def write_in_background(supervisor: RunningSupervisor, text: bytes, ring: str) -> tuple[threading.Thread, list]:
     replies: list[dict] = []
-    body = {"op": "write", "data": base64.b64encode(text).decode(), "text": True, "ring": ring, "wait": True,
-            "timeout": 20}
-    thread = threading.Thread(target=lambda: replies.append(control.request(supervisor.control, body, 30)))
+    write = WriteRequest(text, text=True, ring=ring, wait=True, timeout=20)
+    thread = threading.Thread(target=lambda: replies.append(supervisor.client(30).ask(write)))
     thread.start()
     return thread, replies
 
@@ -74,11 +73,11 @@ def test_a_guest_that_says_ready_is_the_guest_whoever_started_its_qemu(tmp_path)
     supervisor = RunningSupervisor(policy_file(tmp_path, region={"size": SIZE}))  # --no-guest: QEMU is not ours
     try:
         first = FakeBuiltinGuest(supervisor.socket)
-        before = control.request(supervisor.control, {"op": "status"})["guest"]
+        before = supervisor.client().status()["guest"]
         assert (before["peer"], before["handshake"], before["ready"]) == (first.client.own_id, False, False)
         first.say_ready()
         supervisor.wait_for_log(rf"guest ready: ready {first.client.own_id}")
-        guest = control.request(supervisor.control, {"op": "status"})["guest"]
+        guest = supervisor.client().status()["guest"]
         assert (guest["peer"], guest["handshake"], guest["ready"]) == (first.client.own_id, True, True)
 
         thread, replies = write_in_background(supervisor, b"hello libvirt", "guest")
@@ -89,7 +88,7 @@ def test_a_guest_that_says_ready_is_the_guest_whoever_started_its_qemu(tmp_path)
         second = FakeBuiltinGuest(supervisor.socket)
         second.say_ready()
         supervisor.wait_for_log(rf"guest ready: ready {second.client.own_id} \(one of several")
-        refused = control.request(supervisor.control, {"op": "ring", "target": "guest"})
+        refused = supervisor.client().ask(RingRequest("guest"))
         assert not refused["ok"] and "several guests are ready" in refused["error"]
         assert f"--ring {first.client.own_id}" in refused["error"]
         thread, replies = write_in_background(supervisor, b"for the second", str(second.client.own_id))
@@ -99,7 +98,7 @@ def test_a_guest_that_says_ready_is_the_guest_whoever_started_its_qemu(tmp_path)
 
         second.close()  # one guest left again: it is the guest once more
         time.sleep(0.2)
-        assert control.request(supervisor.control, {"op": "status"})["guest"]["peer"] == first.client.own_id
+        assert supervisor.client().status()["guest"]["peer"] == first.client.own_id
         healthy = supervisor.cli("status", "--policy", str(supervisor.policy_path))
         assert healthy.stdout.startswith(f"healthy: policy {supervisor.policy_path.stem}, 1 peer, guest peer ")
         first.close()

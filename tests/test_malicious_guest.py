@@ -6,9 +6,10 @@ import mmap
 import os
 
 from helpers import RunningSupervisor, policy_file
-from shmguard import control, layout
+from shmguard import layout
 from shmguard.audit import verify
 from shmguard.client import IvshmemClient
+from shmguard.control import StatusRequest, WriteRequest
 
 SIZE = 4096
 LIES = [b"\xff" * layout.REPLY_SIZE, b"ready 999\0", b"ack\0", b"ack x y zz\0", b"ack 1 2 3 4 5 6\0",
@@ -27,12 +28,12 @@ def test_garbage_replies_and_doorbell_floods(tmp_path):
                     guest.notify(host, 0)
                     guest.notify(host, 1)
             region.close()
-            status = control.request(supervisor.control, {"op": "status"})
+            status = supervisor.client().ask(StatusRequest())
             assert status["ok"]
             # a stranger's "ready" is not the guest's: no guest is ready, none was started
             assert status["guest"]["ready"] is False
             assert supervisor.proc.poll() is None
-            reply = control.request(supervisor.control, {"op": "write", "data": "aGk=", "text": True})
+            reply = supervisor.client().ask(WriteRequest(b"hi", text=True))
             assert reply["ok"]
         assert verify(supervisor.audit).ok
     finally:

@@ -226,7 +226,7 @@ def test_refused_join_as_client_is_one_clear_error(start):
 
 
 def test_control_socket_out_of_fds_refuses_and_recovers(tmp_path):
-    from shmguard import control
+    from shmguard.control import StatusRequest
 
     supervisor = RunningSupervisor(policy_file(tmp_path))
     subprocess.run(["prlimit", f"--pid={supervisor.proc.pid}", "--nofile=40:40"], check=True)
@@ -242,7 +242,7 @@ def test_control_socket_out_of_fds_refuses_and_recovers(tmp_path):
         deadline = time.monotonic() + 10
         while True:  # the crowd's connections are closed as the loop reads their EOFs
             try:
-                assert control.request(supervisor.control, {"op": "status"}, timeout=5)["ok"]
+                assert supervisor.client(timeout=5).ask(StatusRequest())["ok"]
                 break
             except ShmguardError:
                 if time.monotonic() > deadline:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import multiprocessing
 import os
@@ -12,9 +11,9 @@ import subprocess
 import pytest
 
 from helpers import OUTSIDER_USER, SHMGUARD, RunningSupervisor, as_user, policy_file
-from shmguard import control
 from shmguard.audit import verify
 from shmguard.client import IvshmemClient
+from shmguard.control import ControlClient
 from shmguard.errors import ControlError
 
 SIZE = 4096
@@ -26,11 +25,6 @@ def region_bytes(supervisor: RunningSupervisor) -> bytes:
     if not hasattr(supervisor, "reader"):
         supervisor.reader = IvshmemClient(supervisor.socket, vectors=2).connect()
     return os.pread(supervisor.reader.shm_fd, supervisor.reader.shm_size, 0)
-
-
-def write(supervisor, data: bytes, **fields) -> dict:
-    body = {"op": "write", "data": base64.b64encode(data).decode(), **fields}
-    return control.request(supervisor.control, body)
 
 
 @pytest.fixture
@@ -87,8 +81,7 @@ def test_empty_non_utf8_and_full_size_messages(supervisor):
 def _storm(control_path: str, writer: int, count: int, results) -> None:
     for n in range(count):
         data = f"writer {writer} message {n} ".encode() * (1 + n % 7)
-        reply = control.request(control_path, {"op": "write", "data": base64.b64encode(data).decode(),
-                                               "text": True, "offset": 0})
+        reply = ControlClient(control_path).write(data, text=True)
         results.put((reply["seq"], hashlib.sha256(data).hexdigest()))
 
 
@@ -155,9 +148,7 @@ def test_write_from_a_uid_the_policy_does_not_allow_is_refused_and_recorded(tmp_
 
 
 def _write_as_cli(control_path: str) -> None:
-    reply = control.request(control_path, {"op": "write", "data": base64.b64encode(b"evil").decode()})
-    if not reply["ok"]:
-        raise ControlError(reply["error"])
+    ControlClient(control_path).write(b"evil")
 
 
 def test_outsider_cannot_even_reach_the_control_socket(supervisor):
@@ -166,6 +157,7 @@ def test_outsider_cannot_even_reach_the_control_socket(supervisor):
 
 
 def test_malformed_requests_get_an_error_and_the_connection_survives(supervisor):
+    """Raw lines on purpose: no ControlClient can send these."""
     import json
     import socket
 

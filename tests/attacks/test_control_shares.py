@@ -2,6 +2,8 @@
 
 The member's connections are made by the member's real uid (in a child dropped to it) and handed back to the
 test over SCM_RIGHTS: SO_PEERCRED is fixed at connect time, so the supervisor counts them as the member's.
+Requests go through shmguard.control (ControlClient, encode); the unfinished, dripped and padded lines are raw bytes
+on purpose: no client would send them.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import time
 import pytest
 
 from helpers import MEMBER_USER, RunningSupervisor, as_user, policy_file
-from shmguard import control
+from shmguard.control import StatusRequest, encode
 
 POLICIES = ("strict", "standard")
 SIZE = 4096
 MAX_REQUEST = SIZE * 2 + 65536  # the supervisor's bound on one request line for this region
-STATUS = b'{"op": "status"}\n'
+STATUS = encode(StatusRequest())
 
 
 def _connect_and_hand_back(path: str, count: int, back: socket.socket) -> None:
@@ -102,7 +104,7 @@ def rss_kib(pid: int) -> int:
 
 
 def root_status(supervisor) -> dict:
-    return control.request(supervisor.control, {"op": "status"}, timeout=10)
+    return supervisor.client(timeout=10).ask(StatusRequest())
 
 
 def close_all(sockets) -> None:

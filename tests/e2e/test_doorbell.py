@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import signal
@@ -14,17 +13,16 @@ from pathlib import Path
 import pytest
 
 from helpers import SHMGUARD, RunningSupervisor, policy_file
-from shmguard import control
 from shmguard.client import IvshmemClient
+from shmguard.control import WriteRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 4096
 
 
 def send(supervisor, text: bytes, **fields) -> dict:
-    body = {"op": "write", "data": base64.b64encode(text).decode(), "text": True, "offset": 0, "ring": "guest",
-            "wait": True, "timeout": 60, **fields}
-    return control.request(supervisor.control, body, timeout=90)
+    return supervisor.client(timeout=90).ask(WriteRequest(text, text=True, ring="guest", wait=True, timeout=60,
+                                                         **fields))
 
 
 def guest_lines(supervisor) -> list[str]:
@@ -86,7 +84,7 @@ def test_shmguard_write_and_notify_reach_the_guest(booted):
                              "--policy", str(booted.policy_path)], capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr
     assert "guest acknowledged in" in result.stdout and "delivered exactly" in result.stdout
-    status = control.request(booted.control, {"op": "status"})
+    status = booted.client().status()
     guest_peer = status["guest"]["peer"]
     before = len(guest_lines(booted))
     subprocess.run([*SHMGUARD, "notify", str(guest_peer), "1", "--socket", booted.socket], check=True, timeout=30)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import gzip
 import lzma
 import select
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from helpers import RunningSupervisor, policy_file
-from shmguard import control
+from shmguard.control import WriteRequest
 from shmguard.errors import ShmguardError
 from shmguard.guest import (
     GUEST_SOURCES,
@@ -37,13 +36,11 @@ def guest() -> GuestImage:
 
 
 def status(supervisor: RunningSupervisor) -> dict:
-    return control.request(supervisor.control, {"op": "status"})
+    return supervisor.client().status()
 
 
 def send(supervisor: RunningSupervisor, text: bytes, **fields) -> dict:
-    body = {"op": "write", "data": base64.b64encode(text).decode(), "text": True, "offset": 0, "ring": "guest",
-            **fields}
-    return control.request(supervisor.control, body, timeout=90)
+    return supervisor.client(timeout=90).ask(WriteRequest(text, text=True, **{"ring": "guest", **fields}))
 
 
 def guest_lines(supervisor: RunningSupervisor) -> list[str]:
