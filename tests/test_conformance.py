@@ -1,4 +1,4 @@
-"""Protocol conformance: the exact messages QEMU's ivshmem-doorbell expects (REFERENCE §1 and §2)."""
+"""Protocol conformance: the exact messages QEMU's ivshmem-doorbell expects (docs/protocol.md §1 and §2)."""
 
 from __future__ import annotations
 
