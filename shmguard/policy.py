@@ -27,17 +27,21 @@ RESPONSES = ("block", "repair", "alert")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+def _bytes(value: str | int, what: str, examples: str) -> int:
+    """4096, "4K", "16M", "1G": a whole number of bytes with an optional binary unit."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what}{value!r} is not a number")
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{what}{value!r} is not a number of bytes (examples: {examples})")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
 def parse_size(text: str | int, maximum: int | None = None) -> int:
     """Parse 4096, 4K, 4M, 1G; the result must be a power of two of at least MIN_SIZE bytes (QEMU aborts otherwise)."""
-    if isinstance(text, bool):
-        raise ValueError(f"size {text!r} is not a number")
-    if isinstance(text, int):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-        if not match:
-            raise ValueError(f"size {text!r} is not a number of bytes (examples: 4096, 4K, 4M, 1G)")
-        value = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    value = _bytes(text, "size ", "4096, 4K, 4M, 1G")
     if value < MIN_SIZE:
         raise ValueError(f"size {text!r} is below the minimum of {MIN_SIZE} bytes")
     if value & (value - 1):
@@ -463,15 +467,7 @@ def _count_or_zero(value) -> int:
 
 def _byte_count(value, limit: int) -> int:
     """A number of bytes: 65536, "64K", "16M" (any whole number, not only powers of two)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a number of bytes")
-    if isinstance(value, int):
-        number = value
-    else:
-        match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(value), re.IGNORECASE)
-        if not match:
-            raise ValueError(f"{value!r} is not a number of bytes (examples: 65536, 64K, 16M)")
-        number = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    number = _bytes(value, "", "65536, 64K, 16M")
     if not 1 <= number <= limit:
         raise ValueError(f"{value!r} must be from 1 byte to {limit} bytes")
     return number

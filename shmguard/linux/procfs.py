@@ -12,14 +12,19 @@ import os
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
-def status(pid: int | str = "self") -> dict[str, str]:
-    """The fields of /proc/PID/status ("self" and "thread-self" work too), values stripped. Raises OSError."""
+def _fields(path: str) -> dict[str, str]:
+    """A "Key: value" file of /proc as a dict, values stripped. Raises OSError."""
     fields: dict[str, str] = {}
-    with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as lines:
+    with open(path, encoding="utf-8", errors="replace") as lines:
         for line in lines:
             key, _, value = line.partition(":")
             fields[key] = value.strip()
     return fields
+
+
+def status(pid: int | str = "self") -> dict[str, str]:
+    """The fields of /proc/PID/status ("self" and "thread-self" work too). Raises OSError."""
+    return _fields(f"/proc/{pid}/status")
 
 
 def identity(pid: int) -> tuple[int | None, int | None, str]:
@@ -89,12 +94,7 @@ def boot_id() -> str:
 
 def fdinfo(fd: int, pid: int | str = "self") -> dict[str, str]:
     """The fields of /proc/PID/fdinfo/FD (flags in octal, eventfd-count in hex, ...). Raises OSError."""
-    fields: dict[str, str] = {}
-    with open(f"/proc/{pid}/fdinfo/{fd}", encoding="utf-8", errors="replace") as lines:
-        for line in lines:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    return fields
+    return _fields(f"/proc/{pid}/fdinfo/{fd}")
 
 
 def fd_directory(pid: int | str = "self") -> str:
