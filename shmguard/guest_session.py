@@ -376,10 +376,14 @@ class GuestSession:
         """A built-in guest joins the handshake by saying so, whoever started its QEMU. Serving only (--no-guest)
         turns the handshake on; a QEMU this supervisor boots stays the guest that `--ring guest` means."""
         self.joined &= set(peers.connected)  # ids are never reused: forget the guests that left
+        said_before = peer_id in self.joined
         self.joined.add(peer_id)
         if self.serving_only:
             self.handshake = True
         guest_id = self.guest_peer_id(peers)
+        # Said again, nothing changes: any peer may ring the host, and a record per ring would let it fill the log.
+        if said_before and (peer_id != guest_id or self.ready):
+            return [Log("debug", f"guest said ready again: {reply}")]
         if peer_id != guest_id:
             return [Log("info", f"guest ready: {reply} (one of several guests: ring it by its id)"),
                     Record("guest-ready", (("reply", reply), ("peer", peer_id)))]
@@ -392,8 +396,9 @@ class GuestSession:
     def _on_ack(self, reply: str, ack: layout.Ack, now: float) -> list[Action]:
         self.acks += 1
         self.last_reply = reply
-        actions: list[Action] = [RefreshGuard(), Log("info", f"guest acknowledged: {reply}")]
         waiter, self.waiter = self.waiter, None
+        # An ack nobody waits for (a --no-wait write, or forged by a peer) is worth a debug line, not one per ring.
+        actions: list[Action] = [RefreshGuard(), Log("info" if waiter else "debug", f"guest acknowledged: {reply}")]
         if waiter is not None:
             actions.append(Reply(waiter.token, (*waiter.reply, ("ack", reply),
                                                 ("round_trip_ms", round((now - waiter.started) * 1000, 3)),

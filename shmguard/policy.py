@@ -11,14 +11,17 @@ import dataclasses
 import grp
 import importlib.resources
 import json
+import os
 import pwd
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PolicyError
+from .errors import PolicyError, ShmguardError
 from .limits import MAX_VECTORS, MIN_SIZE, PEER_IDS
+from .paths import check_directory_chain, file_kind
 
 # policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip).
 BUILTIN_DIR = Path(str(importlib.resources.files("shmguard.policies")))
@@ -500,14 +503,32 @@ def builtin_names() -> list[str]:
 def locate(name_or_path: str) -> Path:
     """A policy name (/etc/shmguard/NAME.toml first, then the built-in NAME) or a path to a TOML file."""
     if "/" not in name_or_path and not name_or_path.endswith(".toml"):
-        for path in (LOCAL_DIR / f"{name_or_path}.toml", BUILTIN_DIR / f"{name_or_path}.toml"):
-            if path.is_file():
-                return path
+        local = LOCAL_DIR / f"{name_or_path}.toml"
+        if os.path.lexists(local):
+            return _trusted_local(local)
+        path = BUILTIN_DIR / f"{name_or_path}.toml"
+        if path.is_file():
+            return path
         raise PolicyError(f"no built-in policy {name_or_path!r} and no {LOCAL_DIR}/{name_or_path}.toml (built-in: "
                           f"{', '.join(builtin_names())}; or give a path to a .toml file)")
     path = Path(name_or_path)
     if not path.is_file():
         raise PolicyError(f"{name_or_path}: policy file not found")
+    return path
+
+
+def _trusted_local(path: Path) -> Path:
+    """/etc/shmguard/NAME.toml replaces a built-in by name alone, so it must be root's and writable by nobody else
+    (nor any directory on the way to it): one that someone else could have planted is refused, never read."""
+    try:
+        check_directory_chain(path.parent, {0})
+    except ShmguardError as exc:
+        raise PolicyError(str(exc)) from None
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise PolicyError(f"{path}: refusing a policy that is not a regular file owned by root and writable by "
+                          f"root alone (it is {file_kind(st.st_mode)}, uid {st.st_uid}, mode "
+                          f"0{stat.S_IMODE(st.st_mode):o}): fix it with chown root: and chmod go-w")
     return path
 
 

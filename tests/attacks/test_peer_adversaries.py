@@ -394,3 +394,24 @@ def test_who_can_still_resize_the_file_region_under_standard_and_nobody_can_unde
     strict = started("strict", audit={"path": str(Path(standard.audit).with_name("strict-audit.log"))})
     for who in (MEMBER_USER, "root"):
         assert as_user(who, _truncate_through_the_socket, strict.socket) == "EPERM"  # sealed, root included
+
+
+def _say_ready_in_a_loop(socket_path: str, rings: int) -> int:
+    """As a member peer: write "ready <own id>" in the reply area and ring the host's vector 0 again and again."""
+    with IvshmemClient(socket_path, timeout=10) as client:
+        reply = f"ready {client.own_id}".encode()
+        os.pwrite(client.shm_fd, reply + bytes(256 - len(reply)), client.shm_size - 256)
+        host = min(client.peers)
+        for _ in range(rings):
+            client.notify(host, 0)
+            time.sleep(0.002)  # rings coalesce: give the supervisor a wake-up for each
+        return client.own_id
+
+
+def test_a_peer_that_says_ready_again_and_again_adds_one_record_not_one_per_ring(started):
+    supervisor = started("strict")
+    before = len(supervisor.audit_records())
+    peer_id = as_user(MEMBER_USER, _say_ready_in_a_loop, supervisor.socket, 300)
+    ready = [r for r in supervisor.audit_records()[before:] if r["action"] == "guest-ready"]
+    assert [r["detail"]["peer"] for r in ready] == [peer_id]  # once, however often it rang
+    assert supervisor.log().count("guest ready:") == 1

@@ -27,7 +27,7 @@ from inotify_simple import flags as F
 
 from helpers import MEMBER_USER, OUTSIDER_USER, SHMGUARD, as_user, policy_file
 from shmguard.audit import AuditLog, verify
-from shmguard.errors import ShmguardError
+from shmguard.errors import PolicyError, ShmguardError
 from shmguard.paths import check_directory_chain, make_directory, policy_owners
 from shmguard.server import bind_socket, check_stale_socket, claim_bound_socket
 
@@ -369,3 +369,28 @@ def test_the_policy_s_owners_are_root_the_running_uid_the_socket_owner_and_the_h
     assert policy_owners(0, OUTSIDER_USER) == {0, os.geteuid(), OUTSIDER_UID}
     member = pwd.getpwnam(MEMBER_USER).pw_uid
     assert policy_owners(member, "") == {0, os.geteuid(), member}
+
+
+@pytest.mark.parametrize("plant", ["owned by nobody", "writable by its group", "a symlink", "directory of nobody's"])
+def test_a_local_policy_someone_else_could_have_planted_is_refused_not_read(tmp_path, monkeypatch, plant):
+    """/etc/shmguard/NAME.toml replaces a built-in by its name alone: only root's, writable by root alone, counts."""
+    from shmguard import policy
+
+    local = tmp_path / "etc-shmguard"
+    local.mkdir()
+    planted = local / "strict.toml"
+    planted.write_text('[server]\npeers = ["*"]\n')  # what a planter wants: everyone admitted
+    nobody = pwd.getpwnam(OUTSIDER_USER).pw_uid
+    if plant == "owned by nobody":
+        os.chown(planted, nobody, -1)
+    elif plant == "writable by its group":
+        planted.chmod(0o664)
+    elif plant == "a symlink":
+        planted.unlink()
+        planted.symlink_to(policy.BUILTIN_DIR / "compat.toml")
+    else:
+        os.chown(local, nobody, -1)
+    monkeypatch.setattr(policy, "LOCAL_DIR", local)
+    with pytest.raises(PolicyError) as refused:
+        policy.load_policy("strict")
+    assert str(local) in str(refused.value) and "\n" not in str(refused.value)
