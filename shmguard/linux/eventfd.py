@@ -9,27 +9,26 @@ back and is bounded by a one-shot timer for the race in which a holder clears it
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 import signal
 import threading
+
+from . import libc
 
 MAX_COUNT = 0xFFFF_FFFF_FFFF_FFFE  # the largest value an eventfd counter holds
 WRITE_BOUND_SECONDS = 0.002  # the longest a ring may ever take, if a holder races us to make it block
 _ONE = (1).to_bytes(8, "little")
 
 
-class _Stuck(Exception):
-    """Raised by the timer's signal handler to break a write that the kernel put to sleep."""
-
-
-_armed = False
+_write = libc.function("write", [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_ssize_t)
 _handler_installed = False
 
 
 def _on_alarm(signum, frame) -> None:
-    if _armed:
-        raise _Stuck
+    """Nothing: the signal is there to interrupt a write the kernel put to sleep (EINTR, not retried here)."""
 
 
 def drain(fd: int) -> int | None:
@@ -61,16 +60,22 @@ def _write_once(fd: int) -> bool:
 
 
 def _bounded_write(fd: int) -> bool:
-    global _armed, _handler_installed
+    """write(2) through libc, which hands EINTR back instead of retrying it: the timer then ends only a write
+    that sleeps (a full counter made blocking by a holder), and a timer that fires early, before the write,
+    interrupts nothing. So a ring is never lost to a late write nor sent twice."""
+    global _handler_installed
     if not _handler_installed:
         signal.signal(signal.SIGALRM, _on_alarm)
+        signal.siginterrupt(signal.SIGALRM, True)
         _handler_installed = True
+    signal.setitimer(signal.ITIMER_REAL, WRITE_BOUND_SECONDS)
     try:
-        _armed = True
-        signal.setitimer(signal.ITIMER_REAL, WRITE_BOUND_SECONDS)
-        return _write_once(fd)
-    except _Stuck:
-        return False  # the counter was full and the description blocking: the owner is rung already
+        written = _write(fd, _ONE, len(_ONE))
+        error = ctypes.get_errno() if written < 0 else 0
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        _armed = False
+    if written == len(_ONE):
+        return True
+    if error in (errno.EAGAIN, errno.EINTR):
+        return False  # the counter is full: its owner has a ring pending already (rings coalesce)
+    raise OSError(error, os.strerror(error))

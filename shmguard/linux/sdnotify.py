@@ -15,13 +15,14 @@ def notify(message: str) -> bool:
     Returns False when not started by systemd (NOTIFY_SOCKET unset or not a UNIX socket) or when the
     datagram could not be delivered; True once the manager's socket accepted it.
     """
-    address = _socket_address(os.environ.get("NOTIFY_SOCKET", ""))
+    address = socket_address(os.environ.get("NOTIFY_SOCKET", ""))
     if address is None:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.send(message.encode("utf-8"))
+            # Never blocking: a manager (or a parent) that does not read must not stop the supervisor.
+            sock.send(message.encode("utf-8"), socket.MSG_DONTWAIT)
     except OSError:
         return False
     return True
@@ -37,6 +38,11 @@ def stopping(status: str = "") -> bool:
     return notify(_with_status("STOPPING=1", status))
 
 
+def reloading(status: str = "") -> bool:
+    """Tell systemd that a reload has begun (READY=1 again when it is done)."""
+    return notify(_with_status("RELOADING=1", status))
+
+
 def status(text: str) -> bool:
     """A one-line status that `systemctl status` shows."""
     return notify(_with_status("", text))
@@ -49,7 +55,7 @@ def _with_status(state: str, text: str) -> str:
     return "\n".join(lines)
 
 
-def _socket_address(value: str) -> str | None:
+def socket_address(value: str) -> str | None:
     if value.startswith("@"):
         return "\0" + value[1:]  # abstract namespace
     if value.startswith("/"):
