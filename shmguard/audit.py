@@ -49,6 +49,8 @@ ACTIONS: tuple[str, ...] = (
     "qemu-exit",
     "guest-ready",
     "audit-gap",
+    "reload",
+    "take-over",
 )
 TORN_TAIL = "torn-tail"
 ZERO_HASH = "0" * 64
@@ -496,6 +498,18 @@ class AuditLog:
             raise
         return log
 
+    @classmethod
+    def adopt(cls, path: str | Path, fd: int, durable: bool) -> AuditLog:
+        """The log a predecessor had open (its flock goes with the open file), continued from its last record."""
+        log = cls(Path(path), fd, durable)
+        try:
+            _lock(fd, log.path)
+            log._take_up_tail()
+        except BaseException:
+            log.close()
+            raise
+        return log
+
     def append(
         self,
         action: str,
@@ -515,6 +529,9 @@ class AuditLog:
         if self._tail_unknown:
             self._take_up_tail()
         return self._write_record(fields)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
@@ -93,15 +94,20 @@ def main() -> None:
 @click.option("--guest-append", default="console=ttyS0", show_default=True, help="Kernel command line for "
               "--guest-kernel.")
 @click.option("--qemu-arg", "qemu_args", multiple=True, help="Extra QEMU argument (repeatable).")
+@click.option("--fd-store", is_flag=True, help="Keep the region, sockets, peers and state in systemd's fd store "
+              "(the unit needs FileDescriptorStoreMax=): a process restarted after a crash goes on serving the same "
+              "peers. The shipped units set it.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 @user_errors
 def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_guest, guest_kernel, guest_initrd,
-        guest_append, qemu_args, verbose):
+        guest_append, qemu_args, fd_store, verbose):
     """Run the supervisor in the foreground, logging to stderr, until SIGTERM or SIGINT.
 
     By default it also boots the built-in guest under QEMU (KVM once it has proved it can boot, TCG
     otherwise), streams the guest's console into the log and reports when the guest is ready.
+    SIGHUP (or `shmguard reload`) hands everything over to the installed shmguard in place: peers see nothing.
     """
+    from . import handover, succession
     from .guest_vm import GuestOptions
     from .supervisor import Supervisor
 
@@ -113,9 +119,12 @@ def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_gue
     if guest_initrd and not guest_kernel:
         raise ShmguardError("--guest-initrd needs --guest-kernel")
     guest = None if no_guest else GuestOptions(guest_kernel, guest_initrd, guest_append, tuple(qemu_args))
-    supervisor = Supervisor(policy, guest)
+    if succession.CHECK_ENV in os.environ:  # a running supervisor asks whether this shmguard would take over
+        succession.check_and_exit(policy, guest.builtin if guest else None, int(os.environ[succession.CHECK_ENV]))
+    inherited = handover.inherited()
+    supervisor = Supervisor(policy, guest, fd_store=fd_store or "FDSTORE" in os.environ)
     try:
-        supervisor.start()
+        supervisor.start(inherited)
     except BaseException:
         supervisor.stop()
         raise
@@ -352,6 +361,21 @@ def ring(target, policy_name, control_path):
     reply = control_client(policy_name, control_path).ring(target)
     for rang in reply["rang"]:
         click.echo(f"rang peer {rang['peer']} vector {rang['vector']}")
+
+
+@main.command()
+@policy_option
+@control_option
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the successor to serve.")
+@user_errors
+def reload(policy_name, control_path, timeout):
+    """Upgrade in place: the running supervisor execs the installed shmguard, which re-reads the policy and takes
+    over its peers, sockets, region, audit log and QEMU. Peers see nothing. Exits 0 once the successor serves;
+    a reload that cannot apply (a bad policy, a new region size) is refused and the old process goes on."""
+    reply = control_client(policy_name, control_path, timeout=timeout).reload()
+    lost = f"; not recovered: {'; '.join(reply['lost'])}" if reply.get("lost") else ""
+    click.echo(f"reloaded: pid {reply['pid']} serves peers {reply['peers']}{lost}")
 
 
 @main.command()

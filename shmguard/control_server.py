@@ -35,7 +35,7 @@ from .errors import ShmguardError
 from .linux.sockets import PeerCred
 from .loop import EventLoop
 from .policy import Access, ControlPolicy, SharesPolicy
-from .server import bind_socket
+from .server import BoundSocket, bind_socket
 from .shares import Share
 
 log = logging.getLogger("shmguard.control")
@@ -212,6 +212,7 @@ class ControlServer:
         self._resume_due = False
         self._warned_uids: set[int] = set()  # a uid at its connection share is logged once, not per attempt
         self.listener = None
+        self.holding = False  # a hand-over is being prepared: requests wait in their connections
         self.on_refused: Callable[[PeerCred, str, str], None] = lambda cred, op, reason: None
 
     def route(self, kind: type[ControlRequest], access: Access, handler: Handler) -> None:
@@ -315,7 +316,7 @@ class ControlServer:
             return
         connection.serving = True
         try:
-            while not connection.closed and (not connection.outbox or (
+            while not connection.closed and not self.holding and (not connection.outbox or (
                     len(connection.outbox) < OUTBOX_LIMIT and self.buffers.room(connection.cred.uid) > 0)):
                 line = connection.next_line()
                 if line is None:
@@ -436,12 +437,69 @@ class ControlServer:
             log.exception("internal error handling %r", op)
             request.fail(f"internal error handling {op!r}; see the supervisor's log")
 
-    def close(self) -> None:
+    # --- hand-over ---------------------------------------------------------------------------------------
+
+    def hold(self, holding: bool) -> None:
+        """While a hand-over is prepared no request is dispatched; they wait, in order, in their connections."""
+        self.holding = holding
+        if not holding:
+            for connection in list(self.connections):
+                self._serve(connection)
+
+    def snapshot(self, fds: dict[str, int], reload_request: Request | None) -> dict:
+        """Each connection with what it has sent and not been answered, and what it has not read yet; the one
+        whose reload this is is answered by the successor, once it serves."""
+        connections = []
+        for index, connection in enumerate(sorted(self.connections, key=lambda c: c.fd)):
+            if connection.closed:
+                continue
+            awaiting = reload_request is not None and reload_request.connection is connection
+            fds[name := f"control-{index}"] = connection.fd
+            connections.append({"fd": name, "inbox": connection.inbox.hex(), "outbox": connection.outbox.hex(),
+                                "awaiting_reload": awaiting,
+                                "unanswered": connection.pending - (1 if awaiting else 0)})
+        return {"listener": self.listener.snapshot(fds, "control-listener"), "connections": connections}
+
+    def adopt(self, state: dict, fd: Callable[[str], int]) -> list[Connection]:
+        """Instead of start(): the predecessor's socket and connections; returns those awaiting a reload's reply
+        (answered by the caller once it serves). A request left unanswered is answered with a failure."""
+        self.listener = BoundSocket.adopt(state["listener"], fd("control-listener"))
+        self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
+        awaiting = []
+        for entry in state["connections"]:
+            sock = socket.socket(fileno=fd(entry["fd"]))
+            sock.setblocking(False)
+            try:
+                cred = PeerCred.of(sock)
+            except OSError:
+                sock.close()
+                continue
+            self.slots.owe(cred.uid, 1)
+            connection = Connection(sock, cred, self, inbox=bytearray.fromhex(entry["inbox"]))
+            self.connections.add(connection)
+            if entry["outbox"]:
+                connection.outbox = bytearray.fromhex(entry["outbox"])
+                connection.queued = len(connection.outbox)
+                connection.replies.append((connection.queued, time.monotonic()))
+            for _ in range(entry["unanswered"]):
+                connection.send({"ok": False, "error": "the supervisor was reloaded before it answered; ask again"})
+            if entry["awaiting_reload"]:
+                connection.pending += 1
+                awaiting.append(connection)
+            if connection.inbox:
+                connection.input_since = time.monotonic()
+            self._charge(connection, len(connection.inbox) + len(connection.outbox))
+            connection.flush()
+            self._serve(connection)
+        return awaiting
+
+    def close(self, keep_socket: bool = False) -> None:
+        """keep_socket: leave the path in place (its listener lives on in systemd's fd store)."""
         for connection in list(self.connections):
             connection.close()
         if self.listener is not None:
             self.loop.remove_reader(self.listener.sock.fileno())
-            self.listener.remove()
+            self.listener.close() if keep_socket else self.listener.remove()
             self.listener = None
 
 

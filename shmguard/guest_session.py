@@ -419,6 +419,19 @@ class GuestSession:
                                  tuple(self.pending_rings), self.waiter, tuple(self.queue.entries), self.acks,
                                  self.last_reply)
 
+    def plain(self) -> dict:
+        """The snapshot as JSON-ready data, between writes (no write in flight or queued: a hand-over waits for
+        that, and a crash loses it)."""
+        return {"serving_only": self.serving_only, "handshake": self.handshake, "ready": self.ready,
+                "joined": sorted(self.joined), "pending_rings": [list(ring) for ring in self.pending_rings],
+                "acks": self.acks, "last_reply": self.last_reply}
+
+    @classmethod
+    def from_plain(cls, data: dict, shares: SharesPolicy) -> GuestSession:
+        return cls.from_snapshot(GuestSessionState(
+            data["serving_only"], data["handshake"], data["ready"], tuple(data["joined"]),
+            tuple(tuple(ring) for ring in data["pending_rings"]), None, (), data["acks"], data["last_reply"]), shares)
+
     @classmethod
     def from_snapshot(cls, state: GuestSessionState, shares: SharesPolicy) -> GuestSession:
         session = cls(shares, state.serving_only, state.handshake, state.ready, set(state.joined),

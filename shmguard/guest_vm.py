@@ -45,11 +45,24 @@ class GuestVM:
     """QEMU started after hardening (it inherits no capability the supervisor dropped); on_exit(pid, status) is
     called once, from the loop, when its console pipe closes."""
 
-    def __init__(self, loop: EventLoop, argv: list[str], on_exit: Callable[[int, int], None]):
+    def __init__(self, loop: EventLoop, argv: list[str], on_exit: Callable[[int, int], None],
+                 process: QemuProcess | None = None):
         self.loop, self.on_exit = loop, on_exit
-        self.process = QemuProcess(argv)
-        log.info("started QEMU pid %d: %s", self.process.pid, " ".join(argv))
+        self.process = process or QemuProcess(argv)
+        if process is None:
+            log.info("started QEMU pid %d: %s", self.process.pid, " ".join(argv))
         self.loop.add_reader(self.process.console_fd, self._on_console)
+
+    def snapshot(self, fds: dict[str, int]) -> dict:
+        fds["qemu-console"] = self.process.console_fd
+        return {"pid": self.process.pid, "argv": self.process.argv}
+
+    @classmethod
+    def adopt(cls, loop: EventLoop, state: dict, console_fd: int, on_exit: Callable[[int, int], None]) -> GuestVM:
+        """The QEMU a predecessor started, still this process's child; its console goes on into the log."""
+        process = QemuProcess.adopt(state["pid"], console_fd, state["argv"])
+        log.info("took over QEMU pid %d", process.pid)
+        return cls(loop, process.argv, on_exit, process)
 
     @property
     def pid(self) -> int:

@@ -330,3 +330,23 @@ def _mlock_failure(error: int, length: int) -> str:
                 "or set region.mlock = false")
     return (f"{where}: raise LimitMEMLOCK= in the unit (or `ulimit -l`) above the region size, "
             "grant CAP_IPC_LOCK, or set region.mlock = false")
+
+
+def raise_fd_limit() -> None:
+    """Peers cost one socket plus one eventfd per vector: use the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def raise_memlock_limit(size: int) -> None:
+    """A successor exec'd after the capabilities are gone locks the region again under this limit: room for two."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    wanted = 2 * size + (1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (wanted, max(hard, wanted) if hard != resource.RLIM_INFINITY
+                                                     else hard))
+    except (OSError, ValueError):
+        pass  # not root: the limit is the unit's (LimitMEMLOCK=)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -88,6 +89,18 @@ class QemuProcess:
         self._partial_size = 0
         self.console_eof = False  # once true, console_fd stays readable forever: unregister it
 
+    @classmethod
+    def adopt(cls, pid: int, console_fd: int, argv: Sequence[str]) -> QemuProcess:
+        """The QEMU child a predecessor started (exec keeps children: it is still ours), its console pipe."""
+        process = cls.__new__(cls)
+        process.argv = list(argv)
+        process._process = AdoptedChild(pid)
+        process._console = os.fdopen(console_fd, "rb", buffering=0)
+        process.console_fd = console_fd
+        os.set_blocking(console_fd, False)
+        process._partial, process._partial_size, process.console_eof = [], 0, False
+        return process
+
     @property
     def pid(self) -> int:
         return self._process.pid
@@ -150,6 +163,42 @@ class QemuProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class AdoptedChild:
+    """What QemuProcess needs of subprocess.Popen, for a child this process did not start in this image."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1  # reaped elsewhere: gone all the same
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
 
 
 def clean_console_line(raw: bytes) -> str:

@@ -69,6 +69,8 @@ class IvshmemServer:
         self.listener: BoundSocket | None = None
         self._unsent: dict[Connection, None] = {}  # connections with messages queued and not yet flushed, in order
         self._settling = False
+        # Told of every peer's fds as it joins (names as in snapshot) and of their names as it leaves: the fd store.
+        self.on_fds: Callable[[dict[str, int], list[str]], None] = lambda added, gone: None
 
     @property
     def peers(self) -> dict[int, Peer]:
@@ -156,7 +158,15 @@ class IvshmemServer:
                 self._leave(peer_id, f"gone before its greeting was sent: {error}")
                 return
         self._carry_out(self.table.announce(peer_id))
+        self.on_fds(self.peer_fds(peer_id), [])
         self._settle()
+
+    def peer_fds(self, peer_id: int) -> dict[str, int]:
+        """A peer's fds under their hand-over names: its socket (remote peers) and its eventfds."""
+        fds = {f"peer-{peer_id}-v{k}": handle.fd for k, handle in enumerate(self.peers[peer_id].vectors)}
+        if peer_id in self.connections:
+            fds[f"peer-{peer_id}"] = self.connections[peer_id].sock.fileno()
+        return fds
 
     def add_local_peer(self) -> Peer:
         """The supervisor's own peer: it owns eventfds that guests ring, and rings theirs directly."""
@@ -180,6 +190,10 @@ class IvshmemServer:
             self._leave(connection.peer_id, f"socket error: {exc.strerror}")
             return
         self._leave(connection.peer_id, "sent data (clients never send)" if data else "disconnected")
+
+    def leave(self, peer_id: int, reason: str) -> None:
+        """A peer the supervisor sends away (one whose fds a crash lost): as if it had disconnected."""
+        self._leave(peer_id, reason)
 
     def _leave(self, peer_id: int, reason: str) -> None:
         """A leave cannot be refused: it completes whatever fails, and an audit log that cannot take its record
@@ -216,6 +230,7 @@ class IvshmemServer:
             connection.queue.clear()
             connection.sock.close()
         release_all(peer.vectors)
+        self.on_fds({}, [f"peer-{peer.id}", *(f"peer-{peer.id}-v{k}" for k in range(len(peer.vectors)))])
         log.info("peer %d left: %s", peer.id, reason)
         self._record("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
 
@@ -275,6 +290,66 @@ class IvshmemServer:
     def describe_shares(self) -> dict:
         return self.table.describe_shares()
 
+    # --- hand-over ------------------------------------------------------------------------------------
+
+    def snapshot(self, fds: dict[str, int]) -> dict:
+        """Plain data for a successor (taken between transitions); the fds it names are added to `fds`."""
+        names: dict[int, str] = {id(self.shm): "shm"}
+        for peer in self.peers.values():
+            for vector, handle in enumerate(peer.vectors):
+                names[id(handle)] = name = f"peer-{peer.id}-v{vector}"
+                fds[name] = handle.fd
+        connections = {}
+        for peer_id, connection in self.connections.items():
+            fds[f"peer-{peer_id}"] = connection.sock.fileno()
+            queue = []
+            for index, (data, handle) in enumerate(connection.queue):
+                if handle is not None and id(handle) not in names:  # a leaver's fd still to be sent
+                    names[id(handle)] = f"peer-{peer_id}-q{index}"
+                    fds[names[id(handle)]] = handle.fd
+                queue.append([data.hex(), None if handle is None else names[id(handle)]])
+            connections[str(peer_id)] = queue
+        return {"table": self.table.snapshot(lambda h: _encode_handle(h, names)), "connections": connections,
+                "listener": self.listener.snapshot(fds, "ivshmem-listener")}
+
+    def adopt(self, state: dict, fd: Callable[[str], int]) -> None:
+        """Instead of start(): serve the same peers on the same sockets as the predecessor whose snapshot this is.
+        `fd(name)` gives an inherited fd. Shares keep who holds what, under this policy's bounds."""
+        handles: dict[str, SharedFd] = {"shm": self.shm}
+
+        def decode(value):
+            if isinstance(value, list):
+                return PeerCred(value[0], value[1], value[2], tuple(value[3]))
+            if value not in handles:
+                handles[value] = SharedFd(fd(value))
+            return handles[value]
+
+        fresh = self.table
+        self.table = PeerTable.from_snapshot(state["table"], decode)
+        self.table.slots = adopt_share(fresh.slots, self.table.slots)
+        self.table.ids.share = adopt_share(fresh.ids.share, self.table.ids.share)
+        for key, queue in state["connections"].items():
+            peer_id = int(key)
+            sock = socket.socket(fileno=fd(f"peer-{peer_id}"))
+            sock.setblocking(False)
+            connection = self.connections[peer_id] = Connection(peer_id, sock)
+            for data, name in queue:
+                connection.queue.append((bytes.fromhex(data), None if name is None else decode(name).acquire()))
+            self.loop.add_reader(sock.fileno(), lambda c=connection: self._on_peer_readable(c))
+            if connection.queue:
+                self._unsent[connection] = None
+        in_table = {id(handle) for peer in self.peers.values() for handle in peer.vectors}
+        for name, handle in handles.items():  # decode's holder is the table's; a queue-only fd is the queue's alone
+            if name != "shm" and id(handle) not in in_table:
+                handle.release()
+        self.listener = BoundSocket.adopt(state["listener"], fd("ivshmem-listener"))
+        self.loop.add_reader(self.listener.sock.fileno(), self._on_accept)
+        self._settle()
+
+    def local_peer(self) -> Peer:
+        """The supervisor's own peer, as a successor finds it in the table."""
+        return next(peer for peer in self.peers.values() if not peer.remote)
+
     def close(self, linger: float = 1.0) -> None:
         """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes."""
         actions = self.table.shutdown()
@@ -290,6 +365,19 @@ class IvshmemServer:
             self.listener.remove()
             self.listener = None
         self.shm.release()
+
+
+def _encode_handle(handle, names: dict[int, str]):
+    if isinstance(handle, PeerCred):
+        return [handle.pid, handle.uid, handle.gid, list(handle.groups)]
+    return names[id(handle)]
+
+
+def adopt_share(fresh: Share, held: Share) -> Share:
+    """This policy's bounds (`fresh`) with what the predecessor's holders hold (`held`): a smaller bound refuses
+    the next taker, never takes from a holder."""
+    fresh.used, fresh.in_use = held.used, held.in_use
+    return fresh
 
 
 def release_all(fds) -> None:
@@ -322,6 +410,18 @@ class BoundSocket:
     inode: int
     allowed_owners: tuple[int, ...] = ()  # who else may own its directory (the policy's owners), for a rebind
     reserve_fd: int = field(default_factory=lambda: os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+
+    def snapshot(self, fds: dict[str, int], name: str) -> dict:
+        fds[name] = self.sock.fileno()
+        return {"path": self.path, "owner": self.owner, "group": self.group, "mode": self.mode,
+                "device": self.device, "inode": self.inode, "allowed_owners": list(self.allowed_owners)}
+
+    @classmethod
+    def adopt(cls, state: dict, fd: int) -> BoundSocket:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return cls(sock, state["path"], state["owner"], state["group"], state["mode"], state["device"],
+                   state["inode"], tuple(state["allowed_owners"]))
 
     def is_at_path(self) -> bool:
         try:

@@ -4,46 +4,40 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 from collections.abc import Callable
 
-from . import layout
+from . import handover, layout, succession
 from .audit import AuditLog
-from .control import RingRequest, StatusRequest, WriteRequest
+from .control import ReloadRequest, RingRequest, StatusRequest, WriteRequest
 from .control_server import ControlServer, Request
 from .errors import ShmguardError
 from .guard import Guard, guarded_sockets
-from .guest_session import (
-    GuestSession,
-    PeerLeft,
-    QemuExited,
-)
+from .guest_session import GuestSession, PeerLeft, QemuExited
 from .guest_vm import GuestOptions, GuestVM, guest_command
-from .hardening import drop_identity, harden, lock_memory
+from .hardening import drop_identity, harden, lock_memory, raise_fd_limit, raise_memlock_limit
 from .host import HostPeer
 from .linux import sdnotify
+from .linux.fdstore import FdStore
+from .linux.hardening import keep_across_exec
 from .linux.signals import SignalWakeup
 from .loop import EventLoop
 from .paths import policy_owners
-from .policy import Policy
+from .policy import Access, Policy
 from .recorder import Recorder
 from .region import Region
 from .server import IvshmemServer
+from .takeover import TakeOver
 
 log = logging.getLogger("shmguard")
 
 
-def raise_fd_limit() -> None:
-    """Peers cost one socket plus one eventfd per vector: use the whole hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 class Supervisor:
-    def __init__(self, policy: Policy, guest: GuestOptions | None = None):
+    def __init__(self, policy: Policy, guest: GuestOptions | None = None, fd_store: bool = False):
         self.policy, self.guest_options = policy, guest
+        self.store = succession.StoreKeeper if fd_store else None  # made in start(): kept by systemd across crashes
+        self.reloading: succession.Reload | None = None
+        self.stopping = False
         self.loop = EventLoop()
         self.audit: AuditLog | None = None
         self.region: Region | None = None
@@ -60,12 +54,21 @@ class Supervisor:
 
     # --- start-up ----------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, inherited: handover.Inheritance | None = None) -> None:
+        """A fresh start, or (inherited) the take-over of a predecessor's state and fds: see takeover.py."""
+        if inherited is not None:
+            try:
+                TakeOver(self, inherited).run()
+            except Exception:
+                log.exception("the take-over failed")
+                raise
+            return
         options = self.guest_options
         if options and options.builtin and self.policy.server.vectors <= layout.ACK_VECTOR:
             raise ShmguardError(f"the built-in guest acknowledges on vector {layout.ACK_VECTOR}: run it with "
                                 f"--vectors {layout.ACK_VECTOR + 1} or more, or serve only with --no-guest")
         raise_fd_limit()
+        raise_memlock_limit(self.policy.region.size)
         owners = policy_owners(self.policy.server.owner, self.policy.hardening.user)  # may own its directories
         self.audit = AuditLog.open(self.policy.audit.path, self.policy.audit.durable, owners)
         if self.audit.torn_tail:
@@ -80,7 +83,7 @@ class Supervisor:
                                     region_intact=self._region_intact, shares=self.policy.shares, owners=owners)
         self.server.start()
         own_peer = self.server.add_local_peer()
-        self._start_control()
+        self.start_control()
         # It watches the region and both sockets, so it starts once they exist.
         region = self.policy.region
         self.guard = Guard(self.policy.guard, self.region, self.loop, record=self.record,
@@ -90,19 +93,36 @@ class Supervisor:
         self.add_stop_hook(self.guard.close)
         self.guard.start()
         self.host = HostPeer(own_peer, self.region, self.server, self.guard, self.recorder, self.loop, self.guest,
-                             qemu=lambda: (self.qemu.pid if self.qemu else None, self.qemu is not None,
-                                           self.qemu is not None and self.qemu.exited()))
+                             qemu=self.qemu_facts)
         self._install_signals()
         # The guest image may need building (apt-get, gcc): done while the process still may.
         qemu_argv = guest_command(self.guest_options, self.policy, self.host.id) if self.guest_options else None
         self._harden()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})
-        if not sdnotify.ready(f"serving {self.policy.server.socket}") and "NOTIFY_SOCKET" in os.environ:
-            log.warning("could not send READY=1 to NOTIFY_SOCKET %s", os.environ["NOTIFY_SOCKET"])
+        self.start_store()
+        self.say_ready()
         if qemu_argv is not None:
             self.qemu = GuestVM(self.loop, qemu_argv, self._on_qemu_exit)
             self.add_stop_hook(self.qemu.close)
+
+    def say_ready(self) -> None:
+        if not sdnotify.ready(f"serving {self.policy.server.socket}") and "NOTIFY_SOCKET" in os.environ:
+            log.warning("could not send READY=1 to NOTIFY_SOCKET %s", os.environ["NOTIFY_SOCKET"])
+
+    def start_store(self, inherited: dict[str, int] | None = None, generation: int = 0) -> None:
+        """Under systemd with FileDescriptorStoreMax=: every fd a successor needs goes into the fd store."""
+        if self.store is None:
+            return
+        self.store = succession.StoreKeeper(FdStore(), self.loop, self.crash_state)
+        if inherited:
+            self.store.adopt_slots(inherited, generation)
+        fds: dict[str, int] = {"region": self.region.fd}
+        self.server.snapshot(fds)
+        self.control.listener.snapshot(fds, "control-listener")
+        self.store.keep(fds)
+        self.server.on_fds = lambda added, gone: (self.store.keep(added), self.store.forget(gone))
+        self.add_stop_hook(self.store.close)
 
     def _harden(self) -> None:
         """Drop what the policy does not need, once the region and sockets exist and before QEMU starts."""
@@ -112,7 +132,9 @@ class Supervisor:
             log.info("running as user %s from here on", hardening.user)
         elif os.geteuid() == 0:
             # Without CAP_CHOWN, a repair may still give a file to a group the process is a member of.
-            os.setgroups(sorted({self.policy.server.group, self.policy.region.group}))
+            groups = sorted({self.policy.server.group, self.policy.region.group})
+            if sorted(os.getgroups()) != groups:  # a successor exec'd after CAP_SETGID went has them already
+                os.setgroups(groups)
         report = harden(hardening)
         for warning in report.warnings:
             log.warning("hardening: %s", warning)
@@ -144,12 +166,94 @@ class Supervisor:
         self.loop.add_reader(self.signals.fileno(), lambda: self.signals.each(self._on_signal))
 
     def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            log.info("received SIGHUP: reloading")
+            self.reload()
+            return
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self.loop.stop()
 
+    # --- reload: hand everything to the installed shmguard, in place -------------------------------------
+
+    def reload(self, request: Request | None = None) -> None:
+        if self.reloading is not None:
+            if request is not None:
+                request.fail("a reload is in progress already")
+            return
+        sdnotify.reloading("reloading: checking the installed shmguard")
+        self.reloading = succession.Reload(self, request)
+        self.reloading.begin()
+
+    def reload_ended(self, request: Request | None, error: str) -> None:
+        """A reload that did not happen: said once, recorded, and the old process goes on serving."""
+        self.reloading = None
+        log.error("reload refused: %s; still serving", error)
+        self.note("reload", result="refused", detail={"reason": error})
+        self.say_ready()
+        if request is not None:
+            request.fail(f"reload refused: {error}")
+
+    def fixed_settings(self) -> dict:
+        return succession.fixed_settings(self.policy, self.guest_options.builtin if self.guest_options else None)
+
+    def quiesce_seconds(self) -> float:
+        return self.shares_wait() + 1.0
+
+    def shares_wait(self) -> float:
+        return float(self.policy.shares.wait_seconds)
+
+    def is_quiet(self) -> bool:
+        """No write in flight or queued: nothing the successor would have to finish."""
+        return self.guest.waiter is None and not self.guest.queue
+
+    def snapshot(self) -> tuple[dict, dict[str, int]]:
+        """Everything a successor needs, as plain data, and the fds it names."""
+        fds: dict[str, int] = {"region": self.region.fd, "audit": self.audit.fileno()}
+        state = {"version": handover.STATE_VERSION, "fixed": self.fixed_settings(), "pid": os.getpid(),
+                 "region": {"backend": self.region.backend, "size": self.region.size, "path": self.region.path},
+                 "audit": {"path": str(self.audit.path), "seq": self.audit.last_seq},
+                 "server": self.server.snapshot(fds), "host_peer": self.host.id,
+                 "guest": self.guest.plain(), "control": self.control.snapshot(fds, self.reloading and
+                                                                                self.reloading.request),
+                 "qemu": self.qemu.snapshot(fds) if self.qemu is not None and not self.qemu.exited() else None,
+                 "guard": self.guard.snapshot(fds), "exit_code": self.exit_code}
+        return state, fds
+
+    def crash_state(self) -> dict:
+        """What the fd store's state memfds hold: enough to go on serving the same peers after a crash."""
+        fds: dict[str, int] = {}
+        return {"version": handover.STATE_VERSION, "fixed": self.fixed_settings(), "pid": os.getpid(),
+                "region": {"backend": self.region.backend, "size": self.region.size, "path": self.region.path},
+                "server": self.server.snapshot(fds), "host_peer": self.host.id, "guest": self.guest.plain(),
+                "control": {"listener": self.control.listener.snapshot(fds, "control-listener"),
+                            "connections": []}, "clean": self.stopping}
+
+    def hand_over(self, request: Request | None) -> None:
+        """Record the hand-over, then exec; raises ShmguardError (everything as it was) if the exec failed."""
+        state, fds = self.snapshot()
+        self.record("reload", detail={"successor": succession.successor_argv()[:3], "version": state["version"],
+                                      "peers": sorted(self.server.peers), "qemu": state["qemu"] and
+                                      state["qemu"]["pid"]})
+        log.info("handing over to the installed shmguard (%d fds, state version %d)", len(fds), state["version"])
+
+        def before_exec() -> None:
+            self.guard.release_for_successor()
+            keep_across_exec(self.policy.hardening.capabilities)
+            logging.shutdown()
+
+        error = succession.exec_successor(state, fds, before_exec)
+        os.close(fds.pop("known-good"))
+        raise error
+
     # --- the control socket --------------------------------------------------------------------------
 
-    def _start_control(self) -> None:
+    def qemu_facts(self) -> tuple[int | None, bool, bool]:
+        """(pid, started, exited) of the QEMU this supervisor runs, if any."""
+        return (self.qemu.pid if self.qemu else None, self.qemu is not None,
+                self.qemu is not None and self.qemu.exited())
+
+    def start_control(self, adopt: dict | None = None, fd: Callable[[str], int] | None = None) -> list:
+        """The control socket, new or (adopt) the predecessor's; returns the connections awaiting a reload reply."""
         policy = self.policy
         max_request = self.region.size * 2 + 65536  # a whole region in base64, plus the request around it
         self.control = ControlServer(policy.control, policy.server.owner, policy.server.group, self.loop, max_request,
@@ -157,10 +261,15 @@ class Supervisor:
         self.control.route(WriteRequest, policy.control.writers, lambda request: self.host.handle_write(request))
         self.control.route(RingRequest, policy.control.ringers, lambda request: self.host.handle_ring(request))
         self.control.route(StatusRequest, policy.control.readers, self._handle_status)
+        # Reloading execs a program: root and the uid the supervisor runs as only, whatever the policy says.
+        self.control.route(ReloadRequest, Access(uids=tuple(sorted({0, os.geteuid()}))), self.reload)
         self.control.on_refused = lambda cred, op, reason: self.note(
             "refused", actor=cred, result="refused", detail={"op": op, "reason": reason})
+        self.add_stop_hook(lambda: self.control.close(keep_socket=self.keeping_fds()))
+        if adopt is not None:
+            return self.control.adopt(adopt, fd)
         self.control.start()
-        self.add_stop_hook(self.control.close)
+        return []
 
     def _handle_status(self, request: Request) -> None:
         request.reply(**self.status())
@@ -210,18 +319,28 @@ class Supervisor:
             self.stop()
         return self.exit_code
 
+    def keeping_fds(self) -> bool:
+        """Under systemd's fd store the peers and sockets outlive this process: a stop leaves them to systemd (which
+        closes them on `systemctl stop`, and hands them to the next process on a restart)."""
+        return isinstance(self.store, succession.StoreKeeper)
+
     def stop(self) -> None:
+        keeping = self.keeping_fds()
+        self.stopping = True
+        if keeping and self.server is not None:
+            self.store.write_now()  # the last state, marked as a clean stop
         for hook in reversed(self._stop_hooks):
             hook()
         self._stop_hooks.clear()
-        if self.server is not None:
+        if self.server is not None and not keeping:
             self.server.close()
-            self.server = None
+        self.server = None
         if self.region is not None:
-            last = self.note("stop", detail={"exit_code": self.exit_code})
+            last = self.note("stop", detail={"exit_code": self.exit_code, **({"fds": "kept in systemd's fd store"}
+                                                                              if keeping else {})})
             if last is not None:  # a copy outside the log (the journal) shows if records are later cut from its end
                 log.info("audit log %s ends at seq %d, hash %s", self.audit.path, last["seq"], last["hash"])
-            if self.region.backend == "file":
+            if self.region.backend == "file" and not keeping:
                 _unlink_if_ours(self.region.path, self.region.state().inode)
             self.region.close()
             self.region = None

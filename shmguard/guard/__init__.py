@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..policy import GuardPolicy
-from ..region import Region
+from ..region import Region, pwrite_all
 from .attribution import Attribution
 from .contents import Allocation, Contents, KnownGood, first_hole
 from .entries import FollowUp, GuardError, Target
@@ -58,12 +58,19 @@ class Guard:
 
     # --- starting and stopping ---------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, inherited: dict | None = None) -> None:
+        """inherited: a predecessor's snapshot(), its fds already resolved (see Supervisor's take-over)."""
         target = self.target
+        inherited = inherited or {}
+        if inherited.get("known_good") is not None:
+            self.contents.known_good = KnownGood(inherited["known_good"])
+        self.incidents.count = inherited.get("incidents", self.incidents.count)
+        self.incidents.last = inherited.get("last_incident", self.incidents.last)
         self.contents.start()
-        self.names.start()
+        self.names.start(anchor=inherited.get("anchor"))
         self.watches.open()
-        self.attribution.start(target.fd, target.is_file, self.incidents.on_touch, self.contents.opened_by)
+        self.attribution.start(target.fd, target.is_file, self.incidents.on_touch, self.contents.opened_by,
+                               inherited=inherited.get("attribution"))
         self.watches.start(target.fd, target.is_file, self._on_events)
         self.started = True
         self._ensure_watches()
@@ -71,6 +78,23 @@ class Guard:
         self.contents.start_scans()
         log.info("guard: watching %s; offenders named by %s", ", ".join(self.watched_paths()),
                  self.attribution.description)
+
+    def snapshot(self, fds: dict[str, int]) -> dict:
+        """For a successor: the known-good copy (in a memfd), incidents so far, the anchor, the kernel's witnesses."""
+        copy = os.memfd_create("shmguard-known-good", os.MFD_CLOEXEC)
+        os.ftruncate(copy, len(self.contents.known_good.data))
+        pwrite_all(copy, memoryview(self.contents.known_good.data), 0)
+        fds["known-good"] = copy
+        return {"incidents": self.incidents.count, "last_incident": self.incidents.last,
+                "anchor": self.names.anchor.directory if self.names.anchor else None,
+                "attribution": self.attribution.snapshot(fds)}
+
+    def release_for_successor(self) -> None:
+        """Stop watching without undoing anything: the anchor and the kernel's witnesses go to the successor."""
+        self.incidents.record_overdue(everything=True)
+        self.started = False
+        self.follow_up.closed = self.contents.closed = True
+        self.watches.close()
 
     def close(self) -> None:
         self.incidents.record_overdue(everything=True)

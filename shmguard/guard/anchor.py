@@ -40,6 +40,14 @@ class Anchor:
         link_fd(fd, anchor.path)
         return anchor
 
+    @classmethod
+    def adopt(cls, directory: str) -> Anchor:
+        """The anchor a predecessor made (the same process after exec: its owner token still names us)."""
+        anchor = cls.__new__(cls)
+        anchor.parent, anchor.directory = os.path.dirname(directory), directory
+        anchor.path = os.path.join(directory, "region")
+        return anchor
+
     @property
     def name(self) -> str:
         return os.path.basename(self.directory)

@@ -47,9 +47,14 @@ class Attribution:
         self._on_opened: Callable[[Opener], None] = lambda opener: None
 
     def start(self, fd: int, is_file: bool, on_touch: Callable[[], None],
-              on_opened: Callable[[Opener], None]) -> None:
-        """on_touch: fanotify has events; on_opened: another process opened the memfd (named by the witness)."""
+              on_opened: Callable[[Opener], None], inherited: dict | None = None) -> None:
+        """on_touch: fanotify has events; on_opened: another process opened the memfd (named by the witness).
+        inherited: a predecessor's fanotify fd and witness (see snapshot), taken over instead of made anew:
+        after the predecessor dropped CAP_SYS_ADMIN, nobody could make them again."""
         self._memfd, self._on_opened = not is_file, on_opened
+        if inherited is not None:
+            self._adopt(inherited, on_touch)
+            return
         try:
             fanotify = Fanotify.open()
         except OSError as exc:
@@ -65,6 +70,27 @@ class Attribution:
         self.loop.add_reader(fanotify.fd, on_touch)
         self.description = "fanotify"
         self._start_openers(fd)
+
+    def snapshot(self, fds: dict[str, int]) -> dict | None:
+        """The kernel's witnesses for a successor (None: there are none, it starts its own if it may)."""
+        if self.witnesses is None:
+            return None
+        fds["fanotify"] = self.witnesses.fanotify.fd
+        state: dict = {"description": self.description, "openers": None}
+        if self.openers is not None and not self.openers.ended:
+            fds["opener-witness"] = self.openers.fd
+            state["openers"] = {"pid": self.openers.pid, "execs_watched": self.openers.execs_watched}
+        return state
+
+    def _adopt(self, state: dict, on_touch: Callable[[], None]) -> None:
+        fanotify = Fanotify(state["fanotify_fd"])
+        self.witnesses = Witnesses(fanotify)
+        self.loop.add_reader(fanotify.fd, on_touch)
+        self.description = state["description"]
+        if state.get("openers") is not None:
+            self.openers = OpenerWitness(state["openers"]["pid"], state["openers"]["fd"],
+                                         state["openers"]["execs_watched"])
+            self.loop.add_reader(self.openers.fd, self._on_openers)
 
     def _start_openers(self, fd: int) -> None:
         """The child that holds each open of the region while it reads who opened it (linux/opener_witness.py)."""

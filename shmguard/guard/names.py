@@ -54,8 +54,12 @@ class Names:
         st = os.fstat(self.target.fd)  # a memfd has no policy identity: keep the one it was born with
         return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
-    def start(self) -> None:
+    def start(self, anchor: str | None = None) -> None:
+        """anchor: the directory of a predecessor's anchor, taken over instead of making one."""
         if not self.target.is_file:
+            return
+        if anchor is not None and os.path.isdir(anchor):
+            self.anchor = Anchor.adopt(anchor)
             return
         try:
             self.anchor = Anchor.create(self.target.region.path, self.target.fd)

@@ -78,6 +78,20 @@ def limit_capabilities(kept: list[int], raise_effective: bool, inheritable: bool
     prctl.cap_permitted.limit(*kept)
 
 
+PR_CAP_AMBIENT_RAISE = 2
+
+
+def keep_across_exec(names: Iterable[str]) -> None:
+    """Raise the kept capabilities into the ambient set, so that an exec (a reload) keeps them; the successor's
+    hardening clears the ambient and inheritable sets again. Raises OSError if the kernel refuses."""
+    kept = [CAP_NUMBERS[name.lower().removeprefix("cap_")] for name in names]
+    if not kept:
+        return
+    prctl.set_caps((kept, prctl.CAP_INHERITABLE, True))
+    for capability in kept:
+        libc.call(_prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, capability, 0, 0, what="PR_CAP_AMBIENT_RAISE")
+
+
 def switch_identity(uid: int, gid: int, keep_permitted: bool) -> None:
     """Every uid and gid to uid/gid, no supplementary groups; the permitted set survives only if asked."""
     prctl.set_keepcaps(1 if keep_permitted else 0)
