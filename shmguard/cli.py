@@ -172,13 +172,13 @@ def policy_check(path, unit):
     """Check a policy file; print every error with file, key and reason."""
     errors = check_policy(path)
     if unit and not errors:
-        from .units import unit_dirs, unit_problems
+        from .units import in_sandbox_writable, unit_dirs, unit_problems
 
         try:
             unit_dirs(unit)
         except ValueError as exc:
             raise ShmguardError(f"--unit: {exc}") from None
-        errors = unit_problems(load_policy(path), unit)
+        errors = unit_problems(load_policy(path), unit, in_sandbox_writable)
     for error in errors:
         click.echo(error, err=True)
     if errors:

@@ -56,6 +56,11 @@ class Supervisor:
 
     def start(self, inherited: handover.Inheritance | None = None) -> None:
         """A fresh start, or (inherited) the take-over of a predecessor's state and fds: see takeover.py."""
+        if inherited is not None and not inherited.state:
+            log.warning("the fd store holds %s but no state to take them over with: starting afresh",
+                        ", ".join(sorted(inherited.fds)) or "nothing")
+            inherited.close_unclaimed()
+            inherited = None
         if inherited is not None:
             try:
                 TakeOver(self, inherited).run()

@@ -3,7 +3,8 @@
 The units run shmguard as user shmguard, group ivshmem, with no capabilities, inside ProtectSystem=strict where
 only the unit's RuntimeDirectory= and LogsDirectory= are writable. A policy that asks for more passes the plain
 check and then fails at start with a bare "Operation not permitted"; this says which key and why, beforehand.
-Pure: it reads the policy and the user database, nothing else.
+Pure: it reads the policy and the user database; a check run by the unit itself also asks its sandbox
+whether a directory added with ReadWritePaths= is writable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import grp
 import os
 import pwd
 import re
+from collections.abc import Callable
 
 from .policy import Policy
 
@@ -31,8 +33,10 @@ def unit_dirs(unit: str) -> tuple[str, str]:
     return f"/run/shmguard{instance}", f"/var/log/shmguard{instance}"
 
 
-def unit_problems(policy: Policy, unit: str) -> list[str]:
-    """Every reason the unit's user could not serve this policy, each naming the file, the key and the fix."""
+def unit_problems(policy: Policy, unit: str, writable: Callable[[str], bool] = lambda directory: False) -> list[str]:
+    """Every reason the unit's user could not serve this policy, each naming the file, the key and the fix.
+    writable(directory): whether a directory outside the unit's own is writable in its sandbox (ReadWritePaths=);
+    only the unit's ExecStartPre, which runs in that sandbox, can tell (see `in_sandbox_writable`)."""
     runtime, logs = unit_dirs(unit)
     source, problems = policy.source, []
     try:
@@ -63,7 +67,7 @@ def unit_problems(policy: Policy, unit: str) -> list[str]:
     for key, path, allowed in (("server.socket", policy.server.socket, runtime),
                                ("control.socket", policy.control.socket, runtime),
                                ("audit.path", policy.audit.path, logs)):
-        if not _inside(path, allowed):
+        if not _inside(path, allowed) and not writable(os.path.dirname(path)):
             problems.append(f"{source}: {key}: {path} is read-only in {unit}'s sandbox (ProtectSystem=strict); "
                             f"put it under {allowed}/ (or add ReadWritePaths= with `systemctl edit {unit}`)")
     if policy.region.backend == "file" and not _inside(policy.region.path, "/dev/shm"):
@@ -74,6 +78,17 @@ def unit_problems(policy: Policy, unit: str) -> list[str]:
                         f"LimitMEMLOCK={LIMIT_MEMLOCK >> 20}M; raise it with `systemctl edit {unit}` or set "
                         "region.mlock = false")
     return problems
+
+
+def in_sandbox_writable(directory: str) -> bool:
+    """For a check run by the unit itself (systemd sets INVOCATION_ID): is `directory` on a file system its
+    sandbox mounts read-write? ProtectSystem=strict mounts everything else read-only."""
+    if "INVOCATION_ID" not in os.environ:
+        return False
+    try:
+        return not os.statvfs(directory).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
 
 
 def _inside(path: str, directory: str) -> bool:

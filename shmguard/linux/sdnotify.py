@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import socket
 
+STATES = ("READY=1", "RELOADING=1", "STOPPING=1")
+STATE_WAIT_SECONDS = 1.0
+
 
 def notify(message: str) -> bool:
     """Send `message` ("READY=1", "STATUS=...", newline-separated) to the service manager.
@@ -21,8 +24,15 @@ def notify(message: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            # Never blocking: a manager (or a parent) that does not read must not stop the supervisor.
-            sock.send(message.encode("utf-8"), socket.MSG_DONTWAIT)
+            try:
+                sock.send(message.encode("utf-8"), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                # The manager's queue is full (e.g. of FDSTORE messages it has yet to read). A state change waits a
+                # moment for room; a status line is dropped: a listener that never reads must not stop us.
+                if not any(state in message.split("\n") for state in STATES):
+                    return False
+                sock.settimeout(STATE_WAIT_SECONDS)
+                sock.send(message.encode("utf-8"))
     except OSError:
         return False
     return True

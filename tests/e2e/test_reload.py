@@ -52,6 +52,7 @@ def ring_both_ways(a: IvshmemClient, b: IvshmemClient) -> int:
 
 def reload_while_ringing(supervisor: RunningSupervisor, a: IvshmemClient, b: IvshmemClient) -> int:
     """`shmguard reload` runs while the peers ring each other; it exits 0 once the successor serves."""
+    drain_notifications(supervisor)
     reload = subprocess.Popen([*SHMGUARD, "reload", "--policy", str(supervisor.policy_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rung = 0
@@ -61,6 +62,18 @@ def reload_while_ringing(supervisor: RunningSupervisor, a: IvshmemClient, b: Ivs
     assert reload.returncode == 0, f"reload failed: {err}\n{supervisor.log_tail()}"
     assert out.startswith("reloaded: pid "), out
     return rung
+
+
+def drain_notifications(supervisor: RunningSupervisor) -> None:
+    """Read what the supervisor told its notify socket (RELOADING=1, READY=1, ...), as systemd would."""
+    supervisor.notify.setblocking(False)
+    try:
+        while supervisor.notify.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        supervisor.notify.setblocking(True)
 
 
 def status(supervisor: RunningSupervisor) -> dict:
