@@ -17,8 +17,11 @@ import time
 from collections.abc import Callable
 
 from . import handover
+from .control_server import Request
 from .errors import ShmguardError
+from .linux import sdnotify
 from .linux.fdstore import FdStore
+from .linux.hardening import keep_across_exec
 
 log = logging.getLogger("shmguard")
 
@@ -45,17 +48,17 @@ def fixed_settings(policy, guest_builtin: bool | None) -> dict:
 class Reload:
     """One reload at a time: check, quiesce, exec. `done(error)` is told when it ends without an exec."""
 
-    def __init__(self, supervisor, request=None):
-        self.supervisor, self.request = supervisor, request
-        self.loop = supervisor.loop
+    def __init__(self, succession: Succession, request=None):
+        self.succession, self.request = succession, request
+        self.loop = succession.sup.loop
         self.child: subprocess.Popen | None = None
         self.state_fd = -1
         self.deadline = 0.0
 
     def begin(self) -> None:
-        sup = self.supervisor
         # The check is shown what it decides on (the version, the settings that cannot change), no fd.
-        self.state_fd = handover.state_memfd({"version": handover.STATE_VERSION, "fixed": sup.fixed_settings()})
+        self.state_fd = handover.state_memfd({"version": handover.STATE_VERSION,
+                                                 "fixed": self.succession.fixed_settings()})
         env = dict(os.environ, **{CHECK_ENV: str(self.state_fd)})
         env.pop("NOTIFY_SOCKET", None)  # the check must not tell systemd anything
         try:
@@ -86,8 +89,8 @@ class Reload:
             reason = lines[-1].removeprefix("shmguard: error: ") if lines else f"exited with status {status}"
             self._end(f"the successor refused to take over: {reason}")
             return
-        self.supervisor.control.hold(True)
-        self.deadline = time.monotonic() + self.supervisor.quiesce_seconds()
+        self.succession.sup.control.hold(True)
+        self.deadline = time.monotonic() + self.succession.quiesce_seconds()
         self._wait_for_quiet()
 
     def _check_overdue(self) -> None:
@@ -95,29 +98,29 @@ class Reload:
             self.child.kill()  # its EOF ends the check as a refusal
 
     def _wait_for_quiet(self) -> None:
-        sup = self.supervisor
-        if not sup.is_quiet():
+        succession, control = self.succession, self.succession.sup.control
+        if not succession.is_quiet():
             if time.monotonic() < self.deadline:
                 self.loop.call_later(QUIESCE_POLL, self._wait_for_quiet)
                 return
-            sup.control.hold(False)
+            control.hold(False)
             self._end("a write is still waiting for the guest's acknowledgement; try again")
             return
         try:
-            sup.hand_over(self.request)  # returns only if the exec failed
+            succession.hand_over(self.request)  # returns only if the exec failed
         except ShmguardError as exc:
-            sup.control.hold(False)
+            control.hold(False)
             self._end(str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug must end the reload, never leave it half done
             log.exception("reload failed")
-            sup.control.hold(False)
+            control.hold(False)
             self._end(f"internal error ({exc}); see the supervisor's log")
 
     def _end(self, error: str) -> None:
         if self.state_fd >= 0:
             os.close(self.state_fd)
             self.state_fd = -1
-        self.supervisor.reload_ended(self.request, error)
+        self.succession.reload_ended(self.request, error)
 
 
 def check_and_exit(policy, guest_builtin: bool | None, state_fd: int) -> None:
@@ -153,6 +156,110 @@ def exec_successor(state: dict, fds: dict[str, int], before_exec: Callable[[], N
     return error
 
 
+class Succession:
+    """The supervisor's side of a hand-over: reload in place, and the fd store kept current under systemd."""
+
+    def __init__(self, supervisor, fd_store: bool):
+        self.sup = supervisor
+        self.store: StoreKeeper | bool = fd_store  # the StoreKeeper once started (start_store)
+        self.reloading: Reload | None = None
+
+    def start_store(self, inherited: dict[str, int] | None = None, generation: int = 0) -> None:
+        """Under systemd with FileDescriptorStoreMax=: every fd a successor needs goes into the fd store."""
+        if not self.store:
+            return
+        self.store = StoreKeeper(FdStore(), self.sup.loop, self.crash_state)
+        if inherited:
+            self.store.adopt_slots(inherited, generation)
+        fds: dict[str, int] = {"region": self.sup.region.fd}
+        self.sup.server.snapshot(fds)
+        self.sup.control.listener.snapshot(fds, "control-listener")
+        self.store.keep(fds)
+        self.sup.server.on_fds = lambda added, gone: (self.store.keep(added), self.store.forget(gone))
+        self.sup.add_stop_hook(self.store.close)
+
+    def reload(self, request: Request | None = None) -> None:
+        if self.reloading is not None:
+            if request is not None:
+                request.fail("a reload is in progress already")
+            return
+        sdnotify.reloading("reloading: checking the installed shmguard")
+        self.reloading = Reload(self, request)
+        self.reloading.begin()
+
+    def reload_ended(self, request: Request | None, error: str) -> None:
+        """A reload that did not happen: said once, recorded, and the old process goes on serving."""
+        self.reloading = None
+        log.error("reload refused: %s; still serving", error)
+        self.sup.note("reload", result="refused", detail={"reason": error})
+        self.sup.say_ready()
+        if request is not None:
+            request.fail(f"reload refused: {error}")
+
+    def fixed_settings(self) -> dict:
+        return fixed_settings(self.sup.policy, self.sup.guest_options.builtin if self.sup.guest_options else None)
+
+    def quiesce_seconds(self) -> float:
+        return self.shares_wait() + 1.0
+
+    def shares_wait(self) -> float:
+        return float(self.sup.policy.shares.wait_seconds)
+
+    def is_quiet(self) -> bool:
+        """No write in flight or queued: nothing the successor would have to finish."""
+        return self.sup.guest.waiter is None and not self.sup.guest.queue
+
+    def snapshot(self) -> tuple[dict, dict[str, int]]:
+        """Everything a successor exec'd in place needs, as plain data, and the fds it names."""
+        sup = self.sup
+        state, fds = self._serving_state()
+        fds["audit"] = sup.audit.fileno()
+        live_qemu = sup.qemu is not None and not sup.qemu.exited()
+        state.update({"audit": {"path": str(sup.audit.path), "seq": sup.audit.last_seq},
+                      "control": sup.control.snapshot(fds, self.reloading and self.reloading.request),
+                      "qemu": sup.qemu.snapshot(fds) if live_qemu else None,
+                      "guard": sup.guard.snapshot(fds), "exit_code": sup.exit_code})
+        return state, fds
+
+    def crash_state(self) -> dict:
+        """What the fd store's state memfds hold: enough to go on serving the same peers after a crash."""
+        state, fds = self._serving_state()
+        state["control"] = {"listener": self.sup.control.listener.snapshot(fds, "control-listener"),
+                            "connections": []}
+        state["clean"] = self.sup.stopping
+        return state
+
+    def _serving_state(self) -> tuple[dict, dict[str, int]]:
+        """The region and the peers: what both ways to a successor hand over."""
+        sup, fds = self.sup, {"region": self.sup.region.fd}
+        region = {"backend": sup.region.backend, "size": sup.region.size, "path": sup.region.path}
+        return {"version": handover.STATE_VERSION, "fixed": self.fixed_settings(), "pid": os.getpid(),
+                "region": region, "server": sup.server.snapshot(fds), "host_peer": sup.host.id,
+                "guest": sup.guest.plain()}, fds
+
+    def hand_over(self, request: Request | None) -> None:
+        """Record the hand-over, then exec; raises ShmguardError (everything as it was) if the exec failed."""
+        state, fds = self.snapshot()
+        self.sup.record("reload", detail={"successor": successor_argv()[:3], "version": state["version"],
+                                      "peers": sorted(self.sup.server.peers), "qemu": state["qemu"] and
+                                      state["qemu"]["pid"]})
+        log.info("handing over to the installed shmguard (%d fds, state version %d)", len(fds), state["version"])
+
+        def before_exec() -> None:
+            self.sup.guard.release_for_successor()
+            keep_across_exec(self.sup.policy.hardening.capabilities)
+            logging.shutdown()
+
+        error = exec_successor(state, fds, before_exec)
+        os.close(fds.pop("known-good"))
+        raise error
+
+    def keeping_fds(self) -> bool:
+        """Under systemd's fd store the peers and sockets outlive this process: a stop leaves them to systemd (which
+        closes them on `systemctl stop`, and hands them to the next process on a restart)."""
+        return isinstance(self.store, StoreKeeper)
+
+
 class StoreKeeper:
     """The fd store kept current: every fd a successor needs under its name, the state in two memfds in turn."""
 
@@ -163,15 +270,14 @@ class StoreKeeper:
         self.generation = 0
         self._due = False
         for name, fd in zip(handover.STATE_SLOTS, self.slots, strict=True):
+            self.store.remove(name)  # a predecessor's slots (after a crash, a restart or a reload) go
             self.store.store(name, fd)
 
     def adopt_slots(self, inherited: dict[str, int], generation: int) -> None:
-        """After a crash the store still holds the old slots: write to those (ours are dropped)."""
-        for index, name in enumerate(handover.STATE_SLOTS):
+        """After a crash the store handed back the old slots too: ours replaced them; the count goes on."""
+        for name in handover.STATE_SLOTS:
             if name in inherited:
-                self.store.remove(name)
-                self.store.store(name, self.slots[index])
-                os.close(inherited[name])
+                os.close(inherited.pop(name))
         self.generation = generation
 
     def keep(self, fds: dict[str, int]) -> None:

@@ -18,8 +18,6 @@ from .guest_vm import GuestOptions, GuestVM, guest_command
 from .hardening import drop_identity, harden, lock_memory, raise_fd_limit, raise_memlock_limit
 from .host import HostPeer
 from .linux import sdnotify
-from .linux.fdstore import FdStore
-from .linux.hardening import keep_across_exec
 from .linux.signals import SignalWakeup
 from .loop import EventLoop
 from .paths import policy_owners
@@ -35,8 +33,7 @@ log = logging.getLogger("shmguard")
 class Supervisor:
     def __init__(self, policy: Policy, guest: GuestOptions | None = None, fd_store: bool = False):
         self.policy, self.guest_options = policy, guest
-        self.store = succession.StoreKeeper if fd_store else None  # made in start(): kept by systemd across crashes
-        self.reloading: succession.Reload | None = None
+        self.succession = succession.Succession(self, fd_store)  # reload in place; the fd store under systemd
         self.stopping = False
         self.loop = EventLoop()
         self.audit: AuditLog | None = None
@@ -105,7 +102,7 @@ class Supervisor:
         self._harden()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})
-        self.start_store()
+        self.succession.start_store()
         self.say_ready()
         if qemu_argv is not None:
             self.qemu = GuestVM(self.loop, qemu_argv, self._on_qemu_exit)
@@ -114,20 +111,6 @@ class Supervisor:
     def say_ready(self) -> None:
         if not sdnotify.ready(f"serving {self.policy.server.socket}") and "NOTIFY_SOCKET" in os.environ:
             log.warning("could not send READY=1 to NOTIFY_SOCKET %s", os.environ["NOTIFY_SOCKET"])
-
-    def start_store(self, inherited: dict[str, int] | None = None, generation: int = 0) -> None:
-        """Under systemd with FileDescriptorStoreMax=: every fd a successor needs goes into the fd store."""
-        if self.store is None:
-            return
-        self.store = succession.StoreKeeper(FdStore(), self.loop, self.crash_state)
-        if inherited:
-            self.store.adopt_slots(inherited, generation)
-        fds: dict[str, int] = {"region": self.region.fd}
-        self.server.snapshot(fds)
-        self.control.listener.snapshot(fds, "control-listener")
-        self.store.keep(fds)
-        self.server.on_fds = lambda added, gone: (self.store.keep(added), self.store.forget(gone))
-        self.add_stop_hook(self.store.close)
 
     def _harden(self) -> None:
         """Drop what the policy does not need, once the region and sockets exist and before QEMU starts."""
@@ -173,82 +156,10 @@ class Supervisor:
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
             log.info("received SIGHUP: reloading")
-            self.reload()
+            self.succession.reload()
             return
         log.info("received %s: shutting down", signal.Signals(signum).name)
         self.loop.stop()
-
-    # --- reload: hand everything to the installed shmguard, in place -------------------------------------
-
-    def reload(self, request: Request | None = None) -> None:
-        if self.reloading is not None:
-            if request is not None:
-                request.fail("a reload is in progress already")
-            return
-        sdnotify.reloading("reloading: checking the installed shmguard")
-        self.reloading = succession.Reload(self, request)
-        self.reloading.begin()
-
-    def reload_ended(self, request: Request | None, error: str) -> None:
-        """A reload that did not happen: said once, recorded, and the old process goes on serving."""
-        self.reloading = None
-        log.error("reload refused: %s; still serving", error)
-        self.note("reload", result="refused", detail={"reason": error})
-        self.say_ready()
-        if request is not None:
-            request.fail(f"reload refused: {error}")
-
-    def fixed_settings(self) -> dict:
-        return succession.fixed_settings(self.policy, self.guest_options.builtin if self.guest_options else None)
-
-    def quiesce_seconds(self) -> float:
-        return self.shares_wait() + 1.0
-
-    def shares_wait(self) -> float:
-        return float(self.policy.shares.wait_seconds)
-
-    def is_quiet(self) -> bool:
-        """No write in flight or queued: nothing the successor would have to finish."""
-        return self.guest.waiter is None and not self.guest.queue
-
-    def snapshot(self) -> tuple[dict, dict[str, int]]:
-        """Everything a successor needs, as plain data, and the fds it names."""
-        fds: dict[str, int] = {"region": self.region.fd, "audit": self.audit.fileno()}
-        state = {"version": handover.STATE_VERSION, "fixed": self.fixed_settings(), "pid": os.getpid(),
-                 "region": {"backend": self.region.backend, "size": self.region.size, "path": self.region.path},
-                 "audit": {"path": str(self.audit.path), "seq": self.audit.last_seq},
-                 "server": self.server.snapshot(fds), "host_peer": self.host.id,
-                 "guest": self.guest.plain(), "control": self.control.snapshot(fds, self.reloading and
-                                                                                self.reloading.request),
-                 "qemu": self.qemu.snapshot(fds) if self.qemu is not None and not self.qemu.exited() else None,
-                 "guard": self.guard.snapshot(fds), "exit_code": self.exit_code}
-        return state, fds
-
-    def crash_state(self) -> dict:
-        """What the fd store's state memfds hold: enough to go on serving the same peers after a crash."""
-        fds: dict[str, int] = {}
-        return {"version": handover.STATE_VERSION, "fixed": self.fixed_settings(), "pid": os.getpid(),
-                "region": {"backend": self.region.backend, "size": self.region.size, "path": self.region.path},
-                "server": self.server.snapshot(fds), "host_peer": self.host.id, "guest": self.guest.plain(),
-                "control": {"listener": self.control.listener.snapshot(fds, "control-listener"),
-                            "connections": []}, "clean": self.stopping}
-
-    def hand_over(self, request: Request | None) -> None:
-        """Record the hand-over, then exec; raises ShmguardError (everything as it was) if the exec failed."""
-        state, fds = self.snapshot()
-        self.record("reload", detail={"successor": succession.successor_argv()[:3], "version": state["version"],
-                                      "peers": sorted(self.server.peers), "qemu": state["qemu"] and
-                                      state["qemu"]["pid"]})
-        log.info("handing over to the installed shmguard (%d fds, state version %d)", len(fds), state["version"])
-
-        def before_exec() -> None:
-            self.guard.release_for_successor()
-            keep_across_exec(self.policy.hardening.capabilities)
-            logging.shutdown()
-
-        error = succession.exec_successor(state, fds, before_exec)
-        os.close(fds.pop("known-good"))
-        raise error
 
     # --- the control socket --------------------------------------------------------------------------
 
@@ -267,10 +178,10 @@ class Supervisor:
         self.control.route(RingRequest, policy.control.ringers, lambda request: self.host.handle_ring(request))
         self.control.route(StatusRequest, policy.control.readers, self._handle_status)
         # Reloading execs a program: root and the uid the supervisor runs as only, whatever the policy says.
-        self.control.route(ReloadRequest, Access(uids=tuple(sorted({0, os.geteuid()}))), self.reload)
+        self.control.route(ReloadRequest, Access(uids=tuple(sorted({0, os.geteuid()}))), self.succession.reload)
         self.control.on_refused = lambda cred, op, reason: self.note(
             "refused", actor=cred, result="refused", detail={"op": op, "reason": reason})
-        self.add_stop_hook(lambda: self.control.close(keep_socket=self.keeping_fds()))
+        self.add_stop_hook(lambda: self.control.close(keep_socket=self.succession.keeping_fds()))
         if adopt is not None:
             return self.control.adopt(adopt, fd)
         self.control.start()
@@ -324,16 +235,11 @@ class Supervisor:
             self.stop()
         return self.exit_code
 
-    def keeping_fds(self) -> bool:
-        """Under systemd's fd store the peers and sockets outlive this process: a stop leaves them to systemd (which
-        closes them on `systemctl stop`, and hands them to the next process on a restart)."""
-        return isinstance(self.store, succession.StoreKeeper)
-
     def stop(self) -> None:
-        keeping = self.keeping_fds()
+        keeping = self.succession.keeping_fds()
         self.stopping = True
         if keeping and self.server is not None:
-            self.store.write_now()  # the last state, marked as a clean stop
+            self.succession.store.write_now()  # the last state, marked as a clean stop
         for hook in reversed(self._stop_hooks):
             hook()
         self._stop_hooks.clear()

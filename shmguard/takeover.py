@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from . import handover
 from .audit import AuditLog
@@ -35,7 +36,7 @@ class TakeOver:
 
     def run(self) -> None:
         sup, state, policy = self.sup, self.state, self.sup.policy
-        if problems := handover.problems(state, sup.fixed_settings()):
+        if problems := handover.problems(state, sup.succession.fixed_settings()):
             raise ShmguardError(f"cannot take over from {self.inherited.source}: {'; '.join(problems)}")
         raise_fd_limit()
         owners = policy_owners(policy.server.owner, policy.hardening.user)
@@ -68,14 +69,15 @@ class TakeOver:
             self.lost.append(f"fds nobody named in the state ({', '.join(unclaimed)}): closed")
         detail = {"from": self.inherited.source, "peers": sorted(sup.server.peers), "host_peer": sup.host.id,
                   "qemu": sup.qemu.pid if sup.qemu else None, "lost": self.lost,
-                  "clean": bool(state.get("clean", self.from_reload))}
+                  "clean": bool(state.get("clean", self.from_reload)),
+                  "package": str(Path(__file__).resolve().parent)}  # which shmguard took over (an upgrade shows)
         sup.record("take-over", detail=detail)
         for what in self.lost:
             log.warning("take-over: not recovered: %s", what)
         log.info("took over from %s: peers %s, host peer %d%s", self.inherited.source, sorted(sup.server.peers),
                  sup.host.id, f", QEMU pid {sup.qemu.pid}" if sup.qemu else "")
         sup.exit_code = state.get("exit_code", 0)
-        sup.start_store(self.inherited.fds if not self.from_reload else None, state.get("generation", 0))
+        sup.succession.start_store(self.inherited.fds if not self.from_reload else None, state.get("generation", 0))
         sup.say_ready()
         for connection in awaiting:
             connection.pending -= 1

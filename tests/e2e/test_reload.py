@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import shmguard
 from helpers import SHMGUARD, RunningSupervisor, policy_file
 from shmguard.audit import read_records, verify
 from shmguard.client import IvshmemClient
@@ -208,3 +210,45 @@ def _wait_until(predicate, timeout: float, message: str) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(message)
+
+
+def release(directory: Path, state_version: int | None = None) -> Path:
+    """A copy of this shmguard package as another release would install it (optionally speaking another state
+    version: the fault of a release that does not understand the running one's state)."""
+    package = directory / "shmguard"
+    shutil.copytree(Path(shmguard.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    if state_version is not None:
+        handover = package / "handover.py"
+        handover.write_text(handover.read_text().replace("STATE_VERSION = 1\n", f"STATE_VERSION = {state_version}\n"))
+    return package
+
+
+@pytest.mark.parametrize("running_version, refused", [(1, False), (2, True)])
+def test_an_upgrade_in_place_runs_the_newly_installed_code_or_leaves_the_old_serving(tmp_path, monkeypatch,
+                                                                                    running_version, refused):
+    """`python -m shmguard` run from a directory whose `shmguard` is a link to the installed release; the link is
+    switched to another release, as an upgrade would, and the running supervisor reloads."""
+    old, new = release(tmp_path / "old", running_version), release(tmp_path / "new")
+    installed = tmp_path / "installed"
+    installed.mkdir()
+    (installed / "shmguard").symlink_to(old)
+    monkeypatch.chdir(installed)  # python -m puts the working directory first on the module path
+    supervisor = RunningSupervisor(policy_file(tmp_path))
+    try:
+        peer = IvshmemClient(supervisor.socket).connect()
+        (installed / "shmguard").unlink()
+        (installed / "shmguard").symlink_to(new)
+        result = supervisor.cli("reload", "--policy", str(supervisor.policy_path), check=False)
+        records = list(read_records(supervisor.audit))
+        if refused:
+            assert result.returncode != 0
+            assert "state version 2; this shmguard takes version 1 only" in result.stderr, result.stderr
+            assert records[-1]["action"] == "reload" and records[-1]["result"] == "refused"
+        else:
+            assert result.returncode == 0, result.stderr
+            assert records[-1]["action"] == "take-over" and records[-1]["detail"]["package"] == str(new)
+        assert peers_seen(peer)["own_id"] == peer.own_id and supervisor.proc.poll() is None
+        assert status(supervisor)["peers"][-1]["id"] == peer.own_id, "the same peer, served on"
+        peer.close()
+    finally:
+        supervisor.stop()
