@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 import shmguard
-from helpers import SHMGUARD, RunningSupervisor, policy_file
+from helpers import MEMBER_USER, SHMGUARD, RunningSupervisor, as_user, policy_file
 from shmguard.audit import read_records, verify
 from shmguard.client import IvshmemClient
-from shmguard.control import WriteRequest
+from shmguard.control import ControlClient, ReloadRequest, WriteRequest
 from shmguard.guest import build_guest
 from shmguard.qemu import choose_accel, qemu_command
 
@@ -250,5 +250,38 @@ def test_an_upgrade_in_place_runs_the_newly_installed_code_or_leaves_the_old_ser
         assert peers_seen(peer)["own_id"] == peer.own_id and supervisor.proc.poll() is None
         assert status(supervisor)["peers"][-1]["id"] == peer.own_id, "the same peer, served on"
         peer.close()
+    finally:
+        supervisor.stop()
+
+
+def member_asks_for_a_reload(control: str) -> dict:
+    return ControlClient(control, timeout=30).ask(ReloadRequest())
+
+
+def test_a_group_member_may_write_but_not_reload(tmp_path):
+    """Reloading execs a program: root and the supervisor's own uid only, whatever the policy lets members do."""
+    supervisor = RunningSupervisor(policy_file(tmp_path))
+    try:
+        reply = as_user(MEMBER_USER, member_asks_for_a_reload, supervisor.control)
+        assert not reply["ok"] and "may not reload" in reply["error"], reply
+        records = list(read_records(supervisor.audit))
+        assert records[-1]["action"] == "refused" and records[-1]["detail"]["op"] == "reload"
+        assert not any(r["action"] in ("reload", "take-over") for r in records)
+        assert status(supervisor)["host_peer"] == 0 and supervisor.proc.poll() is None
+    finally:
+        supervisor.stop()
+
+
+def test_reloads_asked_at_once_run_one_at_a_time(tmp_path):
+    supervisor = RunningSupervisor(policy_file(tmp_path))
+    try:
+        asked = [subprocess.Popen([*SHMGUARD, "reload", "--policy", str(supervisor.policy_path)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        results = [(p.wait(120), p.stderr.read()) for p in asked]
+        done = [code for code, _ in results if code == 0]
+        refused = [err for code, err in results if code != 0]
+        assert done and all("a reload is in progress already" in err for err in refused), results
+        actions = [r["action"] for r in read_records(supervisor.audit)]
+        assert actions.count("reload") == actions.count("take-over") == len(done)
     finally:
         supervisor.stop()
