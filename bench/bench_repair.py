@@ -46,6 +46,15 @@ def last_page(contents: bytes) -> int:
     return max(0, (stripped - 1) // PAGE * PAGE)
 
 
+def wait_for_qemu(control: str, qemu, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(peer.get("pid") == qemu.pid for peer in ControlClient(control).status().get("peers", [])):
+        if qemu.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"QEMU did not join the ivshmem server: {' | '.join(qemu.read_console()[-5:])}")
+        time.sleep(0.05)
+    time.sleep(0.5)  # joined; let it map the region and realize the device
+
+
 def one_round(fd: int, size: int, pattern: bytes) -> tuple[float, float, int]:
     """(ftruncate ms, broken ms, when it returned): the attacking syscall, then until size and contents are back.
     CLOCK_MONOTONIC is the supervisor's clock too, so its audit record can be set against ours."""
@@ -93,6 +102,7 @@ def main() -> int:
             raise SystemExit(f"policy {args.policy} has no region file to truncate (a sealed memfd refuses it)")
         qemu = start_paused_qemu(policy)
         size, control = policy.region.size, policy.control.socket
+        wait_for_qemu(control, qemu)  # a QEMU that maps the region while it is truncated exits (size 0)
         if args.contents == "message":
             ControlClient(control).write(MESSAGE, text=True)
             pattern = MESSAGE + bytes(size - len(MESSAGE))
