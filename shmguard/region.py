@@ -133,35 +133,12 @@ class Region:
         self._expect_nuls(offset, end, fill_end)
 
     def _nuls_to_write(self, end: int, fill_end: int) -> list[tuple[int, int]]:
-        """The ranges of end..fill_end that must be written with NULs. Our own writes tell where the region should
-        hold NULs already (`self.nuls`: where the last padding went, less what later data covered); everything
-        else of the fill is written (the previous message's bytes, say). The part we expect to be NULs is written
-        only if it does not read as NULs: a peer or the guest may have written there through its mapping, which
-        makes no event. Reading it costs a third of writing it (and dirties nothing); at 4 KiB it is nothing."""
-        if fill_end <= end:
-            return []
-        first, stop = max(end, self.nuls[0]), min(fill_end, self.nuls[1])
-        if first >= stop:
-            return [(end, fill_end)]
-        expected_nuls = self._reads_nuls(first, stop)
-        ranges = [(end, first), (first, stop) if not expected_nuls else (stop, stop), (stop, fill_end)]
-        merged: list[tuple[int, int]] = []
-        for start, finish in ranges:
-            if start >= finish:
-                continue
-            if merged and merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], finish)
-            else:
-                merged.append((start, finish))
-        return merged
+        """The ranges of end..fill_end that must be written with NULs (see nul_ranges). Reading the part expected to
+        hold NULs costs about a third of writing it, and dirties nothing; at 4 KiB it is nothing."""
+        return nul_ranges(end, fill_end, self.nuls, self._reads_nuls)
 
     def _expect_nuls(self, offset: int, end: int, fill_end: int) -> None:
-        """After a write: where the region should now hold NULs (one range, a hint `_nuls_to_write` checks)."""
-        first, stop = self.nuls
-        if fill_end > end:
-            self.nuls = (end, stop if first <= fill_end < stop else fill_end)
-        elif offset < stop and end > first:  # data over the range: keep the part after it, else the part before
-            self.nuls = (end, stop) if end < stop and offset <= first else (first, max(first, offset))
+        self.nuls = nuls_after(self.nuls, offset, end, fill_end)
 
     def _reads_nuls(self, start: int, stop: int) -> bool:
         if self.backend == "memfd":  # sealed: its mapping can never fault
@@ -204,6 +181,40 @@ class Region:
 
     def describe(self) -> dict:
         return {"backend": self.backend, "size": self.size, "path": self.path, "seals": sorted(self.seals())}
+
+
+def nul_ranges(end: int, fill_end: int, expected: tuple[int, int],
+               reads_nuls: Callable[[int, int], bool]) -> list[tuple[int, int]]:
+    """The ranges of the fill end..fill_end to write with NULs. `expected` is where our own writes left NULs (where
+    the last padding went, less what later data covered); the rest of the fill is written (the previous message's
+    bytes, say). The part expected to hold NULs is written only if reads_nuls says it does not: a peer or the guest
+    may have written there through its mapping, which makes no event."""
+    if fill_end <= end:
+        return []
+    first, stop = max(end, expected[0]), min(fill_end, expected[1])
+    if first >= stop:
+        return [(end, fill_end)]
+    ranges = [(end, first), (first, first if reads_nuls(first, stop) else stop), (stop, fill_end)]
+    merged: list[tuple[int, int]] = []
+    for start, finish in ranges:
+        if start >= finish:
+            continue
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], finish)
+        else:
+            merged.append((start, finish))
+    return merged
+
+
+def nuls_after(expected: tuple[int, int], offset: int, end: int, fill_end: int) -> tuple[int, int]:
+    """Where the region should hold NULs after data at offset..end and NULs at end..fill_end (one range: a hint,
+    checked by reading before it is relied on)."""
+    first, stop = expected
+    if fill_end > end:  # the fill, and what was expected beyond it if the two touch
+        return end, stop if first <= fill_end < stop else fill_end
+    if offset < stop and end > first:  # data over the range: keep the part after it, else the part before
+        return (end, stop) if end < stop and offset <= first else (first, max(first, offset))
+    return expected
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from shmguard.region import create_file, create_memfd
+from shmguard.region import create_file, create_memfd, nul_ranges, nuls_after
 
 pytestmark = pytest.mark.pure
 
@@ -154,3 +154,39 @@ def test_random_writes_and_scribbles_read_exactly_as_the_old_padding(region, pee
             peer_mapping[offset:offset + 1] = bytes([rng.randrange(256)])
             model.bytes[offset] = peer_mapping[offset]
     assert region.read(0, SIZE) == model.bytes
+
+
+# --- the two rules, as tables ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end, fill_end, expected, reads_nuls, ranges", [
+    (5, 100, (0, 100), True, []),  # all expected and read as NULs: nothing written
+    (5, 100, (0, 100), False, [(5, 100)]),  # a scribble: all of it
+    (5, 100, (300, 400), True, [(5, 100)]),  # nothing expected there: all of it
+    (5, 100, (40, 100), True, [(5, 40)]),  # the previous message's bytes 5..40 only
+    (5, 100, (40, 100), False, [(5, 100)]),
+    (5, 100, (40, 60), True, [(5, 40), (60, 100)]),
+    (50, 50, (0, 100), True, []),  # no fill
+])
+def test_which_nuls_are_written(end, fill_end, expected, reads_nuls, ranges):
+    looked: list[tuple[int, int]] = []
+
+    def look(start: int, stop: int) -> bool:
+        looked.append((start, stop))
+        return reads_nuls
+
+    assert nul_ranges(end, fill_end, expected, look) == ranges
+    assert all(start >= end and stop <= fill_end for start, stop in looked), "only the fill is read"
+
+
+@pytest.mark.parametrize("expected, offset, end, fill_end, after", [
+    ((40, 100), 0, 5, 100, (5, 100)),  # a shorter message: its fill
+    ((40, 200), 0, 5, 100, (5, 200)),  # the fill touches what was expected beyond it
+    ((150, 200), 0, 5, 100, (5, 100)),  # ... or does not
+    ((40, 100), 10, 20, 20, (40, 100)),  # data elsewhere
+    ((40, 100), 30, 50, 50, (50, 100)),  # data over its start
+    ((40, 100), 60, 70, 70, (40, 60)),  # data inside: the part before it
+    ((40, 100), 0, 120, 120, (40, 40)),  # data over all of it
+])
+def test_where_nuls_are_expected_after_a_write(expected, offset, end, fill_end, after):
+    assert nuls_after(expected, offset, end, fill_end) == after
