@@ -116,11 +116,11 @@ class HostPeer:
         request = self._requests[token]
         try:
             sha = hashlib.sha256(plan.data).hexdigest()
-            self.guard.before_write()  # a hole this write would fill again (and hide) is repaired from the copy
             # Recorded first: if the log cannot be written, the region is not either.
             record = self.recorder.record("write", actor=request.cred, offset=plan.offset, length=len(plan.data),
                                           sha256=sha, detail={"padding": plan.padding})
-            self.region.write(plan.offset, plan.data, zero_fill=plan.padding)
+            # before: a hole this write would fill again (and hide) is repaired from the copy first
+            self.region.write(plan.offset, plan.data, zero_fill=plan.padding, before=self.guard.before_write)
             self.guard.remember(plan.offset, plan.data, plan.padding)  # this write survives every later repair
             reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data)}
             started = time.monotonic()  # the clock starts before the ring: the round trip is ring, guest, ack

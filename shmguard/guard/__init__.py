@@ -106,11 +106,15 @@ class Guard:
 
     # --- the supervisor's hooks --------------------------------------------------------------------------
 
-    def before_write(self) -> None:
-        """For the supervisor to call just before an audited write: a hole the write would fill again (and so hide:
-        a refilled page is whole, with zeros around the written bytes) is repaired from the copy first."""
-        if self.started and self.contents.needs_check():
+    def before_write(self, start: int = 0, end: int | None = None) -> bool:
+        """For the supervisor to call just before an audited write of bytes start..end: a hole the write would fill
+        again (and so hide: a refilled page is whole, with zeros around the written bytes) is repaired from the
+        copy first. Cheap: an fstat, and a look at the pages the write touches (Contents.needs_check).
+        True if it looked, and so may have changed the region."""
+        if self.started and self.contents.needs_check(start, end):
             self.check()
+            return True
+        return False
 
     def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
         """The supervisor's hook after an audited write (data, then zero_fill NULs): it survives every repair."""
@@ -127,8 +131,9 @@ class Guard:
         """Compare the truth with the policy and respond to every difference."""
         self.incidents.begin_check()
         self.names.begin_check()
-        self.attribution.collect()
-        steps = [lambda: self.contents.check(modified, closed),
+        # The contents first: a repair does not wait for the offender to be named (attribution.collect reads the
+        # fanotify queue); a repaired incident whose offender is not known yet waits for it (Incidents.settle).
+        steps = [lambda: self.contents.check(modified, closed), self.attribution.collect,
                  lambda: self.contents.check_opened(opened, self.attribution.openers is not None),
                  self.names.check_attributes, self.names.check_acl]
         if self.target.is_file:

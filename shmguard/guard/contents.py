@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..linux.inodes import free_past_eof
 from ..linux.opener_witness import Opener
 from ..policy import GuardPolicy
-from ..region import pread_all, pwrite_all
+from ..region import CHUNK, is_zero, pwrite_all
 from .entries import FollowUp, Target, region_state
 from .incidents import Incidents
 
@@ -23,6 +23,7 @@ TAMPER_WINDOW_NS = 1_000_000_000  # after a resize or hole, writes until the wri
 HOLE_SEEK_BYTES = 64 << 20  # bytes a scan looks through for holes (SEEK_HOLE costs about 10 us per MiB)
 REFRESH_INTERVAL_NS = 50_000_000  # at most one read of the whole region per interval for the known-good copy
 # Incidents that mean the region's contents cannot be trusted: no known-good copy is taken while one is unresolved.
+PAGE_LOOKS = 32  # a write touching up to this many pages is checked for holes page by page (SEEK_DATA each)
 CONTENT_KINDS = frozenset({"shrink", "grow", "hole", "preallocation", "contents"})
 
 
@@ -44,7 +45,7 @@ def first_hole(fd: int, size: int, offset: int = 0) -> int:
         return size  # ENXIO (offset at the end), or a filesystem without SEEK_HOLE: st_blocks alone decides
 
 
-def fill_holes(fd: int, size: int, contents: bytes | bytearray) -> None:
+def fill_holes(fd: int, size: int, contents: bytes | bytearray | memoryview) -> None:
     """Write the contents into every hole (they read as zeros), so that from now on a hole means a tamper."""
     view, offset = memoryview(contents), 0
     while (hole := first_hole(fd, size, offset)) < size:
@@ -80,31 +81,147 @@ def prepare_allocation(fd: int, size: int, contents: bytes | bytearray, is_file:
     return os.fstat(fd).st_blocks
 
 
-class KnownGood:
-    """The contents a repair puts back: every audited write, and the region as last seen intact."""
+PAGE = 4096  # the unit of the page map (and of tmpfs holes)
+SMALL_WRITE = 16 * PAGE  # a write up to this size has its pages looked at; a larger one marks them all
+_ZERO_CHUNK = memoryview(bytes(CHUNK))
 
-    def __init__(self, contents: bytes):
+
+class KnownGood:
+    """The contents a repair puts back: every audited write, and the region as last seen intact.
+
+    Beside the copy, a map of its pages: 1 where a page may hold a non-zero byte, 0 where it is all NULs (exact
+    after a refresh; a write marks the pages it touches). A region holding a short message is mostly zeros, and a
+    repair after a truncation (which leaves holes, reading as zeros) writes only its marked pages. No operation
+    builds a region-sized temporary: writes go into the copy through a memoryview, a refresh reads CHUNK bytes at
+    a time and keeps only the chunks that changed until it knows the region was intact throughout."""
+
+    def __init__(self, contents: bytes | bytearray):
         self.data = bytearray(contents)
+        self.size = len(self.data)
+        self.view = memoryview(self.data)  # the copy never changes size, so the view stays valid
+        self.pages = bytearray(-(-self.size // PAGE))
+        self._scratch = bytearray(CHUNK)
+        self._map(0, self.size)
+
+    # --- the page map ------------------------------------------------------------------------------------
+
+    def _map(self, start: int, end: int) -> None:
+        """Look again at the pages that hold bytes start..end: a chunk of zeros at once, else page by page."""
+        for at in range(start - start % CHUNK, end, CHUNK):
+            first, stop = max(at, start - start % PAGE), min(at + CHUNK, self.size, -(-end // PAGE) * PAGE)
+            if is_zero(self.view[first:stop]):
+                self.pages[first // PAGE:-(-stop // PAGE)] = bytes(-(-stop // PAGE) - first // PAGE)
+                continue
+            for page in range(first // PAGE, -(-stop // PAGE)):
+                self.pages[page] = not is_zero(self.view[page * PAGE:min((page + 1) * PAGE, self.size)])
+
+    def nonzero_runs(self, start: int = 0, end: int | None = None):
+        """(start, end) byte ranges of runs of marked pages within start..end (page-aligned within it)."""
+        end = self.size if end is None else end
+        first, last = start // PAGE, -(-end // PAGE)
+        page = self.pages.find(1, first, last)
+        while page >= 0:
+            stop = self.pages.find(0, page, last)
+            stop = last if stop < 0 else stop
+            yield max(start, page * PAGE), min(end, stop * PAGE)
+            page = self.pages.find(1, stop, last)
+
+    # --- updates -----------------------------------------------------------------------------------------
 
     def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
-        end = offset + len(data)
-        self.data[offset:end] = data
-        self.data[end:end + zero_fill] = bytes(zero_fill)
+        """An audited write: data at offset, then zero_fill NULs. Only the marked pages of the fill are zeroed."""
+        end, fill_end = offset + len(data), offset + len(data) + zero_fill
+        self.view[offset:end] = data
+        if data and len(data) <= SMALL_WRITE:
+            self._map(offset, end)
+        elif data:  # marked without looking (a page that is zeros after all only costs a repair one more write)
+            self.pages[offset // PAGE:-(-end // PAGE)] = b"\x01" * (-(-end // PAGE) - offset // PAGE)
+        if not zero_fill:
+            return
+        for start, stop in list(self.nonzero_runs(end, fill_end)):
+            for at in range(start, stop, CHUNK):
+                length = min(CHUNK, stop - at)
+                self.view[at:at + length] = _ZERO_CHUNK[:length]
+        whole_first, whole_stop = -(-end // PAGE), fill_end // PAGE  # the pages the fill covers whole: zeros
+        if whole_stop > whole_first:
+            self.pages[whole_first:whole_stop] = bytes(whole_stop - whole_first)
+        if end % PAGE:
+            self._map(end, end + 1)  # the page the data ends in
+        if fill_end % PAGE:
+            self._map(fill_end - 1, fill_end)  # the page the fill ends in
 
     def matches(self, fd: int, size: int) -> bool:
-        return pread_all(fd, size) == self.data
+        """Does the file read exactly as the copy (CHUNK bytes at a time)?"""
+        for start in range(0, size, CHUNK):
+            length = min(CHUNK, size - start)
+            if self._read_chunk(fd, start, length) != self.view[start:start + length]:
+                return False
+        return True
+
+    def _read_chunk(self, fd: int, start: int, length: int) -> bytearray | None:
+        """length bytes at start into the scratch buffer (a new one for a short last chunk); None if short."""
+        buf = self._scratch if length == CHUNK else bytearray(length)
+        done = 0
+        with memoryview(buf) as view:
+            while done < length:
+                got = os.preadv(fd, [view[done:]], start + done)
+                if got == 0:
+                    return None
+                done += got
+        return buf
 
     def refresh(self, fd: int, size: int, full_blocks: int) -> bool:
         """Take the file's contents, only if it is intact (its size, every page allocated and written, none past
-        its end: st_blocks exactly full, no hole) before and after we read it."""
+        its end: st_blocks exactly full, no hole) before and after we read it. Chunks that differ from the copy
+        are held aside until the second look; only they are copied in, and only their pages are mapped again."""
         intact = Allocation(size, full_blocks, size)
         if Allocation.of(fd, size) != intact:
             return False
-        current = pread_all(fd, size)
-        if len(current) != size or Allocation.of(fd, size) != intact:
+        changed: list[tuple[int, bytes]] = []
+        for start in range(0, size, CHUNK):
+            length = min(CHUNK, size - start)
+            chunk = self._read_chunk(fd, start, length)
+            if chunk is None:
+                return False
+            if chunk != self.view[start:start + length]:
+                changed.append((start, bytes(chunk)))
+        if Allocation.of(fd, size) != intact:
             return False
-        self.data[:] = current
+        for start, chunk in changed:
+            self.view[start:start + len(chunk)] = chunk
+        changed_at = {start for start, _ in changed}
+        for start in range(0, size, CHUNK):  # the map exact again: where it changed, and where a large write marked
+            stop = min(size, start + CHUNK)
+            if start in changed_at or self.pages.find(1, start // PAGE, -(-stop // PAGE)) >= 0:
+                self._map(start, stop)
         return True
+
+    # --- repair ------------------------------------------------------------------------------------------
+
+    def put_back(self, fd: int) -> None:
+        """Make the file read exactly as the copy, fast: where it holds data (any bytes at all) the copy goes
+        there whole; where it has holes (they read as zeros: after a truncation, all of it) only the copy's
+        marked pages are written. The holes that remain are filled by fill_holes, after the repair is done."""
+        position = 0
+        while position < self.size:
+            data = next_extent(fd, position, os.SEEK_DATA, self.size)
+            for start, stop in self.nonzero_runs(position, data):  # a hole: zeros, but for the copy's marked pages
+                pwrite_all(fd, self.view[start:stop], start)
+            if data >= self.size:
+                break
+            hole = next_extent(fd, data, os.SEEK_HOLE, self.size)
+            pwrite_all(fd, self.view[data:hole], data)
+            position = hole
+
+
+def next_extent(fd: int, offset: int, whence: int, size: int) -> int:
+    """lseek SEEK_DATA/SEEK_HOLE from offset, at most size. Where the kernel cannot tell, all is taken as data."""
+    try:
+        return min(os.lseek(fd, offset, whence), size)
+    except OSError as exc:
+        if whence == os.SEEK_DATA and exc.errno != errno.ENXIO:
+            return offset  # no SEEK_DATA here: data from offset on (ENXIO: none from offset on)
+        return size
 
 
 class Contents:
@@ -137,9 +254,21 @@ class Contents:
     def start_scans(self) -> None:
         self.loop.call_later(self._scan_s, self._scan)
 
-    def needs_check(self) -> bool:
-        """Is the allocation other than whole (a hole an audited write would fill again, and so hide)?"""
-        return Allocation.of(self.target.fd, self.target.size) != self.intact
+    def needs_check(self, start: int = 0, end: int | None = None) -> bool:
+        """Is the allocation other than whole where a write of bytes start..end lands (a hole the write would fill
+        again, and so hide)? One fstat for all of it (a punch anywhere lowers st_blocks, a resize changes the
+        size); for a page allocated but never written (st_blocks whole) only the pages the write touches are
+        looked at: SEEK_DATA on each of a few, one SEEK_HOLE from the first of many (it walks to the first hole,
+        about 10 us per MiB). A hole elsewhere is not hidden by this write; the scan finds it."""
+        fd, size = self.target.fd, self.target.size
+        end = size if end is None else min(end, size)
+        st = os.fstat(fd)
+        if st.st_size != size or st.st_blocks != self.full_blocks:
+            return True
+        first = start - start % PAGE
+        if end - first <= PAGE_LOOKS * PAGE:
+            return any(next_extent(fd, page, os.SEEK_DATA, size) != page for page in range(first, end, PAGE))
+        return first_hole(fd, size, first) < end
 
     def refresh(self) -> bool:
         """The supervisor's hook after its guest reported (it wrote through its mapping, which makes no inotify
@@ -201,7 +330,7 @@ class Contents:
         if st.st_size != size:
             kind = "shrink" if st.st_size < size else "grow"
             self.incidents.report(kind, path, {"region": region_state(st)}, self.responses.on_resize,
-                                  self._restore_contents)
+                                  self._restore_contents, self._complete_allocation)
             self.tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
         elif self._check_allocation(st, content_response):
             self.tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
@@ -209,7 +338,7 @@ class Contents:
             # `echo hello >` truncates, then writes: a write landing after our repair belongs to the tampering.
             if not self.known_good.matches(fd, size):
                 self.incidents.report("contents", path, {"region": region_state(st)}, content_response,
-                                      self._restore_contents)
+                                      self._restore_contents, self._complete_allocation)
         elif modified:
             self.refresh()  # an in-place write (a member's `dd conv=notrunc`) survives repairs
         if closed:
@@ -227,7 +356,8 @@ class Contents:
         hole = first_hole(fd, size)
         if st.st_blocks < self.full_blocks or hole < size:
             self.incidents.report("hole", path, {"region": region_state(st), "full_blocks": self.full_blocks,
-                                                 "first_hole": hole}, response, self._restore_contents)
+                                                 "first_hole": hole}, response, self._restore_contents,
+                                  self._complete_allocation)
             found = True
         return found
 
@@ -236,10 +366,20 @@ class Contents:
         return {"region": region_state(os.fstat(self.target.fd))}
 
     def _restore_contents(self) -> dict:
+        """Size and contents back, and nothing else: the pages a truncation or a punch left as holes already read
+        as zeros, so only the copy's non-zero pages (and whatever holds data) are written. _complete_allocation
+        follows, once the incident has its time."""
         fd = self.target.fd
         if os.fstat(fd).st_size != self.target.size:
             os.ftruncate(fd, self.target.size)
-        pwrite_all(fd, self.known_good.data, 0)  # every byte written: every page allocated again
+        self.known_good.put_back(fd)
+        return {}
+
+    def _complete_allocation(self) -> dict:
+        """After a repair: the holes it left (zeros, as the copy) written too, so that every page is allocated and
+        written again and from now on a hole means a tamper."""
+        fd = self.target.fd
+        fill_holes(fd, self.target.size, self.known_good.view)
         return {"region": region_state(os.fstat(fd))}
 
     def check_opened(self, opened: bool, openers_held: bool) -> None:

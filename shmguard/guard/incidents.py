@@ -128,7 +128,10 @@ class Incidents:
     def unresolved(self, kinds: frozenset[str]) -> bool:
         return any(kind in kinds for kind, _ in self._outstanding)
 
-    def report(self, kind: str, path: str, before: dict, response: str, repair: Callable[[], dict] | None) -> None:
+    def report(self, kind: str, path: str, before: dict, response: str, repair: Callable[[], dict] | None,
+               complete: Callable[[], dict] | None = None) -> None:
+        """complete: the rest of a repair that the incident's time does not include (what a reader of the region
+        no longer waits for); its result is the state after."""
         key = (kind, path)
         self._seen.add(key)
         signature = json.dumps(before, sort_keys=True, default=str)
@@ -136,6 +139,11 @@ class Incidents:
             return  # already recorded, still unresolved: one record, not one per event
         result, after = respond(response, before, repair)
         done_ns = time.monotonic_ns()
+        if result == "repaired" and complete is not None:
+            try:
+                after = {**after, **complete()}
+            except (OSError, ShmguardError) as exc:  # the contents are back; the next look finds what is left
+                after = {**after, "completion_failed": str(exc)}
         if result in ("alerted", "failed"):
             self._outstanding[key] = signature
         incident = Incident(kind, result, OFFENCES.get(kind, FAN_MODIFY | FAN_ATTRIB), done_ns + ATTRIBUTION_WAIT_NS, {

@@ -399,3 +399,100 @@ def test_before_write_repairs_a_hole_the_write_would_hide(tmp_path):
         guard.close()
         region.close()
         loop.close()
+
+
+# --- the fast repair: only the copy's non-zero pages, then the allocation made whole again -------------------
+
+
+def wait_for_records(loop: EventLoop, records: list[dict], count: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while len(records) < count and time.monotonic() < deadline:
+        loop.run_once(0.05)
+
+
+def test_a_truncated_region_holding_a_message_is_repaired_then_allocated_whole(tmp_path):
+    """The repair writes the message's page into the holes a truncation left (they read as zeros already); the
+    rest of the allocation follows, so the record's state after is whole and the next look finds nothing."""
+    policy = load_policy(str(policy_file(tmp_path, "standard")))
+    region = Region.create(policy.region)
+    records: list[dict] = []
+    loop = EventLoop()
+    guard = guard_alone(policy, region, loop, records)
+    size, message = region.size, b"a message the guest has not read"
+    try:
+        region.write(0, message, zero_fill=size - len(message))
+        guard.remember(0, message, size - len(message))
+        guard.start()
+        full = guard.contents.full_blocks
+        fd = os.open(policy.region.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(3):
+                os.ftruncate(fd, 0)
+                guard.check(modified=True)
+                assert os.pread(fd, size, 0) == message + bytes(size - len(message))
+                assert Allocation.of(fd, size) == Allocation(size, full, size), "every page allocated and written"
+        finally:
+            os.close(fd)
+        wait_for_records(loop, records, 3)
+        guard.check()  # nothing is left to find: no hole the repair left behind
+        wait_for_records(loop, records, 4)
+        assert [(r["detail"]["kind"], r["result"]) for r in records] == [("shrink", "repaired")] * 3
+        assert all(r["detail"]["after"]["region"]["blocks"] == full for r in records)
+    finally:
+        guard.close()
+        os.unlink(policy.region.path)
+        region.close()
+        loop.close()
+
+
+def test_a_truncation_to_half_and_writes_into_the_kept_half_are_all_put_back(tmp_path):
+    """What the file still holds is data, not holes, and may have been written meanwhile: the copy goes there whole."""
+    policy = load_policy(str(policy_file(tmp_path, "standard")))
+    region = Region.create(policy.region)
+    records: list[dict] = []
+    loop = EventLoop()
+    guard = guard_alone(policy, region, loop, records)
+    size = region.size
+    try:
+        region.write(0, b"hello", zero_fill=size - 5)
+        guard.remember(0, b"hello", size - 5)
+        guard.start()
+        fd = os.open(policy.region.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size // 2)
+            os.pwrite(fd, b"scribble", size // 4)  # a page the copy holds as zeros
+            guard.check(modified=True)
+            assert os.pread(fd, size, 0) == b"hello" + bytes(size - 5)
+        finally:
+            os.close(fd)
+    finally:
+        guard.close()
+        os.unlink(policy.region.path)
+        region.close()
+        loop.close()
+
+
+def test_before_write_looks_for_holes_only_where_the_write_lands(tmp_path):
+    """A page allocated again after a punch (st_blocks whole, SEEK_HOLE still sees it) is looked for only in the
+    pages the write touches: one elsewhere is not hidden by the write, and the scan finds it."""
+    policy = load_policy(str(policy_file(tmp_path, "strict")))
+    region = Region.create(policy.region)
+    records: list[dict] = []
+    loop = EventLoop()
+    guard = guard_alone(policy, region, loop, records)
+    try:
+        region.write(5 * PAGE, b"page five")
+        guard.remember(5 * PAGE, b"page five")
+        guard.start()
+        punch(region.fd, 5 * PAGE)
+        fallocate(region.fd, 0, 5 * PAGE, PAGE)  # allocated, never written: st_blocks is whole again
+        assert os.fstat(region.fd).st_blocks == guard.contents.full_blocks
+        assert not guard.before_write(0, 100), "a write of page 0 does not hide a hole in page 5"
+        assert guard.before_write(5 * PAGE + 100, 5 * PAGE + 110)
+        assert os.pread(region.fd, 9, 5 * PAGE) == b"page five"
+        wait_for_records(loop, records, 1)
+        assert [(r["detail"]["kind"], r["result"]) for r in records] == [("hole", "repaired")]
+    finally:
+        guard.close()
+        region.close()
+        loop.close()
