@@ -69,8 +69,10 @@ def _value(value) -> str:
         return _quote(value)
     if isinstance(value, int):
         return int.__repr__(value)
-    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
-        return float.__repr__(value)
+    if isinstance(value, float):  # as json.dumps writes them, NaN and Infinity included (the server refuses those)
+        if value != value:
+            return "NaN"
+        return float.__repr__(value) if abs(value) != float("inf") else ("Infinity" if value > 0 else "-Infinity")
     raise ControlError(f"a control request cannot hold {value!r}")
 
 

@@ -139,6 +139,8 @@ def control_client(policy_name: str, control_path: str | None, timeout: float | 
 
 def write(message, file_path, from_stdin, lines, offset, ring, no_wait, timeout, allow_unterminated, policy_name,
           control_path, as_json) -> int:
+    if timeout != timeout:  # click.FloatRange lets NaN through
+        raise ShmguardError(f"--timeout {timeout}: give a number of seconds above 0 and at most 3600")
     if lines:
         message_bytes(message, file_path, from_stdin, lines)
         from .lines import write_lines
