@@ -347,17 +347,18 @@ class Pipeline:
         return answered
 
     def idle_and_closed(self) -> bool:
-        """Nothing is owed and the supervisor has closed the connection (it does so to an idle one)."""
-        if self.unanswered or self._out:
-            return False
-        poller = select.poll()
-        poller.register(self.connection.fileno(), select.POLLIN)
-        if not poller.poll(0):
+        """Whether the supervisor has closed the connection with nothing owed (it closes one idle for
+        control.idle_seconds); the replies that came are read first. ControlError if it closed with replies owed."""
+        if self._out:
             return False
         try:
-            return self.connection.sock.recv(1, _socket.MSG_PEEK) == b""
-        except OSError:
+            while self._pump(block=False):
+                pass
+        except ControlError:
+            if self.unanswered:
+                raise
             return True
+        return False
 
     def _full(self) -> bool:
         count = len(self.unanswered)
@@ -367,8 +368,9 @@ class Pipeline:
             return True
         return count >= self.window or self._pending_bytes >= self.window_bytes
 
-    def _pump(self, block: bool = True) -> None:
-        """Read what has come and send what the socket takes; with block, wait (up to the timeout) for either."""
+    def _pump(self, block: bool = True) -> bool:
+        """Read what has come and send what the socket takes; with block, wait (up to the timeout) for either.
+        Whether anything happened."""
         connection = self.connection
         poller = select.poll()
         poller.register(connection.fileno(), select.POLLIN | (select.POLLOUT if self._out else 0))
@@ -385,6 +387,7 @@ class Pipeline:
                 except ControlError:  # it hung up: what it said before that says more than EPIPE
                     self._read()
                     raise
+        return bool(events)
 
     def _read(self) -> None:
         try:

@@ -135,6 +135,7 @@ def write_lines(client: ControlClient, region_size: int, stream, *, offset: int 
                 outcome.stopped = (number, problem)
                 break
             if pipeline.idle_and_closed():  # the supervisor closes a connection idle for control.idle_seconds
+                _collect(pipeline, outcome)
                 pipeline.connection.close()
                 pipeline = Pipeline(client.connect(reply_seconds), window)
             pipeline.send(number, write_body(line, offset, True, ring, wait, timeout, allow_unterminated))

@@ -1,0 +1,153 @@
+"""`shmguard write --lines` against a real supervisor: every line one audited write over one connection, each
+written once, in order; a line the client can check stops the run before it is sent; a line the supervisor refuses
+is named, and the summary and exit status say exactly which lines were written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from helpers import SHMGUARD, RunningSupervisor, policy_file
+from shmguard.client import IvshmemClient
+from shmguard.control import ControlClient
+from shmguard.control_client import Pipeline, write_body
+
+SIZE = 4096
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    running = RunningSupervisor(policy_file(tmp_path, region={"size": SIZE}))
+    yield running
+    running.stop()
+
+
+def write_lines(supervisor: RunningSupervisor, data: bytes, *args: str) -> subprocess.CompletedProcess:
+    return supervisor.cli("write", "--lines", "--policy", str(supervisor.policy_path), "--json", *args, input=data,
+                          check=False)
+
+
+def written_shas(supervisor: RunningSupervisor) -> list[str]:
+    return [r["sha256"] for r in supervisor.audit_records() if r["action"] == "write"]
+
+
+def sha(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def region(supervisor: RunningSupervisor) -> bytes:
+    reader = IvshmemClient(supervisor.socket, vectors=2).connect()
+    try:
+        return os.pread(reader.shm_fd, SIZE, 0)
+    finally:
+        reader.close()
+
+
+def test_every_line_is_one_write_in_order_over_one_connection(supervisor):
+    lines = [f"message {n} ".encode() * (1 + n % 5) for n in range(500)] + [b""] + [b"last, no newline"]
+    result = write_lines(supervisor, b"\n".join(lines))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["lines_read"] == summary["written"] == len(lines) and summary["failed"] == []
+    assert summary["written_lines"] == f"1-{len(lines)}"
+    assert written_shas(supervisor) == [sha(line) for line in lines]  # each once, in the order of the lines
+    assert summary["last_seq"] - summary["first_seq"] == len(lines) - 1
+    assert region(supervisor) == b"last, no newline" + bytes(SIZE - 16)
+    log = supervisor.log()
+    assert log.count("control socket: closed") == 0
+
+
+def test_the_supervisor_echoes_ids_so_the_window_opens(supervisor):
+    with ControlClient(supervisor.control).connect(30) as connection:
+        pipeline = Pipeline(connection, 64)
+        for n in range(200):
+            pipeline.send(n, write_body(f"m{n}".encode(), text=True))
+        pipeline.finish()
+        replies = pipeline.take()
+    assert pipeline.echoes is True
+    assert [key for key, _ in replies] == list(range(200)) and all(reply["ok"] for _, reply in replies)
+    assert [reply["id"] for _, reply in replies] == list(range(1, 201))
+
+
+@pytest.mark.parametrize("bad, why", [
+    (b"has a \0 inside", "line 3: a NUL at byte 6"),
+    (b"x" * SIZE, f"line 3: {SIZE} bytes, and the policy's {SIZE}-byte region holds at most {SIZE - 1}"),
+])
+def test_a_line_the_client_can_check_stops_the_run_before_it_is_sent(supervisor, bad, why):
+    before = open(supervisor.audit, "rb").read()
+    result = write_lines(supervisor, b"one\ntwo\n" + bad + b"\nfour\n")
+    assert result.returncode == 1
+    errors = result.stderr.decode().strip().splitlines()
+    assert len(errors) == 1 and why in errors[0] and "(written: 1-2)" in errors[0], errors
+    summary = json.loads(result.stdout)
+    assert summary["written_lines"] == "1-2" and summary["not_sent_from"] == 3 and summary["lines_read"] == 3
+    assert open(supervisor.audit, "rb").read().startswith(before)
+    assert written_shas(supervisor) == [sha(b"one"), sha(b"two")]
+
+
+def test_allow_unterminated_lets_a_line_fill_the_region(supervisor):
+    result = write_lines(supervisor, b"z" * SIZE + b"\n", "--allow-unterminated")
+    assert result.returncode == 0, result.stderr
+    assert region(supervisor) == b"z" * SIZE
+
+
+def test_a_line_the_supervisor_refuses_is_named_and_the_written_lines_are_exact(tmp_path):
+    # The policy says 8 KiB, the supervisor runs with 4 KiB: the client lets a 5000-byte line through, the
+    # supervisor refuses it, and the lines already sent behind it may or may not have been written.
+    supervisor = RunningSupervisor(policy_file(tmp_path, region={"size": 2 * SIZE}), "--size", str(SIZE))
+    try:
+        lines = [b"one", b"two", b"y" * 5000] + [f"after {n}".encode() for n in range(100)]
+        result = write_lines(supervisor, b"\n".join(lines) + b"\n")
+        assert result.returncode == 1
+        errors = result.stderr.decode().strip().splitlines()
+        assert len(errors) == 1 and errors[0].startswith("shmguard: error: line 3: a 5000-byte message does not fit")
+        summary = json.loads(result.stdout)
+        assert [f["line"] for f in summary["failed"]] == [3] and not summary["failed"][0]["written"]
+        assert summary["unknown_lines"] == "" and summary["not_sent_from"] is None
+        written = [n for n in range(1, len(lines) + 1) if n != 3][:summary["written"]]
+        assert written_shas(supervisor) == [sha(lines[n - 1]) for n in written]  # exactly those, each once
+        expected_ranges = "1-2" if len(written) == 2 else f"1-2,4-{written[-1]}"
+        assert summary["written_lines"] == expected_ranges
+    finally:
+        supervisor.stop()
+
+
+def test_ring_applies_to_each_line(supervisor):
+    peer = IvshmemClient(supervisor.socket, vectors=2).connect()
+    try:
+        result = supervisor.cli("write", "--lines", "--ring", f"{peer.own_id}:1", "--policy",
+                                str(supervisor.policy_path), input="a\nb\nc\n")
+        assert result.stdout.splitlines()[0].startswith("wrote 3 of 3 lines at offset 0 (audit seq ")
+        assert "3 rings" in result.stdout
+        rings = [r for r in supervisor.audit_records() if r["action"] == "ring"]
+        assert len(rings) == 3 and all(r["detail"]["peer"] == peer.own_id for r in rings)
+    finally:
+        peer.close()
+
+
+def test_a_connection_closed_while_idle_is_opened_again(tmp_path):
+    supervisor = RunningSupervisor(policy_file(tmp_path, region={"size": SIZE}, control={"idle_seconds": 1}))
+    try:
+        process = subprocess.Popen([*SHMGUARD, "write", "--lines", "--policy", str(supervisor.policy_path)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process.stdin.write(b"before the pause\n")
+        process.stdin.flush()
+        supervisor.wait_for_log("idle for 1 s")
+        time.sleep(0.2)
+        out, err = process.communicate(b"after the pause\n", timeout=60)
+        assert process.returncode == 0, err
+        assert out.decode().startswith("wrote 2 of 2 lines")
+        assert written_shas(supervisor) == [sha(b"before the pause"), sha(b"after the pause")]
+    finally:
+        supervisor.stop()
+
+
+def test_no_lines_is_no_write(supervisor):
+    result = supervisor.cli("write", "--lines", "--policy", str(supervisor.policy_path), input="")
+    assert result.stdout == "wrote 0 of 0 lines at offset 0\n"
+    assert written_shas(supervisor) == []
