@@ -14,7 +14,7 @@ import pytest
 
 from shmguard import cli, lean, policy
 from shmguard.builtin_policies import RECORDED
-from shmguard.control import WriteRequest, encode
+from shmguard.control import WriteRequest, encode, request_echo
 from shmguard.control_client import decode_reply, encode_body
 from shmguard.errors import ControlError, PolicyError
 from shmguard.policy_facts import builtin_dir, client_facts, facts_of_record, loaded_facts, record_of
@@ -223,3 +223,12 @@ def test_replies_are_what_json_loads_reads(reply):
 def test_a_reply_that_is_not_a_json_object_is_one_error(line, words):
     with pytest.raises(ControlError, match=words):
         decode_reply(line, "s")
+
+
+@pytest.mark.parametrize("value, echoed", [
+    (0, True), (7, True), (2 ** 63 - 1, True), (2 ** 63, False), (-1, False), (True, False), (1.0, False),
+    ("7", False), ("x" * 100000, False), ([1] * 1000, False), ({"a": 1}, False), (None, False),
+])
+def test_only_a_bounded_whole_number_id_is_echoed(value, echoed):
+    assert request_echo({"op": "status", "id": value}) == ({"id": value} if echoed else {})
+    assert request_echo({"op": "status"}) == {}
