@@ -151,3 +151,109 @@ def test_no_lines_is_no_write(supervisor):
     result = supervisor.cli("write", "--lines", "--policy", str(supervisor.policy_path), input="")
     assert result.stdout == "wrote 0 of 0 lines at offset 0\n"
     assert written_shas(supervisor) == []
+
+
+# --- the pipeline against a stand-in server on a real socket: replies out of order, no ids, a connection error --
+
+
+class StandIn:
+    """A control server on a real UNIX socket that answers as told: `answer(requests)` returns the reply objects
+    for the requests read so far (or None to read more); after `close_after` replies it hangs up."""
+
+    def __init__(self, tmp_path, answer, close_after: int | None = None):
+        import socket
+        import threading
+
+        self.path = str(tmp_path / "standin.sock")
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen()
+        self.answer, self.close_after, self.most_unanswered = answer, close_after, 0
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        import socket
+
+        sock, _ = self.listener.accept()
+        stream, waiting, sent = b"", [], 0
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            stream += chunk
+            *lines, stream = stream.split(b"\n")
+            waiting += [json.loads(line) for line in lines]
+            time.sleep(0.01)  # anything sent ahead arrives meanwhile
+            try:
+                more = sock.recv(65536, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            except BlockingIOError:
+                more = b""
+            self.most_unanswered = max(self.most_unanswered, len(waiting) + more.count(b"\n"))
+            replies = self.answer(waiting)
+            if replies is None:
+                continue
+            waiting = []
+            for reply in replies:
+                if self.close_after is not None and sent == self.close_after:
+                    sock.sendall(json.dumps({"ok": False, "error": "connection closed: told to"}).encode() + b"\n")
+                    sock.close()
+                    return
+                sock.sendall(json.dumps(reply).encode() + b"\n")
+                sent += 1
+        sock.close()
+
+
+def reply_to(request: dict, echo: bool = True) -> dict:
+    return {"ok": True, "seq": int(request["data"] != ""), "data": request["data"],
+            **({"id": request["id"]} if echo else {})}
+
+
+def run_pipeline(path: str, count: int, window: int = 8):
+    with ControlClient(path, answerers={os.getuid()}).connect(10) as connection:
+        pipeline = Pipeline(connection, window)
+        try:
+            for n in range(count):
+                pipeline.send(n, write_body(f"m{n}".encode(), text=True))
+            pipeline.finish()
+        finally:
+            replies = pipeline.take()
+    return pipeline, replies
+
+
+def test_replies_in_any_order_are_matched_by_id(tmp_path):
+    def reversed_in_fours(waiting):
+        first, last = waiting[0]["id"] == 1, waiting[-1]["id"] == 30  # the first is sent alone, the last may be
+        if len(waiting) < 4 and not (first or last):
+            return None  # hold the replies until four are owed
+        return [reply_to(request) for request in reversed(waiting)]
+
+    server = StandIn(tmp_path, reversed_in_fours)
+    pipeline, replies = run_pipeline(server.path, 30)
+    assert pipeline.echoes and server.most_unanswered > 1
+    assert sorted(key for key, _ in replies) == list(range(30))
+    assert all(reply["data"] == write_body(f"m{key}".encode())["data"] for key, reply in replies)
+    assert [key for key, _ in replies] != list(range(30))  # they did come out of order
+
+
+def test_a_supervisor_that_echoes_no_id_gets_one_request_at_a_time(tmp_path):
+    server = StandIn(tmp_path, lambda waiting: [reply_to(request, echo=False) for request in waiting])
+    pipeline, replies = run_pipeline(server.path, 20)
+    assert pipeline.echoes is False and server.most_unanswered == 1
+    assert [key for key, _ in replies] == list(range(20))
+    assert all(reply["data"] == write_body(f"m{key}".encode())["data"] for key, reply in replies)
+
+
+def test_a_reply_about_the_connection_names_the_requests_left_unknown(tmp_path):
+    from shmguard.errors import ControlError
+
+    server = StandIn(tmp_path, lambda waiting: [reply_to(request) for request in waiting], close_after=5)
+    with ControlClient(server.path, answerers={os.getuid()}).connect(10) as connection:
+        pipeline = Pipeline(connection, 4)
+        with pytest.raises(ControlError, match="connection closed: told to"):
+            for n in range(50):
+                pipeline.send(n, write_body(f"m{n}".encode(), text=True))
+            pipeline.finish()
+        answered = [key for key, _ in pipeline.take()]
+    assert answered == [0, 1, 2, 3, 4]
+    assert list(pipeline.unanswered.values()) == list(range(5, 5 + len(pipeline.unanswered)))
