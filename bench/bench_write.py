@@ -12,10 +12,11 @@ hook's ~20 ms to every process. Against a running `shmguard run --no-guest` (str
 size measured, durable audit log as strict has it):
 - latency of one message, a new process per message as a user or a script would run it:
   `shmguard write -m TEXT --policy strict --control-socket SOCKET` (the built-in policy: read from its record),
-  `shmguard write -m TEXT --policy FILE` (a policy file: parsed and checked), and the seed's script, reduced to
+  `shmguard write -m TEXT --policy FILE` (a policy file: parsed and checked), the first through the click CLI
+  (what every command cost before write took the lean path), and the seed's script, reduced to
   the command it runs for a message that fits: `printf %s "$MSG" | dd of=/dev/shm/FILE ibs=SIZE conv=sync
   status=none` under /bin/sh, against a scratch file of the same size in /dev/shm (dd truncates it and writes
-  SIZE bytes: the message and NUL padding). The three are interleaved message by message, so all see the same
+  SIZE bytes: the message and NUL padding). The four are interleaved message by message, so all see the same
   machine;
 - many messages: one `shmguard write --lines` process writing --lines messages from its standard input (each an
   audited, durable write), its wall time divided by the messages, against the seed's dd once per message
@@ -51,6 +52,7 @@ from shmguard.region import text_payload
 
 WARMUP = 3
 SEED_COMMAND = 'printf %s "$MSG" | dd of={path} ibs={size} conv=sync status=none'
+CLICK_CLI = "import sys; from shmguard.cli import main; main(sys.argv[1:], prog_name='shmguard')"  # click for all
 
 
 def size_label(size: int) -> str:
@@ -114,8 +116,8 @@ def timed_run(argv: list[str], env: dict | None = None) -> float:
 
 def message_latency(supervisor: Supervisor, shmguard: list[str], size: int, message: str,
                     count: int) -> list[Series]:
-    """[write -m with the built-in policy, with a policy file, seed dd] ms per message, interleaved, the order
-    turning round each message."""
+    """[write -m with the built-in policy, with a policy file, through the click CLI, seed dd] ms per message,
+    interleaved, the order turning round each message."""
     fd, scratch = tempfile.mkstemp(prefix="shmguard-bench-seed-", dir="/dev/shm")
     try:
         os.ftruncate(fd, size)
@@ -126,6 +128,9 @@ def message_latency(supervisor: Supervisor, shmguard: list[str], size: int, mess
                   str(supervisor.process.control)], None),
                 (Series("shmguard write -m, policy file"),
                  [*shmguard, "write", "-m", message, "--policy", str(supervisor.policy)], None),
+                (Series("the same through the click CLI"),
+                 [str(Path(shmguard[0]).with_name("python")), "-c", CLICK_CLI, "write", "-m", message, "--policy",
+                  "strict", "--control-socket", str(supervisor.process.control)], None),
                 (Series("seed: printf | dd conv=sync"),
                  ["/bin/sh", "-c", SEED_COMMAND.format(path=scratch, size=size)], seed_env)]
         for number in range(WARMUP + count):

@@ -302,7 +302,8 @@ def control_client(policy_name: str, control_path: str | None, timeout: float | 
 @click.option("--no-wait", is_flag=True, help="Do not wait for the guest's acknowledgement.")
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True),
               help="Seconds to wait for the acknowledgement.")
-@click.option("--allow-unterminated", is_flag=True, help="Let a -m message fill its room with no NUL after it.")
+@click.option("--allow-unterminated", is_flag=True, help="Let a -m message (or a --lines line) fill its room with no "
+              "NUL after it.")
 @policy_option
 @control_option
 @click.option("--json", "as_json", is_flag=True, help="Print the supervisor's reply (with --lines: the summary) "
