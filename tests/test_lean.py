@@ -232,3 +232,30 @@ def test_a_reply_that_is_not_a_json_object_is_one_error(line, words):
 def test_only_a_bounded_whole_number_id_is_echoed(value, echoed):
     assert request_echo({"op": "status", "id": value}) == ({"id": value} if echoed else {})
     assert request_echo({"op": "status"}) == {}
+
+
+def test_a_socket_someone_else_serves_is_refused_before_anything_is_sent():
+    """A local user binds the policy's control socket while no supervisor holds it: nothing is sent to it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    squat_dir = Path(tempfile.mkdtemp(prefix="shmguard-test-squat-", dir="/tmp"))
+    squat_dir.chmod(0o777)
+    path = squat_dir / "control.sock"
+    code = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); "
+            "print('ready', flush=True); c, _ = s.accept(); print(len(c.recv(65536)), flush=True)")
+    for args in (["write", "-m", "secret"], ["write", "--lines"], ["ring", "guest"], ["status"]):
+        squatter = subprocess.Popen(["/usr/bin/python3", "-c", code, str(path)], user="nobody", stdout=subprocess.PIPE,
+                                    text=True)
+        try:
+            assert squatter.stdout.readline() == "ready\n"
+            ours = run_lean([*args, "--control-socket", str(path)], stdin=b"secret\n")
+            assert squatter.stdout.readline() == "0\n"  # it read nothing: the client closed without sending
+        finally:
+            squatter.kill()
+            squatter.wait()
+            path.unlink(missing_ok=True)
+        assert ours.returncode == 1 and b"refused: the socket is served by uid 65534 (nobody" in ours.stderr, args
+        assert ours.stderr.count(b"\n") == 1 and ours.stdout == b""
+    shutil.rmtree(squat_dir)
