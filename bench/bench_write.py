@@ -129,7 +129,7 @@ def message_latency(supervisor: Supervisor, shmguard: list[str], size: int, mess
                 (Series("shmguard write -m, policy file"),
                  [*shmguard, "write", "-m", message, "--policy", str(supervisor.policy)], None),
                 (Series("the same through the click CLI"),
-                 [str(Path(shmguard[0]).with_name("python")), "-c", CLICK_CLI, "write", "-m", message, "--policy",
+                 [str(Path(shmguard[0]).with_name("python")), "-I", "-c", CLICK_CLI, "write", "-m", message, "--policy",
                   "strict", "--control-socket", str(supervisor.process.control)], None),
                 (Series("seed: printf | dd conv=sync"),
                  ["/bin/sh", "-c", SEED_COMMAND.format(path=scratch, size=size)], seed_env)]
