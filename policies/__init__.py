@@ -1,1 +1,1 @@
-"""The built-in policies, installed as the package shmguard.policies (read with importlib.resources)."""
+"""The built-in policies, installed as the package shmguard.policies (the directory of this file: shmguard.policy.BUILTIN_DIR)."""

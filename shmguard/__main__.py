@@ -1,3 +1,5 @@
-from .cli import main
+import sys
 
-main(prog_name="shmguard")
+from .lean import main
+
+sys.exit(main())

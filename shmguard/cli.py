@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from . import lean
 from .errors import ShmguardError
 from .limits import MAX_PEER_ID, MAX_VECTORS, MIN_SIZE
 from .policy import builtin_names, check_policy, load_policy
@@ -290,65 +291,38 @@ def control_option(func):
 def control_client(policy_name: str, control_path: str | None, timeout: float | None = 30.0):
     """The supervisor's control client, talking only to a server the policy trusts (the policy is loaded even with
     --control-socket: it says who that is); a refused request raises with the supervisor's one line."""
-    from .client import answering_uids
-    from .control import ControlClient
+    return lean.control_client(policy_name, control_path, timeout)[0]
 
-    policy = load_policy(policy_name)
-    return ControlClient(control_path or policy.control.socket, answerers=answering_uids(policy), timeout=timeout)
+
+# write, ring and status are lean.py's: `shmguard write ...` runs them without importing click, and these
+# commands (for --help, and for what lean.py leaves to click) call the very same functions.
 
 
 @main.command()
 @click.option("-m", "--message", help="Text to write; NUL padding follows it to the end of the region.")
 @click.option("-f", "--file", "file_path", type=click.Path(dir_okay=False), help="Write this file's bytes as is.")
 @click.option("--stdin", "from_stdin", is_flag=True, help="Write standard input's bytes as is.")
+@click.option("--lines", is_flag=True, help="Write each line of standard input as a text message of its own, over "
+              "one connection, pipelined; print a summary. A line with a NUL or too long for the policy's region is "
+              "not sent; the run stops at the first line that fails and names it.")
 @click.option("--offset", default=0, type=int, show_default=True, help="Where in the region to write.")
-@click.option("--ring", help="After the write is recorded, ring 'guest', 'all', PEER or PEER:VECTOR.")
+@click.option("--ring", help="After the write is recorded, ring 'guest', 'all', PEER or PEER:VECTOR "
+              "(with --lines: after each line).")
 @click.option("--no-wait", is_flag=True, help="Do not wait for the guest's acknowledgement.")
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True),
               help="Seconds to wait for the acknowledgement.")
-@click.option("--allow-unterminated", is_flag=True, help="Let a -m message fill its room with no NUL after it.")
+@click.option("--allow-unterminated", is_flag=True, help="Let a -m message (or a --lines line) fill its room with no "
+              "NUL after it.")
 @policy_option
 @control_option
-@click.option("--json", "as_json", is_flag=True, help="Print the supervisor's reply as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the supervisor's reply (with --lines: the summary) "
+              "as JSON.")
 @user_errors
-def write(message, file_path, from_stdin, offset, ring, no_wait, timeout, allow_unterminated, policy_name,
+def write(message, file_path, from_stdin, lines, offset, ring, no_wait, timeout, allow_unterminated, policy_name,
           control_path, as_json):
     """Write a message into the region through the supervisor: bounded, never resizing, audited."""
-    data = _message_bytes(message, file_path, from_stdin)
-    reply = control_client(policy_name, control_path, timeout=timeout + 30).write(
-        data, offset, text=message is not None, ring=ring, wait=bool(ring) and not no_wait, timeout=timeout,
-        allow_unterminated=allow_unterminated)
-    emit(reply, as_json, _format_write(reply))
-
-
-def _message_bytes(message, file_path, from_stdin) -> bytes:
-    import os
-
-    chosen = [name for name, given in (("-m", message is not None), ("-f", file_path), ("--stdin", from_stdin))
-              if given]
-    if len(chosen) != 1:
-        raise ShmguardError("give exactly one of -m TEXT, -f FILE or --stdin")
-    if message is not None:
-        return os.fsencode(message)  # the argument's bytes exactly, even when they are not UTF-8
-    if from_stdin:
-        return sys.stdin.buffer.read()
-    try:
-        with open(file_path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ShmguardError(f"{file_path}: cannot read: {exc.strerror}") from None
-
-
-def _format_write(reply: dict) -> str:
-    lines = [f"wrote {reply['length']} bytes at offset {reply['offset']} (audit seq {reply['seq']}, "
-             f"sha256 {reply['sha256'][:16]}…)"]
-    for ring in reply.get("rang", []):
-        held = " (held until the guest was ready)" if ring["held_until_ready"] else ""
-        lines.append(f"rang peer {ring['peer']} vector {ring['vector']}{held}")
-    if "ack" in reply:
-        exact = "exactly" if reply["delivered_exactly"] else "WITH A DIFFERENT CHECKSUM"
-        lines.append(f"guest acknowledged in {reply['round_trip_ms']:.1f} ms, delivered {exact}: {reply['ack']}")
-    return "\n".join(lines)
+    sys.exit(lean.write(message, file_path, from_stdin, lines, offset, ring, no_wait, timeout, allow_unterminated,
+                        policy_name, control_path, as_json))
 
 
 @main.command()
@@ -358,9 +332,7 @@ def _format_write(reply: dict) -> str:
 @user_errors
 def ring(target, policy_name, control_path):
     """Ring TARGET through the supervisor: 'guest', 'all', PEER or PEER:VECTOR (audited)."""
-    reply = control_client(policy_name, control_path).ring(target)
-    for rang in reply["rang"]:
-        click.echo(f"rang peer {rang['peer']} vector {rang['vector']}")
+    sys.exit(lean.ring(target, policy_name, control_path))
 
 
 @main.command()
@@ -388,33 +360,7 @@ def status(policy_name, control_path, as_json):
 
     The first line says whether everything is healthy; the exit status is 0 only if it is (a monitoring check).
     """
-    from . import health
-
-    reply = control_client(policy_name, control_path).status()
-    reply.pop("ok", None)
-    problems = health.problems(reply)
-    reply["health"] = {"healthy": not problems, "problems": problems}
-    emit(reply, as_json, health.summary(reply) + "\n" + _format_status(reply))
-    if problems:
-        sys.exit(1)
-
-
-def _format_status(data: dict) -> str:
-    region = data["region"]
-    lines = [f"policy {data['policy']}; region {region['backend']} {region['size']} bytes"
-             + (f" at {region['path']}" if region.get("path") else "")
-             + (f", seals {','.join(region['seals'])}" if region["seals"] else ", not sealed"),
-             f"socket {data['socket']}; host peer {data['host_peer']}"]
-    for peer in data["peers"]:
-        who = "host (this supervisor)" if peer.get("local") else f"pid {peer['pid']} uid {peer['uid']} {peer['exe']}"
-        lines.append(f"  peer {peer['id']}: {peer['vectors']} vectors, {who}")
-    guest = data["guest"]
-    lines.append(f"guest: peer {guest['peer']}, {'ready' if guest['ready'] else 'not ready'}, "
-                 f"{guest['acks']} acks")
-    if "guard" in data:
-        lines.append(f"guard: {json.dumps(data['guard'], sort_keys=True)}")
-    lines.append(f"audit: {data['audit']['path']}, last seq {data['audit']['last_seq']}")
-    return "\n".join(lines)
+    sys.exit(lean.status(policy_name, control_path, as_json))
 
 
 @main.command()

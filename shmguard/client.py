@@ -9,51 +9,25 @@ answering_uids(policy): root, the policy's socket owner and the user the supervi
 from __future__ import annotations
 
 import os
-import pwd
 import select
 import socket
 import stat
 import time
 from collections.abc import Collection
 
+from .control_client import ROOT_ONLY, untrusted_server  # noqa: F401 - who may answer: one check for both clients
 from .errors import ProtocolError
 from .limits import MAX_PEER_ID, MAX_VECTORS, MIN_SIZE, valid_peer_id, valid_region_size
 from .linux import procfs
-from .linux.sockets import peer_credentials
-from .policy import Policy, resolve_uid
+from .policy import Policy
+from .policy_facts import answerers
 from .protocol import PROTOCOL_VERSION, REFUSED_VERSION, SHM_MESSAGE, recv_message, ring_eventfd
-
-ROOT_ONLY = frozenset({0})  # who answers when the caller names nobody: refuse everything else
 
 
 def answering_uids(policy: Policy) -> frozenset[int]:
     """The uids that may serve this policy's sockets: root, the sockets' owner, and hardening.user when set
     (a socket the guard rebinds after the supervisor dropped to that user is that user's)."""
-    uids = {0, policy.server.owner}
-    if policy.hardening.user:
-        try:
-            uids.add(resolve_uid(policy.hardening.user))
-        except ValueError:
-            pass  # a user that does not exist serves nothing
-    return frozenset(uids)
-
-
-def untrusted_server(sock: socket.socket, path: str, answerers: Collection[int]) -> str | None:
-    """Why the server at the other end of the connected sock must not be talked to, or None."""
-    pid, uid, _ = peer_credentials(sock)
-    if uid in answerers:
-        return None
-    trusted = ", ".join(f"{_user_name(u)} ({u})" for u in sorted(answerers))
-    return (f"{path}: refused: the socket is served by uid {uid} ({_user_name(uid)}, pid {pid}), not by the policy's "
-            f"{trusted}; nothing was sent (someone else may have bound the path while no supervisor held it: "
-            "remove it and start the supervisor)")
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return "no such user"
+    return answerers(policy.server.owner, policy.hardening.user)
 
 
 def _readable(fds: list[int], timeout: float | None) -> list[int]:

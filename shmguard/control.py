@@ -2,9 +2,12 @@
 
 Every request is a typed value here: `to_body()` is what a client sends, `parse(body)` what the server makes of
 it (the request, or one line saying why not), so the client's encoding and the server's parsing are one module.
-ControlClient is the one client: it refuses to send anything to a server whose SO_PEERCRED uid the caller did
-not name (by default only root), so a local user who binds the path while no supervisor holds it receives
-nothing. The server side (connections, shares, deadlines) is control_server.py.
+ControlClient (control_client.py, re-exported here) is the one client: it refuses to send anything to a server
+whose SO_PEERCRED uid the caller did not name (by default only root), so a local user who binds the path while no
+supervisor holds it receives nothing. The server side (connections, shares, deadlines) is control_server.py.
+
+A request may carry an "id", a whole number the reply echoes (request_echo), so that pipelined requests on one
+connection are matched to their replies whatever order those come in.
 """
 
 from __future__ import annotations
@@ -12,18 +15,25 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import socket
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .client import ROOT_ONLY, untrusted_server
+from .control_client import (  # noqa: F401 - the client's names, re-exported: shmguard.control is the API
+    DEFAULT_TIMEOUT,
+    MAX_REQUEST_ID,
+    REPLY_SLACK,
+    ControlClient,
+    ControlRefused,
+    encode_body,
+    reload_body,
+    ring_body,
+    status_body,
+    write_body,
+)
 from .errors import ControlError
 from .policy import SharesPolicy
 
 DEFAULT_WAIT_SECONDS = SharesPolicy.wait_seconds  # the policy's bound on a write's timeout, unless it says otherwise
-DEFAULT_TIMEOUT = 60.0  # seconds a waiting write waits for the guest's acknowledgement, unless the request says
-REPLY_SLACK = 30.0  # seconds a client waits for a waiting write's reply beyond the write's own timeout
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,8 @@ class WriteRequest:
     allow_unterminated: bool = False
 
     def to_body(self) -> dict:
-        return {"op": self.OP, "data": base64.b64encode(self.data).decode(), "offset": self.offset,
-                "text": self.text, "ring": self.ring, "wait": self.wait, "timeout": self.timeout,
-                "allow_unterminated": self.allow_unterminated}
+        return write_body(self.data, self.offset, self.text, self.ring, self.wait, self.timeout,
+                          self.allow_unterminated)
 
     @classmethod
     def from_body(cls, body: dict, wait_seconds: float) -> WriteRequest:
@@ -63,7 +72,7 @@ class RingRequest:
     target: str
 
     def to_body(self) -> dict:
-        return {"op": self.OP, "target": self.target}
+        return ring_body(self.target)
 
     @classmethod
     def from_body(cls, body: dict, wait_seconds: float) -> RingRequest:
@@ -75,7 +84,7 @@ class StatusRequest:
     OP: ClassVar[str] = "status"
 
     def to_body(self) -> dict:
-        return {"op": self.OP}
+        return status_body()
 
     @classmethod
     def from_body(cls, body: dict, wait_seconds: float) -> StatusRequest:
@@ -89,7 +98,7 @@ class ReloadRequest:
     OP: ClassVar[str] = "reload"
 
     def to_body(self) -> dict:
-        return {"op": self.OP}
+        return reload_body()
 
     @classmethod
     def from_body(cls, body: dict, wait_seconds: float) -> ReloadRequest:
@@ -129,7 +138,16 @@ def parse(body: dict, wait_seconds: float = DEFAULT_WAIT_SECONDS) -> ControlRequ
 
 def encode(request: ControlRequest) -> bytes:
     """The request as the line a client sends."""
-    return json.dumps(request.to_body()).encode() + b"\n"
+    return encode_body(request.to_body())
+
+
+def request_echo(body: dict) -> dict:
+    """What a reply to this request object echoes: its "id" when that is a whole number from 0 to MAX_REQUEST_ID
+    (anything else is not echoed: a reply never grows with what the request sent)."""
+    value = body.get("id")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REQUEST_ID:
+        return {"id": value}
+    return {}
 
 
 def _decode_data(value) -> bytes:
@@ -152,90 +170,3 @@ def _whole_number(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ControlError(f"{name} {value!r} must be a whole number")
     return value
-
-
-# --- the client ------------------------------------------------------------------------------------------
-
-
-class ControlRefused(ControlError):
-    """The supervisor answered, and refused: str() is its one line, `reply` the whole reply (a write whose
-    acknowledgement timed out still carries its seq)."""
-
-    def __init__(self, reply: dict):
-        super().__init__(str(reply.get("error", "the supervisor refused the request")))
-        self.reply = reply
-
-    def __reduce__(self):  # pickled whole (a test's forked child sends it back to its parent)
-        return type(self), (self.reply,)
-
-
-class ControlClient:
-    """Requests to the supervisor at `path`, one connection each, sent only to a server whose uid is in
-    `answerers` (the CLI passes client.answering_uids(policy)); `timeout` bounds each reply (None: no bound)."""
-
-    def __init__(self, path: str, answerers: Collection[int] = ROOT_ONLY, timeout: float | None = 30.0):
-        self.path, self.answerers, self.timeout = path, frozenset(answerers), timeout
-
-    def write(self, data: bytes, offset: int = 0, *, text: bool = False, ring: str | None = None, wait: bool = False,
-              timeout: float = DEFAULT_TIMEOUT, allow_unterminated: bool = False) -> dict:
-        return self.call(WriteRequest(data, offset, text, ring, wait, timeout, allow_unterminated))
-
-    def ring(self, target: str) -> dict:
-        return self.call(RingRequest(target))
-
-    def status(self) -> dict:
-        return self.call(StatusRequest())
-
-    def reload(self) -> dict:
-        return self.call(ReloadRequest())
-
-    def call(self, request: ControlRequest) -> dict:
-        """The reply of a request the supervisor carried out; ControlRefused (a ControlError) if it refused it."""
-        reply = self.ask(request)
-        if not reply.get("ok"):
-            raise ControlRefused(reply)
-        return reply
-
-    def ask(self, request: ControlRequest) -> dict:
-        """The reply as the supervisor sent it, ok or not; ControlError if none came."""
-        return self.exchange(encode(request), self._reply_seconds(request))
-
-    def exchange(self, line: bytes, timeout: float | None = None) -> dict:
-        """Send one line and read one reply line: for requests that are not typed on purpose (hostile-input
-        tests); everything else goes through ask()."""
-        path = self.path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-            if (why := untrusted_server(sock, path, self.answerers)) is not None:
-                raise ControlError(why)
-            sock.sendall(line)
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    raise ControlError(f"{path}: the supervisor closed the connection without a reply")
-                reply += chunk
-        except TimeoutError:
-            raise ControlError(f"{path}: no reply from the supervisor within {timeout:g} s") from None
-        except FileNotFoundError:
-            raise ControlError(f"{path}: no control socket (is `shmguard run` running with this policy?)") from None
-        except PermissionError:
-            raise ControlError(f"{path}: permission denied (the policy's control socket mode/group)") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"{path}: nothing is listening (stale socket: is the supervisor running?)") from None
-        except OSError as exc:
-            raise ControlError(f"{path}: cannot talk to the supervisor: {exc.strerror or exc}") from None
-        finally:
-            sock.close()
-        try:
-            return json.loads(reply)
-        except ValueError:
-            raise ControlError(f"{path}: the reply is not JSON") from None
-
-    def _reply_seconds(self, request: ControlRequest) -> float | None:
-        """A write that waits for the guest may take its own timeout, and then some, to be answered."""
-        if self.timeout is None or not (isinstance(request, WriteRequest) and request.wait):
-            return self.timeout
-        return max(self.timeout, request.timeout + REPLY_SLACK)

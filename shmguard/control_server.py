@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from .control import ControlRequest, parse, parse_line
+from .control import ControlRequest, parse, parse_line, request_echo
 from .errors import ShmguardError
 from .linux.sockets import PeerCred
 from .loop import EventLoop
@@ -54,14 +54,15 @@ class Request:
     message: ControlRequest | None  # None only in a refusal sent before the request was parsed
     cred: PeerCred
     connection: Connection
+    echo: dict = field(default_factory=dict)  # the request's "id", echoed in its reply (control.request_echo)
 
     def reply(self, **fields) -> None:
         self.connection.pending -= 1
-        self.connection.send({"ok": True, **fields})
+        self.connection.send({"ok": True, **fields, **self.echo})
 
     def fail(self, error: str, **fields) -> None:
         self.connection.pending -= 1
-        self.connection.send({"ok": False, "error": _clip(error), **fields})
+        self.connection.send({"ok": False, "error": _clip(error), **fields, **self.echo})
 
 
 Handler = Callable[[Request], None]
@@ -411,24 +412,24 @@ class ControlServer:
         if isinstance(body, str):
             connection.send({"ok": False, "error": _clip(f"malformed request: {body}")})
             return
-        op = body["op"]
+        op, echo = body["op"], request_echo(body)
         if op not in self.handlers:
             connection.send({"ok": False, "error": _clip(f"unknown op {op[:64]!r} (known: "
-                                                         f"{', '.join(sorted(self.handlers))})")})
+                                                         f"{', '.join(sorted(self.handlers))})"), **echo})
             return
         access, handler = self.handlers[op]
         connection.pending += 1
         if not access.admits(connection.cred.uid, connection.cred.gid, connection.cred.groups):
             reason = f"uid {connection.cred.uid} may not {op} (policy control section)"
             self.on_refused(connection.cred, op, reason)
-            Request(op, None, connection.cred, connection).fail(reason)
+            Request(op, None, connection.cred, connection, echo).fail(reason)
             connection.close()  # one refusal, one record: a client with no rights cannot flood the log
             return
         message = parse(body, self.shares.wait_seconds)  # only for those allowed: a refusal says nothing more
         if isinstance(message, str):
-            Request(op, None, connection.cred, connection).fail(message)
+            Request(op, None, connection.cred, connection, echo).fail(message)
             return
-        request = Request(op, message, connection.cred, connection)
+        request = Request(op, message, connection.cred, connection, echo)
         try:
             handler(request)
         except ShmguardError as exc:

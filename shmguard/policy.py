@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import grp
-import importlib.resources
 import json
 import os
 import pwd
@@ -22,9 +21,11 @@ from pathlib import Path
 from .errors import PolicyError, ShmguardError
 from .limits import MAX_VECTORS, MIN_SIZE, PEER_IDS
 from .paths import check_directory_chain, file_kind
+from .policy_facts import builtin_dir
 
-# policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip).
-BUILTIN_DIR = Path(str(importlib.resources.files("shmguard.policies")))
+# policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip). Its __file__,
+# not importlib.resources, which costs a command that reads a policy more to import than the policy module itself.
+BUILTIN_DIR = Path(builtin_dir())
 LOCAL_DIR = Path("/etc/shmguard")  # NAME.toml here takes the place of the built-in NAME
 RESPONSES = ("block", "repair", "alert")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
