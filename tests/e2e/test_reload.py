@@ -52,14 +52,26 @@ def ring_both_ways(a: IvshmemClient, b: IvshmemClient) -> int:
     return rung
 
 
-def reload_while_ringing(supervisor: RunningSupervisor, a: IvshmemClient, b: IvshmemClient) -> int:
-    """`shmguard reload` runs while the peers ring each other; it exits 0 once the successor serves."""
+def reload_while_ringing(supervisor: RunningSupervisor, a: IvshmemClient, b: IvshmemClient, number: int,
+                         sent: list[str]) -> int:
+    """`shmguard reload` runs while the peers ring each other and a writer sends messages (held while the hand-over
+    is prepared, answered by whichever process serves them); it exits 0 once the successor serves."""
     drain_notifications(supervisor)
     reload = subprocess.Popen([*SHMGUARD, "reload", "--policy", str(supervisor.policy_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([*SHMGUARD, "write", "--policy", str(supervisor.policy_path), "--lines", "--ring",
+                               "guest"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    during = [f"during reload {number:02d} message {k}" for k in range(3)]
+    writer.stdin.write("".join(f"{text}\n" for text in during))
+    writer.stdin.close()
     rung = 0
-    while reload.poll() is None:
+    while reload.poll() is None or writer.poll() is None:
         rung += ring_both_ways(a, b)
+    werr = writer.stderr.read()
+    writer.wait()
+    assert writer.returncode == 0, f"the writer failed: {werr}\n{supervisor.log_tail()}"
+    sent.extend(during)
     out, err = reload.communicate()
     assert reload.returncode == 0, f"reload failed: {err}\n{supervisor.log_tail()}"
     assert out.startswith("reloaded: pid "), out
@@ -98,7 +110,7 @@ def run_reloads(supervisor: RunningSupervisor, console, guest_pid: int) -> None:
             text = f"before reload {n:02d}"
             send(supervisor, text)
             sent.append(text)
-            rung += reload_while_ringing(supervisor, a, b)
+            rung += reload_while_ringing(supervisor, a, b, n, sent)
             rung += ring_both_ways(a, b)
             after = status(supervisor)
             assert after["host_peer"] == before["host_peer"]
@@ -119,6 +131,7 @@ def run_reloads(supervisor: RunningSupervisor, console, guest_pid: int) -> None:
     assert result.ok, result.summary()
     actions = [record["action"] for record in read_records(supervisor.audit)]
     assert actions.count("reload") == RELOADS and actions.count("take-over") == RELOADS
+    assert actions.count("write") == len(sent), "every message recorded once"
     during = actions[actions.index("reload"):len(actions) - actions[::-1].index("take-over")]
     assert "peer-leave" not in during and "peer-join" not in during, "nobody left or joined during the reloads"
 
