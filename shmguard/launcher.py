@@ -163,7 +163,9 @@ def run_overrides(run_args: tuple[str, ...] | list[str]) -> dict[str, str]:
     for i, arg in enumerate(args):
         name, equals, value = arg.partition("=")
         if name in OVERRIDES:
-            if not equals and i + 1 < len(args):
+            if not equals:
+                if i + 1 == len(args):
+                    break
                 value = args[i + 1]
             found[OVERRIDES[name]] = value
     return found
