@@ -152,6 +152,14 @@ def relocate_policy(source: str, directory: Path, *, policy_path: Path | None = 
     return path
 
 
+def _uid_of(user: str) -> int | None:
+    """The uid a supervisor drops to; None if it drops to none, or to a user that does not exist (it says so)."""
+    try:
+        return pwd.getpwnam(user).pw_uid if user else None
+    except KeyError:
+        return None
+
+
 OVERRIDES = {"--size": "size", "--vectors": "vectors", "--socket": "socket", "--control-socket": "control_socket",
              "--audit-log": "audit_log"}
 
@@ -210,7 +218,7 @@ class ThrowawaySupervisor(SupervisorProcess):
         self.socket, self.control = self.policy.server.socket, self.policy.control.socket
         self.audit = self.policy.audit.path
         self.region_path = self.policy.region.path if self.policy.region.backend == "file" else None
-        owner = pwd.getpwnam(self.policy.hardening.user).pw_uid if self.policy.hardening.user else None
+        owner = _uid_of(self.policy.hardening.user)
         args = ["--policy", str(self.policy_path), *([] if guest else ["--no-guest"]), *run_args]
         try:
             super().__init__(args, self.log_path, self.directory / "notify", timeout, owner)
