@@ -36,6 +36,8 @@ def test_a_relocated_policy_lives_in_its_directory_and_goes_with_it():
         reply = supervisor.client().write(b"hello", text=True)
         assert [r["seq"] for r in supervisor.audit_records() if r["action"] == "write"] == [reply["seq"]]
         assert supervisor.wait_for_log(r"serving (\S+)").group(1) == supervisor.socket
+        with pytest.raises(ShmguardError, match="'never said' not in the supervisor's log within 0.3 s"):
+            supervisor.wait_for_log("never said", timeout=0.3)
     finally:
         assert supervisor.stop() == 0
     assert not directory.exists() and not os.path.exists(region)
