@@ -1,5 +1,6 @@
 """What the benchmarks share: figures (nearest-rank percentiles, series of timings), timed loops with a warm-up,
-and the file system under a directory. A benchmark starts its supervisor with shmguard.launcher.ThrowawaySupervisor.
+and the file system under a directory. A benchmark starts its supervisor with shmguard.launcher.ThrowawaySupervisor,
+the one way the tests, `shmguard attack` and the demo start theirs too.
 
 A benchmark run as `.venv/bin/python bench/NAME.py` (from the repository or from bench/) has bench/ first on its
 module path, so `import common` finds this file.

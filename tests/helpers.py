@@ -1,85 +1,58 @@
-"""Test helpers: policies in a temporary directory, a supervisor in a real child process, real uids."""
+"""Test helpers: policies in a temporary directory, a supervisor in a real child process, real uids.
+
+policy_file and RunningSupervisor are thin uses of shmguard.launcher (relocate_policy, ThrowawaySupervisor), the
+one way a supervisor of its own is started, here with the places and the names the tests expect.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import pwd
-import re
 import shutil
 import signal
-import subprocess
 import tempfile
-import time
 import tomllib
 import uuid
 from pathlib import Path
 
-from shmguard.control import ControlClient
-from shmguard.launcher import SHMGUARD, SupervisorProcess
-from shmguard.policy import relocated_policy_text
+from shmguard.launcher import SHMGUARD, ThrowawaySupervisor, relocate_policy
 
-SOCKET_DIRS: list[Path] = []  # made by policy_file under /tmp; removed when the session ends (conftest.py)
+__all__ = ["MEMBER_USER", "OUTSIDER_USER", "SHMGUARD", "SOCKET_DIRS", "RunningSupervisor", "as_user", "policy_file"]
+
+SOCKET_DIRS: list[Path] = []  # made under /tmp here; removed when the session ends (conftest.py)
 MEMBER_USER = "shmguard-member"  # a system user in the ivshmem group (created by scripts/bootstrap)
 OUTSIDER_USER = "nobody"
 
 
 def policy_file(tmp_path: Path, base: str = "strict", **sections: dict) -> Path:
-    """A copy of a built-in policy with its paths moved into tmp_path and `sections` merged over it."""
-    tag = uuid.uuid4().hex[:8]
+    """A copy of a built-in policy in tmp_path (with its audit log, so both outlive the supervisor), its sockets in
+    a short directory of their own under /tmp (mode 0755: the sockets' own modes decide who gets in), its region
+    file (if any) under /dev/shm, and `sections` merged over it."""
     sockets = Path(tempfile.mkdtemp(prefix="shmguard-test-", dir="/tmp"))
     SOCKET_DIRS.append(sockets)
-    sockets.chmod(0o755)  # reachable by the unprivileged uids of attack tests; the sockets' own modes decide
-    path = tmp_path / f"{base}-{tag}.toml"
-    path.write_text(relocated_policy_text(base, socket_dir=sockets, audit_log=tmp_path / "audit.log",
-                                          region_path=f"/dev/shm/shmguard-test-{tag}", **sections))
-    return path
+    sockets.chmod(0o755)  # reachable by the unprivileged uids of attack tests
+    return relocate_policy(base, sockets, policy_path=tmp_path / f"{base}-{uuid.uuid4().hex[:8]}.toml",
+                           audit_log=tmp_path / "audit.log", region_prefix="shmguard-test-", **sections)
 
 
-class RunningSupervisor(SupervisorProcess):
-    """`shmguard run --policy FILE` in a child process (--no-guest unless guest=True), ready at READY=1."""
+class RunningSupervisor(ThrowawaySupervisor):
+    """`shmguard run --policy FILE` in a child process (--no-guest unless guest=True), ready at READY=1: the
+    ThrowawaySupervisor of an existing policy file, run as it is. Its log and notify socket are in a directory of
+    their own; stop() also removes the policy's socket directory (policy_file made it). `policy` is the file's
+    TOML as a dict; the rest (socket, control, audit, region_path, log(), wait_for_log(), audit_records(),
+    client(), cli(), restart()) is ThrowawaySupervisor's."""
 
     def __init__(self, policy_path: Path, *args: str, guest: bool = False, timeout: float = 60.0):
-        self.policy_path = policy_path
-        self.policy = tomllib.loads(policy_path.read_text())
-        self.socket = self.policy["server"]["socket"]
-        self.control = self.policy["control"]["socket"]
-        self.audit = self.policy["audit"]["path"]
-        self.region_path = self.policy["region"].get("path") if self.policy["region"]["backend"] == "file" else None
-        args = args if guest else ("--no-guest", *args)
-        # The notify socket sits beside the sockets, reachable by a supervisor that drops to another user.
-        super().__init__(["--policy", str(policy_path), *args], policy_path.with_suffix(".log"),
-                         Path(self.socket).with_name("notify"), timeout, notify_mode=0o622)
+        super().__init__(str(policy_path), *args, guest=guest, relocate=False, prefix="shmguard-test-run-",
+                         timeout=timeout)
+        SOCKET_DIRS.append(self.directory)  # a supervisor killed and never stopped leaves it until the end
+        self.policy = tomllib.loads(Path(policy_path).read_text())
 
-    def client(self, timeout: float | None = 30.0) -> ControlClient:
-        """The control client for this supervisor (every request a test sends on purpose goes through it)."""
-        return ControlClient(self.control, timeout=timeout)
-
-    def wait_for_log(self, pattern: str, timeout: float = 60) -> re.Match:
-        """The first match of a regular expression in the supervisor's log, once it appears."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if match := re.search(pattern, self.log()):
-                return match
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not in the supervisor's log within {timeout} s:\n{self.log()}")
-
-    def audit_records(self) -> list[dict]:
-        with open(self.audit) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def cli(self, *args: str, input: str | bytes | None = None, check: bool = True, timeout: float = 60):
-        """Run a shmguard subcommand against this supervisor's policy."""
-        result = subprocess.run([*SHMGUARD, *args], input=input, capture_output=True, timeout=timeout,
-                                text=not isinstance(input, bytes))
-        if check and result.returncode != 0:
-            raise AssertionError(f"shmguard {' '.join(args)} exited {result.returncode}: {result.stderr}")
-        return result
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        status = super().stop(sig, timeout)
-        shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)  # the per-test socket directory
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30, remove: bool | None = None) -> int:
+        status = super().stop(sig, timeout, remove)
+        if remove is not False:
+            shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)  # the per-test socket directory
         return status
 
 
