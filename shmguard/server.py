@@ -58,23 +58,26 @@ def actor_of(cred: PeerCred) -> Actor:
 
 
 class PeerLog:
-    """The log's lines about joins, leaves and refusals, at most BURST a PERIOD at INFO; the rest at DEBUG, counted
-    and summed up in one INFO line with the first event of the next period. Each one is in the audit log anyway:
-    a peer that joins in a loop must not cost a log line (and the journal's disk) per join."""
+    """The log's lines about joins, leaves and refusals: of each kind at most BURST a PERIOD at their level, the
+    rest at DEBUG, counted and summed up in one INFO line with the first event of the next period. Each one is in
+    the audit log anyway: a peer that joins in a loop must not cost a log line (and the journal's disk) per join,
+    nor hide the first refusals of the next kind."""
 
     BURST, PERIOD = 20, 60.0
 
     def __init__(self, logger: logging.Logger):
-        self.log, self.tokens, self.since = logger, self.BURST, time.monotonic()
+        self.log, self.since = logger, time.monotonic()
+        self.said: Counter[str] = Counter()
         self.held: Counter[str] = Counter()
 
     def say(self, kind: str, level: int, message: str, *args) -> None:
         now = time.monotonic()
         if now - self.since >= self.PERIOD:
             self.flush()
-            self.tokens, self.since = self.BURST, now
-        if self.tokens:
-            self.tokens -= 1
+            self.said.clear()
+            self.since = now
+        if self.said[kind] < self.BURST:
+            self.said[kind] += 1
             self.log.log(level, message, *args)
         else:
             self.held[kind] += 1
@@ -83,8 +86,8 @@ class PeerLog:
     def flush(self) -> None:
         if self.held:
             counts = ", ".join(f"{count} {kind}" for kind, count in sorted(self.held.items()))
-            self.log.info("%s in the last %.0f s not logged one by one (at most %d lines a period; each is in the "
-                          "audit log)", counts, time.monotonic() - self.since, self.BURST)
+            self.log.info("%s in the last %.0f s not logged one by one (at most %d of each a minute; each is in "
+                          "the audit log)", counts, time.monotonic() - self.since, self.BURST)
             self.held.clear()
 
 
