@@ -1,11 +1,21 @@
-"""Peer joins against `shmguard run --no-guest`: throughput and latency, next to two baselines from the same run.
+"""Peer joins against `shmguard run --no-guest`, next to QEMU's own C ivshmem-server in the same run.
 
-    .venv/bin/python bench/bench_join.py [--count N] [--rounds N] [--durable]
+    .venv/bin/python bench/bench_join.py [--joins N] [--clients N] [--rounds N] [--dir DIR]
+    .venv/bin/python bench/bench_join.py --table [--count N] [--rounds N] [--durable]
 
-A join is IvshmemClient(...).connect(): connect, then the whole greeting read and checked (its fds included);
-then the client closes, and the next join starts. Configurations: 1, 8 and 64 vectors, with 0 and 8 idle peers
-connected (they read everything, as QEMU does, so each join also costs the announcements to them).
-Baselines, measured in the same run with the same client code where it applies:
+The joins row (issue 11): joins per second at 1 vector, audit log durable and not, against QEMU's contrib
+ivshmem-server built from Debian's qemu source package (tools/qemu_contrib.py), with the same churn client
+(bench/churn.c, compiled with gcc at the start: connect, read the whole greeting with its fds, close; --clients
+of them at once, --joins joins each). Both servers greet with the same words and fds: shmguard's own peer is
+always there, so the C server has one idle peer connected that reads everything (and so also hears every join
+and leave, which shmguard's own peer does not need to); the C server with no peer at all is printed too. Rounds
+alternate between the servers; each figure is the best of --rounds. The audit log is in --dir (/var/tmp by
+default: a durable record is an fsync there; tmpfs would make it free), whose file system is printed.
+
+--table: the latency table of earlier rounds: 1, 8 and 64 vectors, with 0 and 8 idle peers connected (they read
+everything, as QEMU does, so each join also costs the announcements to them), one sequential Python client.
+A join there is IvshmemClient(...).connect(): connect, then the whole greeting read and checked (its fds
+included). Baselines, measured in the same run with the same client code where it applies:
   bare  a connect + accept + close round trip on a UNIX socket (the floor of any join);
   ref   a minimal ivshmem server (a forked child, no authentication, no log, no audit, no queues, nobody to
         announce joins to) that sends the same greeting, the host's and the idle peers' vectors included:
@@ -19,14 +29,17 @@ import argparse
 import array
 import itertools
 import os
+import shutil
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import percentile
+from common import file_system_of, percentile
 
 from shmguard.client import IvshmemClient
 from shmguard.launcher import ThrowawaySupervisor
@@ -35,6 +48,9 @@ from shmguard.protocol import MESSAGE, recv_message
 VECTORS = (1, 8, 64)
 IDLE = (0, 8)
 RUNS = itertools.count()
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tools"))
+GOALS = {False: 0.5, True: 0.25}  # issue 11: joins/s at 1 vector as a fraction of the C server's
 
 
 # --- what is measured ----------------------------------------------------------------------------------------
@@ -195,15 +211,156 @@ def measure_bare(directory: Path, count: int) -> list[float]:
         stop(pid)
 
 
+# --- the joins row: shmguard against QEMU's C server, one churn client --------------------------------------
+
+
+def build_churn(directory: Path) -> Path:
+    binary = directory / "churn"
+    result = subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "churn.c")], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_join: cannot compile bench/churn.c: {result.stderr.strip().splitlines()[:1]}")
+    return binary
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (not its children), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def churn(binary: Path, path: str, clients: int, joins: int, server_pid: int) -> tuple[float, float]:
+    """(joins per second, the server's CPU seconds per join) of `clients` churn processes doing `joins` joins each
+    at 1 vector, all at once. CPU time is what the other load on the machine disturbs least."""
+    command = [str(binary), path, str(joins), "1"]
+    cpu = cpu_seconds(server_pid)
+    started = time.perf_counter()
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(clients)]
+    errors = [process.communicate()[1] for process in processes]
+    wall = time.perf_counter() - started
+    time.sleep(0.05)  # the last leaves
+    cpu = cpu_seconds(server_pid) - cpu
+    for process, error in zip(processes, errors, strict=True):
+        if process.returncode != 0:
+            raise SystemExit(f"bench_join: a churn client failed against {path}: {error.strip()}")
+    return clients * joins / wall, cpu / (clients * joins)
+
+
+class ContribServer:
+    """QEMU's contrib ivshmem-server in the foreground, 1 vector, its region a 4 MiB file in /dev/shm (unlinked
+    at once, like shmguard's memfd a tmpfs inode), and `idle` peers connected that read everything."""
+
+    def __init__(self, binary: Path, directory: Path, idle: int):
+        self.path = str(directory / f"contrib-{idle}-{next(RUNS)}.sock")
+        self.process = subprocess.Popen([str(binary), "-F", "-S", self.path, "-m", "/dev/shm", "-l", "4M", "-n", "1"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.path):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"bench_join: QEMU's ivshmem-server did not start on {self.path}")
+            time.sleep(0.01)
+        self.idle_pid = start_raw_idle_peers(self.path, idle) if idle else None
+
+    def stop(self) -> None:
+        if self.idle_pid is not None:
+            stop(self.idle_pid)
+        self.process.kill()
+        self.process.wait()
+
+
+def start_raw_idle_peers(path: str, count: int) -> int:
+    """`count` peers of any server (no client checks): they stay and read everything, fds closed as they come."""
+    ready_read, ready_write = os.pipe()
+
+    def serve() -> None:
+        import select
+
+        peers = []
+        for _ in range(count):
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.connect(path)
+            peers.append(peer)
+        os.write(ready_write, b"!")
+        poller = select.poll()
+        for peer in peers:
+            poller.register(peer.fileno(), select.POLLIN)
+        by_fd = {peer.fileno(): peer for peer in peers}
+        while True:
+            for fd, _ in poller.poll():
+                message = recv_message(by_fd[fd])
+                if message is None:
+                    return
+                for received in message[1]:
+                    os.close(received)
+
+    pid = fork_server(serve)
+    os.close(ready_write)
+    with os.fdopen(ready_read, "rb") as ready:
+        if ready.read(1) != b"!":
+            raise SystemExit("bench_join: the idle peers could not join")
+    time.sleep(0.05)  # their greetings are read before the churn starts
+    return pid
+
+
+def joins_row(args: argparse.Namespace) -> None:
+    import qemu_contrib
+
+    try:
+        contrib = qemu_contrib.ivshmem_server()
+    except qemu_contrib.ContribError as exc:
+        raise SystemExit(f"bench_join: {exc}") from None
+    directory = Path(tempfile.mkdtemp(prefix="shmguard-bench-join-", dir=args.dir))
+    try:
+        binary = build_churn(directory)
+        best: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+
+        def keep(name: str, figures: tuple[float, float]) -> None:
+            best[name] = max(best.get(name, 0.0), figures[0])
+            cpu[name] = min(cpu.get(name, float("inf")), figures[1])
+
+        supervisors = {durable: ThrowawaySupervisor("strict", parent=directory, prefix=f"run-{int(durable)}-",
+                                                    durable=durable, timeout=60, server={"vectors": 1})
+                       for durable in (False, True)}
+        try:
+            for _ in range(args.rounds):
+                for idle in (1, 0):
+                    server = ContribServer(contrib, directory, idle)
+                    try:
+                        churn(binary, server.path, 1, 200, server.process.pid)  # warm up
+                        keep(f"c{idle}", churn(binary, server.path, args.clients, args.joins, server.process.pid))
+                    finally:
+                        server.stop()
+                for durable, supervisor in supervisors.items():
+                    socket_path = supervisor.policy.server.socket
+                    pid = supervisor.process.pid
+                    churn(binary, socket_path, 1, 200, pid)
+                    keep(f"s{int(durable)}", churn(binary, socket_path, args.clients, args.joins, pid))
+        finally:
+            for supervisor in supervisors.values():
+                supervisor.stop()
+        print(f"joins/s at 1 vector, {args.clients} churn clients x {args.joins} joins (bench/churn.c), best of "
+              f"{args.rounds} rounds; audit log on {file_system_of(directory)} ({directory.parent})")
+        print(f"  {'server':48} {'joins/s':>8} {'CPU/join':>9}  ratio to the C server (1 idle peer; no peer)")
+        rows = [("QEMU's C ivshmem-server, 1 idle peer (same greeting)", "c1"),
+                ("QEMU's C ivshmem-server, no peer", "c0"),
+                ("shmguard, audit not durable", "s0"), ("shmguard, audit durable", "s1")]
+        for label, key in rows:
+            line = f"  {label:48} {best[key]:8.0f} {cpu[key] * 1e6:7.1f}us"
+            if key.startswith("s"):
+                ratio = best[key] / best["c1"]
+                goal = GOALS[key == "s1"]
+                line += (f"  {ratio:.2f}x; {best[key] / best['c0']:.2f}x (goal >= {goal}x: "
+                         f"{'met' if ratio >= goal else 'not met'}); CPU {cpu[key] / cpu['c1']:.1f}x the C server's")
+            print(line)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # --- the table -----------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=1000, help="joins per configuration")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole table, keeping the best p50s")
-    parser.add_argument("--durable", action="store_true", help="make the audit log durable (fsync per record)")
-    args = parser.parse_args()
+def table(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="shmguard-bench-join-") as temporary:
         directory = Path(temporary)
         bare = min((measure_bare(directory, args.count) for _ in range(args.rounds)), key=statistics.median)
@@ -222,6 +379,22 @@ def main() -> None:
                 print(f"{vectors:7} {idle:4} {len(times) / wall:8.0f} {p50 * 1e3:7.3f} "
                       f"{percentile(times, 0.99) * 1e3:7.3f} {reference * 1e3:8.3f} {p50 / reference:6.1f} "
                       f"{p50 / bare_p50:7.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--joins", type=int, default=5000, help="joins per churn client and round (joins row)")
+    parser.add_argument("--clients", type=int, default=2, help="churn clients at once (joins row)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, keeping the best figure of each")
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where the audit logs go (joins row)")
+    parser.add_argument("--table", action="store_true", help="the latency table instead of the joins row")
+    parser.add_argument("--count", type=int, default=1000, help="joins per configuration (--table)")
+    parser.add_argument("--durable", action="store_true", help="make the audit log durable (--table)")
+    args = parser.parse_args()
+    if args.table:
+        table(args)
+    else:
+        joins_row(args)
 
 
 if __name__ == "__main__":

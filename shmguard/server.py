@@ -12,10 +12,12 @@ import os
 import secrets
 import socket
 import stat
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from .audit import Actor
 from .errors import ShmguardError
 from .limits import PEER_IDS
 from .linux import procfs
@@ -41,10 +43,52 @@ class Connection:
 
     peer_id: int
     sock: socket.socket
+    actor: Actor | None = None  # who it is in the audit log, named once when it connected
     queue: deque[tuple[bytes, SharedFd | None]] = field(default_factory=deque)
+    writing: bool = False  # is the loop watching the socket for room (a flush stopped at EAGAIN)?
 
 
 ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
+COALESCE = 64  # plain words (no fd) that go out in one send
+
+
+def actor_of(cred: PeerCred) -> Actor:
+    """The audit record's actor for a peer named once (PeerCred.named): its records never ask /proc again."""
+    return Actor(cred.pid, cred.uid, cred.gid, cred.exe())
+
+
+class PeerLog:
+    """The log's lines about joins, leaves and refusals: of each kind at most BURST a PERIOD at their level, the
+    rest at DEBUG, counted and summed up in one INFO line with the first event of the next period. Each one is in
+    the audit log anyway: a peer that joins in a loop must not cost a log line (and the journal's disk) per join,
+    nor hide the first refusals of the next kind."""
+
+    BURST, PERIOD = 20, 60.0
+
+    def __init__(self, logger: logging.Logger):
+        self.log, self.since = logger, time.monotonic()
+        self.said: Counter[str] = Counter()
+        self.held: Counter[str] = Counter()
+
+    def say(self, kind: str, level: int, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.since >= self.PERIOD:
+            self.flush()
+            self.said.clear()
+            self.since = now
+        if self.said[kind] < self.BURST:
+            self.said[kind] += 1
+            self.log.log(level, message, *args)
+        else:
+            self.held[kind] += 1
+            self.log.debug(message, *args)
+
+    def flush(self) -> None:
+        if self.held:
+            counts = ", ".join(f"{count} {kind}" for kind, count in sorted(self.held.items()))
+            self.log.info("%s in the last %.0f s not logged one by one (at most %d of each a minute; each is in "
+                          "the audit log)", counts, time.monotonic() - self.since, self.BURST)
+            self.held.clear()
 
 
 class IvshmemServer:
@@ -71,6 +115,7 @@ class IvshmemServer:
         self._settling = False
         # Told of every peer's fds as it joins (names as in snapshot) and of their names as it leaves: the fd store.
         self.on_fds: Callable[[dict[str, int], list[str]], None] = lambda added, gone: None
+        self.peer_log = PeerLog(log)
 
     @property
     def peers(self) -> dict[int, Peer]:
@@ -93,7 +138,8 @@ class IvshmemServer:
         self.listener.accept_waiting(self._admit, self._on_shed)
 
     def _on_shed(self) -> None:
-        log.warning("out of file descriptors: refused a connection, still serving %d peers", len(self.peers))
+        self.peer_log.say("refusals", logging.WARNING, "out of file descriptors: refused a connection, still "
+                          "serving %d peers", len(self.peers))
         self._record("refused", result="refused", detail={"reason": "out of file descriptors"})
 
     # --- joining and leaving --------------------------------------------------------------------------
@@ -102,7 +148,8 @@ class IvshmemServer:
         """A join is complete (recorded, greeted, announced) or not visible to anyone: each step that can fail
         comes before the first one anybody sees, and a refusal gives back everything taken."""
         sock.setblocking(False)
-        cred = PeerCred.of(sock)
+        cred = PeerCred.of(sock, named=True)  # named from /proc once: every record and line of it says the same
+        actor = actor_of(cred)
         peer_id = None
         reason = self._refusal(cred)
         if reason is None:
@@ -114,24 +161,26 @@ class IvshmemServer:
                 reason = f"cannot create eventfds: {exc.strerror}"
         if reason is None:
             try:  # recorded before anyone hears of it: an audit log that cannot take it refuses the join
-                self.on_event("peer-join", actor=cred, detail={"peer": peer_id})
+                self.on_event("peer-join", actor=actor, detail={"peer": peer_id})
             except ShmguardError as exc:
                 reason = f"the join cannot be recorded ({exc})"
                 release_all(vectors)
         if reason is not None:
             if peer_id is not None:
                 self.table.cancel(peer_id)
-            self._refuse(sock, cred, reason)
+            self._refuse(sock, cred, reason, actor)
             return
-        log.info("peer %d joined: pid=%d uid=%d exe=%s", peer_id, cred.pid, cred.uid, cred.exe())
-        self._join(peer_id, vectors, sock)
+        self.peer_log.say("joins", logging.INFO, "peer %d joined: pid=%d uid=%d exe=%s", peer_id, cred.pid, cred.uid,
+                          actor.exe)
+        self._join(peer_id, vectors, sock, actor)
 
-    def _refuse(self, sock: socket.socket, cred: PeerCred, reason: str) -> None:
+    def _refuse(self, sock: socket.socket, cred: PeerCred, reason: str, actor: Actor) -> None:
         """A refused QEMU must fail, not spin: it reads its greeting synchronously and loops forever on EOF, but
         exits at once on a version other than 0 (docs/protocol.md §2)."""
-        log.warning("refused peer pid=%d uid=%d gid=%d: %s", cred.pid, cred.uid, cred.gid, reason)
+        self.peer_log.say("refusals", logging.WARNING, "refused peer pid=%d uid=%d gid=%d: %s", cred.pid, cred.uid,
+                          cred.gid, reason)
         # Recorded before the peer hears of it: whoever sees the refusal finds it in the log.
-        self._record("refused", result="refused", actor=cred, detail={"reason": reason, "what": "peer"})
+        self._record("refused", result="refused", actor=actor, detail={"reason": reason, "what": "peer"})
         try:
             sock.send(MESSAGE.pack(REFUSED_VERSION))  # 8 bytes into an empty socket buffer: never partial
         except OSError:
@@ -145,12 +194,13 @@ class IvshmemServer:
             return "the region is not its policy size right now (tampered with, being repaired); join again"
         return None
 
-    def _join(self, peer_id: int, vectors: list[SharedFd], sock: socket.socket | None) -> None:
+    def _join(self, peer_id: int, vectors: list[SharedFd], sock: socket.socket | None,
+              actor: Actor | None = None) -> None:
         """Greet the newcomer first and flush it at once (nothing may reach it before its greeting), then announce
         it to the others; a newcomer gone before its greeting went out leaves unannounced: nobody hears of it."""
         greeting_sends = self.table.join(peer_id, tuple(vectors))
         if sock is not None:
-            connection = self.connections[peer_id] = Connection(peer_id, sock)
+            connection = self.connections[peer_id] = Connection(peer_id, sock, actor)
             self.loop.add_reader(sock.fileno(), lambda: self._on_peer_readable(connection))
             self._carry_out(greeting_sends)
             del self._unsent[connection]
@@ -183,7 +233,7 @@ class IvshmemServer:
 
     def _on_peer_readable(self, connection: Connection) -> None:
         try:
-            data = connection.sock.recv(4096)
+            data = connection.sock.recv(1)  # any byte at all means it leaves: one is enough to know
         except BlockingIOError:
             return
         except OSError as exc:
@@ -222,17 +272,22 @@ class IvshmemServer:
 
     def _close_gone(self, peer: Peer, reason: str) -> None:
         connection = self.connections.pop(peer.id, None)
+        actor = None
         if connection is not None:
+            actor = connection.actor
             self._unsent.pop(connection, None)
             self.loop.remove_reader(connection.sock.fileno())
-            self.loop.remove_writer(connection.sock.fileno())
+            if connection.writing:
+                self.loop.remove_writer(connection.sock.fileno())
             release_all(fd for _, fd in connection.queue if fd is not None)
             connection.queue.clear()
             connection.sock.close()
         release_all(peer.vectors)
         self.on_fds({}, [f"peer-{peer.id}", *(f"peer-{peer.id}-v{k}" for k in range(len(peer.vectors)))])
-        log.info("peer %d left: %s", peer.id, reason)
-        self._record("peer-leave", actor=peer.cred, detail={"peer": peer.id, "reason": reason})
+        self.peer_log.say("leaves", logging.INFO, "peer %d left: %s", peer.id, reason)
+        if actor is None and peer.cred is not None:  # a peer handed over without its connection's record
+            actor = actor_of(peer.cred)
+        self._record("peer-leave", actor=actor, detail={"peer": peer.id, "reason": reason})
 
     def _settle(self) -> None:
         """Send what the transitions queued. A peer whose send fails or whose queue passes its bound leaves, and
@@ -261,20 +316,35 @@ class IvshmemServer:
         sock, queue = connection.sock, connection.queue
         while queue:
             data, fd = queue[0]
+            words = 1
+            if fd is None:  # plain words in a row go out in one send: an fd never travels with another's bytes
+                while words < min(len(queue), COALESCE) and queue[words][1] is None:
+                    words += 1
+                if words > 1:
+                    data = b"".join(queue[n][0] for n in range(words))
             try:
                 sent = send_message(sock, data, fd.fd if fd else None)
             except BlockingIOError:
-                self.loop.add_writer(sock.fileno(), lambda: self._on_writable(connection))
+                if not connection.writing:
+                    connection.writing = True
+                    self.loop.add_writer(sock.fileno(), lambda: self._on_writable(connection))
                 return None
             except OSError as exc:
                 return exc.strerror or str(exc)
-            if sent < len(data):  # the fd went with the first byte; the rest goes plain
+            if fd is not None and sent > 0:
+                fd.release()
+            if words > 1:
+                for _ in range(words):
+                    queue.popleft()
+                if sent < len(data):
+                    queue.appendleft((data[sent:], None))
+            elif sent < len(data):  # the fd went with the first byte; the rest goes plain
                 queue[0] = (data[sent:], None)
             else:
                 queue.popleft()
-            if fd is not None and sent > 0:
-                fd.release()
-        self.loop.remove_writer(sock.fileno())
+        if connection.writing:
+            connection.writing = False
+            self.loop.remove_writer(sock.fileno())
         return None
 
     # --- ringing --------------------------------------------------------------------------------------
@@ -319,7 +389,7 @@ class IvshmemServer:
 
         def decode(value):
             if isinstance(value, list):
-                return PeerCred(value[0], value[1], value[2], tuple(value[3]))
+                return PeerCred(value[0], value[1], value[2], tuple(value[3]), *value[4:5])
             if value not in handles:
                 handles[value] = SharedFd(fd(value))
             return handles[value]
@@ -369,7 +439,7 @@ class IvshmemServer:
 
 def _encode_handle(handle, names: dict[int, str]):
     if isinstance(handle, PeerCred):
-        return [handle.pid, handle.uid, handle.gid, list(handle.groups)]
+        return [handle.pid, handle.uid, handle.gid, list(handle.groups), handle.executable]
     return names[id(handle)]
 
 

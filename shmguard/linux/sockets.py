@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from . import procfs
 
@@ -34,19 +34,29 @@ def peer_groups(sock: socket.socket) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class PeerCred:
-    """Who is at the other end of a UNIX socket, as the kernel saw it at connect time."""
+    """Who is at the other end of a UNIX socket, as the kernel saw it at connect time.
+
+    `executable` is what /proc named the process when `named()` was called (once, at connect time, for a peer
+    that stays: the pid may be gone or reused by the time it leaves); without it exe() asks /proc each time."""
 
     pid: int
     uid: int
     gid: int
     groups: tuple[int, ...] = ()  # supplementary groups of the connecting process
+    executable: str | None = field(default=None, compare=False)
 
     @classmethod
-    def of(cls, sock: socket.socket) -> PeerCred:
-        return cls(*peer_credentials(sock), peer_groups(sock))
+    def of(cls, sock: socket.socket, named: bool = False) -> PeerCred:
+        """The credential of sock's peer; named: with its executable read from /proc now, once."""
+        pid, uid, gid = peer_credentials(sock)
+        return cls(pid, uid, gid, peer_groups(sock), procfs.executable(pid) if named else None)
+
+    def named(self) -> PeerCred:
+        """This credential with its executable read from /proc now, once."""
+        return self if self.executable is not None else replace(self, executable=procfs.executable(self.pid))
 
     def exe(self) -> str:
-        return procfs.executable(self.pid)
+        return self.executable if self.executable is not None else procfs.executable(self.pid)
 
     def describe(self) -> dict:
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe()}
