@@ -551,7 +551,10 @@ class BoundSocket:
     def remove(self) -> None:
         """Unlink the path only if it is still ours, never a file someone put there since; then close."""
         if self.is_at_path():
-            os.unlink(self.path)
+            try:
+                os.unlink(self.path)
+            except OSError as exc:  # a directory only root may write, after a drop to the policy's user
+                log.warning("%s: cannot remove the socket (%s); the next start removes it", self.path, exc.strerror)
         self.close()
 
     def close(self) -> None:

@@ -196,6 +196,8 @@ class OpenerWitness:
             os.waitpid(self.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+        except PermissionError:
+            pass  # it was forked as root before the supervisor dropped to its user: it dies with us (pdeathsig)
 
 
 def report_line(opener: Opener) -> bytes:
