@@ -158,6 +158,8 @@ def inherited(env: dict[str, str] | None = None) -> Inheritance | None:
     env = os.environ if env is None else env
     if HANDOVER_ENV in env:
         fds = parse_fd_names(env.pop(HANDOVER_ENV))
+        for fd in fds.values():  # inherited across exec: no child of ours may inherit them again
+            os.set_inheritable(fd, False)
         state = read_state_fd(fds["state"]) if "state" in fds else None
         if state is None:
             raise ShmguardError("the hand-over came without a readable state; not taking over")
