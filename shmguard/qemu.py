@@ -58,7 +58,8 @@ def qemu_command(
 
 def guest_args(guest: GuestImage, host_peer_id: int | None) -> list[str]:
     cmdline = guest.cmdline if host_peer_id is None else f"{guest.cmdline} {HOST_PEER_PARAM}={host_peer_id}"
-    args = ["-kernel", str(guest.kernel)]
+    args = [] if guest.firmware is None else ["-bios", str(guest.firmware)]
+    args += ["-kernel", str(guest.kernel)]
     if guest.initrd is not None:
         args += ["-initrd", str(guest.initrd)]
     return args + ["-append", cmdline]
@@ -223,12 +224,25 @@ def _probe_kvm(kernel: Path | None) -> tuple[str, str]:
         return "tcg", "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg", "/dev/kvm is not accessible to this user"
+    if not cpu_has_virtualization():
+        # /dev/kvm without vmx/svm (nested virtualisation) fails only after a 5 s probe: ask the CPU first.
+        return "tcg", "the CPU has no vmx or svm flag (/proc/cpuinfo)"
     if kernel is None:
         try:
             kernel = build_guest(log=lambda _line: None).kernel
         except ShmguardError as error:
             return "tcg", f"no kernel to probe KVM with ({error})"
     return probe_boot(kernel)
+
+
+def cpu_has_virtualization(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU advertises Intel VT-x (vmx) or AMD-V (svm), or when cpuinfo cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return True  # let the probe decide
+    flags = {word for line in text.splitlines() if line.startswith("flags") for word in line.split(":", 1)[-1].split()}
+    return bool(flags & {"vmx", "svm"})
 
 
 def probe_boot(kernel: Path, accel: str = "kvm") -> tuple[str, str]:
