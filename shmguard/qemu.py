@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shmguard.errors import ShmguardError
-from shmguard.guest import GuestImage, build_guest, default_cache_dir
+from shmguard.guest import FAST_BOOT_PARAMS, QBOOT, GuestImage, build_guest, default_cache_dir
 from shmguard.layout import HOST_PEER_PARAM
 from shmguard.linux import procfs
 from shmguard.linux.hardening import child_preexec
@@ -41,7 +41,7 @@ def qemu_command(
     """
     if guest is None and host_peer_id is not None:
         raise ValueError("host_peer_id is a guest kernel parameter: it needs a guest")
-    command = [QEMU, "-M", "q35", "-accel", accel, "-m", memory]
+    command = [QEMU, "-M", "q35" if guest is None else guest.machine, "-accel", accel, "-m", memory]
     # -nodefaults drops the NIC, its option ROM and the VGA; the serial console goes to stdout.
     command += ["-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"]
     command += ["-device", "intel-iommu,intremap=off"]
@@ -245,17 +245,18 @@ def cpu_has_virtualization(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags & {"vmx", "svm"})
 
 
-def probe_boot(kernel: Path, accel: str = "kvm") -> tuple[str, str]:
+def probe_boot(kernel: Path, accel: str = "kvm", timeout: float = PROBE_TIMEOUT) -> tuple[str, str]:
     """Boots kernel without a root fs: reaching its panic (then reboot = exit) proves the accelerator."""
     command = [QEMU, "-M", "q35", "-accel", accel, "-m", "128M", "-nodefaults", "-display", "none"]
+    command += ["-bios", str(QBOOT)] if QBOOT.is_file() else []  # the built-in guest's quick start, as it boots
     command += ["-serial", "stdio", "-no-reboot", "-kernel", str(kernel)]
-    command += ["-append", "console=ttyS0 quiet panic=-1"]
+    command += ["-append", f"console=ttyS0 quiet panic=-1 {FAST_BOOT_PARAMS}"]
     with QemuProcess(command) as qemu:
         try:
-            status = qemu.wait(PROBE_TIMEOUT)
+            status = qemu.wait(timeout)
         except subprocess.TimeoutExpired:
             qemu.terminate(1.0)
-            return "tcg", f"{accel} did not boot a kernel within {PROBE_TIMEOUT:.0f} s (nested virtualisation?)"
+            return "tcg", f"{accel} did not boot a kernel within {timeout:.0f} s (nested virtualisation?)"
         console = qemu.read_console()
     if status == 0 and any("Kernel panic" in line for line in console):
         return accel, f"{accel} booted a kernel"

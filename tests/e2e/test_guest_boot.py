@@ -77,6 +77,7 @@ def test_kernel_is_the_cloud_flavour_as_a_pvh_vmlinux(guest):
 def test_guest_boots_with_qboot_and_a_lean_command_line(guest):
     assert QBOOT.is_file(), "qemu-system-data ships /usr/share/qemu/qboot.rom"
     assert guest.firmware == QBOOT
+    assert guest.machine == "q35,sata=off,smbus=off,vmport=off,i8042=off,smm=off"
     words = GUEST_CMDLINE.split()
     assert {"quiet", "cryptomgr.notests", "noapictimer", "no_timer_check", "mitigations=off"} <= set(words)
     assert any(word.startswith("initcall_blacklist=init_kprobe_trace,") for word in words)
