@@ -36,8 +36,9 @@ from common import Series, percentile
 
 from shmguard.control import ControlClient
 from shmguard.guest import build_guest
+from shmguard.guest_vm import GuestOptions, guest_command
 from shmguard.launcher import SHMGUARD, ThrowawaySupervisor
-from shmguard.qemu import QemuProcess, choose_accel, qemu_command
+from shmguard.qemu import QemuProcess
 
 REGION_SIZE = 4096
 WARM_GOAL_S = 1.0  # issue 11: median boot to ready, warm cache
@@ -77,10 +78,7 @@ def qemu_alone(root: Path, count: int) -> tuple[Series, Series]:
     server = ThrowawaySupervisor("strict", parent=root, prefix="server-", region={"size": REGION_SIZE})
     try:
         host = ControlClient(server.control).status()["host_peer"]
-        image = build_guest(log=lambda _line: None)
-        accel, _ = choose_accel(kernel=image.kernel)
-        command = qemu_command(socket_path=server.policy.server.socket, vectors=server.policy.server.vectors,
-                               guest=image, host_peer_id=host, accel=accel, memory=server.policy.qemu.memory)
+        command = guest_command(GuestOptions(), server.policy, host)  # exactly what `shmguard run` starts
         for _ in range(count):
             seconds, cpu_seconds = time_to_console_line(command, AGENT_READY, 120)
             wall.values.append(seconds)

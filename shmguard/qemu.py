@@ -235,6 +235,20 @@ def _probe_kvm(kernel: Path | None) -> tuple[str, str]:
     return probe_boot(kernel)
 
 
+def tcg_tsc_hint(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """`tsc_early_khz=N` for a guest under TCG, whose TSC runs at the host's rate: the guest then skips calibrating
+    it against the PIT, which fails under TCG after ~0.1 s and falls back to the HPET. The kernel still refines
+    the figure against the HPET a second later, so a host whose `cpu MHz` is not its TSC rate costs nothing
+    but a second of imprecise guest time. "" when the host does not say."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return ""
+    found = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.MULTILINE)
+    khz = round(float(found.group(1)) * 1000) if found else 0
+    return f"tsc_early_khz={khz}" if khz > 0 else ""
+
+
 def cpu_has_virtualization(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU advertises Intel VT-x (vmx) or AMD-V (svm), or when cpuinfo cannot be read."""
     try:

@@ -26,6 +26,7 @@ from shmguard.qemu import (
     monitor_command,
     probe_boot,
     qemu_command,
+    tcg_tsc_hint,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,6 +265,14 @@ def test_cpu_virtualization_is_read_from_the_flags(tmp_path, flags, expected):
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a vmx-free name svm\nflags\t\t: {flags}\n\n")
     assert cpu_has_virtualization(str(cpuinfo)) is expected
     assert cpu_has_virtualization(str(tmp_path / "absent")) is True  # unreadable: the probe decides
+
+
+def test_tcg_tsc_hint_is_the_hosts_clock_in_khz(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu MHz\t\t: 2445.422\nflags\t\t: fpu\n")
+    assert tcg_tsc_hint(str(cpuinfo)) == "tsc_early_khz=2445422"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu\n")
+    assert tcg_tsc_hint(str(cpuinfo)) == "" and tcg_tsc_hint(str(tmp_path / "absent")) == ""
 
 
 def test_no_kvm_probe_on_a_cpu_without_vmx_or_svm(tmp_path):

@@ -175,6 +175,15 @@ def test_guest_names_its_peer_id_on_the_console_and_in_its_ready_reply(builtin):
     assert [r["detail"] for r in ready] == [{"reply": f"ready {guest['peer']}", "peer": guest["peer"]}]
 
 
+def test_qemu_boots_the_builtin_guest_as_bootable_fast(builtin, guest):
+    started = [line for line in builtin.log().splitlines() if "started QEMU pid" in line]
+    assert len(started) == 1
+    words = started[0].split()
+    assert words[words.index("-bios") + 1] == str(guest.firmware) and words[words.index("-M") + 1] == guest.machine
+    if "QEMU accelerator: tcg" in builtin.log():  # the guest's TSC is the host's: no calibration against the PIT
+        assert any(word.startswith("tsc_early_khz=") for word in words), started[0]
+
+
 def test_guest_acks_exactly_what_it_printed_on_any_vector(builtin):
     guest = status(builtin)["guest"]
     peer, acks = guest["peer"], guest["acks"]
