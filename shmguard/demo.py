@@ -65,7 +65,7 @@ def run_demo(say: Callable[[str], None], policy_name: str = "strict", attacks: b
             report.attacks = _attack(policy, supervisor, say)
             messages.append(f"still here after {len(report.attacks)} attacks")
             report.deliveries.append(_deliver(policy.control.socket, messages[-1], say))
-        report.guest_lines = _guest_lines(supervisor.log())
+        report.guest_lines = _wait_for_guest_lines(supervisor, messages)
         for delivery in report.deliveries:
             delivery.printed = f"received IRQ and full message: {delivery.message}" in report.guest_lines
     finally:
@@ -87,6 +87,16 @@ def _deliver(control_path: str, message: str, say: Callable[[str], None]) -> Del
         return Delivery(message, getattr(exc, "reply", {}).get("seq", 0), False, False, None)
     say(f"wrote {message!r} (audit seq {reply['seq']}); guest acknowledged in {reply['round_trip_ms']:.1f} ms")
     return Delivery(message, reply["seq"], True, reply["delivered_exactly"], reply["round_trip_ms"])
+
+
+def _wait_for_guest_lines(supervisor: ThrowawaySupervisor, messages: list[str], timeout: float = 10.0) -> list[str]:
+    """The guest prints each message just after acknowledging it: give the last console lines time to arrive."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = _guest_lines(supervisor.log())
+        if all(f"received IRQ and full message: {m}" in lines for m in messages) or time.monotonic() >= deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def _guest_lines(log: str) -> list[str]:

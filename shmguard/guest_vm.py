@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 from .guest import GuestImage, build_guest
 from .loop import EventLoop
 from .policy import Policy
-from .qemu import QemuProcess, choose_accel, qemu_command
+from .qemu import QemuProcess, choose_accel, qemu_command, tcg_tsc_hint
 
 log = logging.getLogger("shmguard")
 
@@ -31,11 +32,13 @@ class GuestOptions:
 
 def guest_command(options: GuestOptions, policy: Policy, host_peer_id: int) -> list[str]:
     """The QEMU command line for the guest: the image built (apt-get, gcc: before hardening), the accelerator
-    chosen (KVM only once it has booted a kernel here)."""
+    chosen (KVM only once it has booted a kernel here); the built-in guest under TCG is told the host's TSC rate."""
     image = build_guest(log=log.info) if options.builtin else GuestImage(
         Path(options.kernel), Path(options.initrd) if options.initrd else None, options.append)
     accel, reason = choose_accel(kernel=image.kernel)
     log.info("QEMU accelerator: %s (%s)", accel, reason)
+    if options.builtin and accel == "tcg" and (hint := tcg_tsc_hint()):
+        image = dataclasses.replace(image, cmdline=f"{image.cmdline} {hint}")
     return qemu_command(socket_path=policy.server.socket, vectors=policy.server.vectors, guest=image,
                         host_peer_id=host_peer_id if options.builtin else None, accel=accel,
                         memory=policy.qemu.memory, extra_args=options.qemu_args)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shmguard.errors import ShmguardError
-from shmguard.guest import GuestImage, build_guest, default_cache_dir
+from shmguard.guest import FAST_BOOT_PARAMS, QBOOT, GuestImage, build_guest, default_cache_dir
 from shmguard.layout import HOST_PEER_PARAM
 from shmguard.linux import procfs
 from shmguard.linux.hardening import child_preexec
@@ -42,7 +42,7 @@ def qemu_command(
     """
     if guest is None and host_peer_id is not None:
         raise ValueError("host_peer_id is a guest kernel parameter: it needs a guest")
-    command = [QEMU, "-M", "q35", "-accel", accel, "-m", memory]
+    command = [QEMU, "-M", "q35" if guest is None else guest.machine, "-accel", accel, "-m", memory]
     # -nodefaults drops the NIC, its option ROM and the VGA; the serial console goes to stdout.
     command += ["-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot"]
     command += ["-device", "intel-iommu,intremap=off"]
@@ -59,7 +59,8 @@ def qemu_command(
 
 def guest_args(guest: GuestImage, host_peer_id: int | None) -> list[str]:
     cmdline = guest.cmdline if host_peer_id is None else f"{guest.cmdline} {HOST_PEER_PARAM}={host_peer_id}"
-    args = ["-kernel", str(guest.kernel)]
+    args = [] if guest.firmware is None else ["-bios", str(guest.firmware)]
+    args += ["-kernel", str(guest.kernel)]
     if guest.initrd is not None:
         args += ["-initrd", str(guest.initrd)]
     return args + ["-append", cmdline]
@@ -272,6 +273,9 @@ def _probe_kvm(kernel: Path | None) -> tuple[str, str]:
         return "tcg", "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg", "/dev/kvm is not accessible to this user"
+    if not cpu_has_virtualization():
+        # /dev/kvm without vmx/svm (nested virtualisation) fails only after a 5 s probe: ask the CPU first.
+        return "tcg", "the CPU has no vmx or svm flag (/proc/cpuinfo)"
     if kernel is None:
         try:
             kernel = build_guest(log=lambda _line: None).kernel
@@ -280,17 +284,42 @@ def _probe_kvm(kernel: Path | None) -> tuple[str, str]:
     return probe_boot(kernel)
 
 
-def probe_boot(kernel: Path, accel: str = "kvm") -> tuple[str, str]:
+def tcg_tsc_hint(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """`tsc_early_khz=N` for a guest under TCG, whose TSC runs at the host's rate: the guest then skips calibrating
+    it against the PIT, which fails under TCG after ~0.1 s and falls back to the HPET. The kernel still refines
+    the figure against the HPET a second later, so a host whose `cpu MHz` is not its TSC rate costs nothing
+    but a second of imprecise guest time. "" when the host does not say."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return ""
+    found = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.MULTILINE)
+    khz = round(float(found.group(1)) * 1000) if found else 0
+    return f"tsc_early_khz={khz}" if khz > 0 else ""
+
+
+def cpu_has_virtualization(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU advertises Intel VT-x (vmx) or AMD-V (svm), or when cpuinfo cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return True  # let the probe decide
+    flags = {word for line in text.splitlines() if line.startswith("flags") for word in line.split(":", 1)[-1].split()}
+    return bool(flags & {"vmx", "svm"})
+
+
+def probe_boot(kernel: Path, accel: str = "kvm", timeout: float = PROBE_TIMEOUT) -> tuple[str, str]:
     """Boots kernel without a root fs: reaching its panic (then reboot = exit) proves the accelerator."""
     command = [QEMU, "-M", "q35", "-accel", accel, "-m", "128M", "-nodefaults", "-display", "none"]
+    command += ["-bios", str(QBOOT)] if QBOOT.is_file() else []  # the built-in guest's quick start, as it boots
     command += ["-serial", "stdio", "-no-reboot", "-kernel", str(kernel)]
-    command += ["-append", "console=ttyS0 quiet panic=-1"]
+    command += ["-append", f"console=ttyS0 quiet panic=-1 {FAST_BOOT_PARAMS}"]
     with QemuProcess(command) as qemu:
         try:
-            status = qemu.wait(PROBE_TIMEOUT)
+            status = qemu.wait(timeout)
         except subprocess.TimeoutExpired:
             qemu.terminate(1.0)
-            return "tcg", f"{accel} did not boot a kernel within {PROBE_TIMEOUT:.0f} s (nested virtualisation?)"
+            return "tcg", f"{accel} did not boot a kernel within {timeout:.0f} s (nested virtualisation?)"
         console = qemu.read_console()
     if status == 0 and any("Kernel panic" in line for line in console):
         return accel, f"{accel} booted a kernel"

@@ -22,9 +22,11 @@ from shmguard.qemu import (
     QemuProcess,
     choose_accel,
     clean_console_line,
+    cpu_has_virtualization,
     monitor_command,
     probe_boot,
     qemu_command,
+    tcg_tsc_hint,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,6 +101,19 @@ def test_command_with_guest_boots_it_and_names_the_host():
     assert command[command.index("-monitor") + 1] == "unix:/m.sock,server=on,wait=off"
     assert command[command.index("-accel") + 1] == "kvm" and command[command.index("-m") + 1] == "128M"
     assert command[-2:] == ["-smp", "2"] and "-S" not in command
+
+
+def test_command_boots_the_guest_with_its_firmware_if_it_has_one():
+    guest = GuestImage(Path("/k/vmlinux"), None, "console=ttyS0", Path("/fw/qboot.rom"))
+    command = qemu_command(socket_path="/s", vectors=2, guest=guest, host_peer_id=None, accel="tcg")
+    assert command[command.index("-bios") + 1] == "/fw/qboot.rom"
+    assert command[command.index("-M") + 1] == "q35"  # a guest image says when it needs less of the machine
+    lean = GuestImage(Path("/k/vmlinux"), None, "", machine="q35,sata=off")
+    assert qemu_command(socket_path="/s", vectors=2, guest=lean, host_peer_id=None, accel="tcg")[1:3] == [
+        "-M", "q35,sata=off"]
+    assert "-bios" not in qemu_command(socket_path="/s", vectors=2, guest=GuestImage(Path("/k"), None, ""),
+                                       host_peer_id=None, accel="tcg")
+    assert "-bios" not in qemu_command(socket_path="/s", vectors=2, guest=None, host_peer_id=None, accel="tcg")
 
 
 def test_command_without_host_leaves_the_guest_printing_only():
@@ -243,9 +258,36 @@ def test_choose_accel_probes_again_after_a_reboot(tmp_path, guest):
         assert (accel, reason) == ("tcg", "/dev/kvm does not exist")
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    ("fpu vme sse2 vmx ept", True), ("fpu svm npt", True), ("fpu vme sse2 hypervisor", False)])
+def test_cpu_virtualization_is_read_from_the_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a vmx-free name svm\nflags\t\t: {flags}\n\n")
+    assert cpu_has_virtualization(str(cpuinfo)) is expected
+    assert cpu_has_virtualization(str(tmp_path / "absent")) is True  # unreadable: the probe decides
+
+
+def test_tcg_tsc_hint_is_the_hosts_clock_in_khz(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu MHz\t\t: 2445.422\nflags\t\t: fpu\n")
+    assert tcg_tsc_hint(str(cpuinfo)) == "tsc_early_khz=2445422"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu\n")
+    assert tcg_tsc_hint(str(cpuinfo)) == "" and tcg_tsc_hint(str(tmp_path / "absent")) == ""
+
+
+def test_no_kvm_probe_on_a_cpu_without_vmx_or_svm(tmp_path):
+    # The kernel does not exist: had the probe run, its reason would say that KVM failed to boot it.
+    accel, reason = choose_accel(tmp_path / "accel.json", kernel=tmp_path / "never-booted")
+    if os.access("/dev/kvm", os.R_OK | os.W_OK) and not cpu_has_virtualization():
+        assert (accel, reason) == ("tcg", "the CPU has no vmx or svm flag (/proc/cpuinfo)")
+    else:
+        assert accel in ("kvm", "tcg") and reason
+
+
 def test_probe_recognises_a_kernel_that_boots(guest):
-    # TCG always works, so it shows what success looks like to the probe that KVM must pass.
-    assert probe_boot(guest.kernel, accel="tcg") == ("tcg", "tcg booted a kernel")
+    # TCG always works, so it shows what success looks like to the probe that KVM must pass; emulated, on a busy
+    # machine, it may need longer than a working KVM is given.
+    assert probe_boot(guest.kernel, accel="tcg", timeout=120) == ("tcg", "tcg booted a kernel")
 
 
 def test_probe_rejects_what_is_not_a_kernel(tmp_path):

@@ -102,7 +102,10 @@ def test_a_write_issued_the_moment_qemu_starts_is_still_delivered(tmp_path):
                                  "--policy", str(supervisor.policy_path)], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr + supervisor.log()
         assert "held until the guest was ready" in result.stdout and "delivered exactly" in result.stdout
-        assert "received IRQ and full message: early bird" in guest_lines(supervisor)
+        printed, deadline = "received IRQ and full message: early bird", time.monotonic() + 10
+        while printed not in guest_lines(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the guest prints just after it acknowledges
+        assert printed in guest_lines(supervisor)
     finally:
         supervisor.stop()
 
