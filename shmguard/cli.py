@@ -10,6 +10,7 @@ import sys
 import click
 
 from .errors import ShmguardError
+from .layout import MAX_GUESTS
 from .limits import MAX_PEER_ID, MAX_VECTORS, MIN_SIZE
 from .policy import builtin_names, check_policy, load_policy
 
@@ -87,6 +88,9 @@ def main() -> None:
 @click.option("--control-socket", "control_path", help="Control socket path (default: the policy's).")
 @click.option("--audit-log", help="Audit log path (default: the policy's).")
 @click.option("--no-guest", is_flag=True, help="Serve peers only; boot no guest.")
+@click.option("--guests", type=click.IntRange(1, MAX_GUESTS), default=1, show_default=True,
+              help="Built-in guests to boot; with 2 or more each gets a slot and they send to each other "
+              "(`shmguard send`).")
 @click.option("--guest-kernel", type=click.Path(exists=True, dir_okay=False), help="Boot this kernel instead of "
               "the built-in guest (e.g. a Zephyr build); it gets no ready/ack handshake.")
 @click.option("--guest-initrd", type=click.Path(exists=True, dir_okay=False), help="Initrd for --guest-kernel.")
@@ -95,8 +99,8 @@ def main() -> None:
 @click.option("--qemu-arg", "qemu_args", multiple=True, help="Extra QEMU argument (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 @user_errors
-def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_guest, guest_kernel, guest_initrd,
-        guest_append, qemu_args, verbose):
+def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_guest, guests, guest_kernel,
+        guest_initrd, guest_append, qemu_args, verbose):
     """Run the supervisor in the foreground, logging to stderr, until SIGTERM or SIGINT.
 
     By default it also boots the built-in guest under QEMU (KVM once it has proved it can boot, TCG
@@ -112,7 +116,9 @@ def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_gue
         raise ShmguardError("--no-guest boots nothing: drop --guest-kernel, --guest-initrd and --qemu-arg")
     if guest_initrd and not guest_kernel:
         raise ShmguardError("--guest-initrd needs --guest-kernel")
-    guest = None if no_guest else GuestOptions(guest_kernel, guest_initrd, guest_append, tuple(qemu_args))
+    if guests > 1 and (no_guest or guest_kernel):
+        raise ShmguardError(f"--guests {guests} boots built-in guests: drop --no-guest and --guest-kernel")
+    guest = None if no_guest else GuestOptions(guest_kernel, guest_initrd, guest_append, tuple(qemu_args), guests)
     supervisor = Supervisor(policy, guest)
     try:
         supervisor.start()
@@ -355,6 +361,35 @@ def ring(target, policy_name, control_path):
 
 
 @main.command()
+@click.option("--from", "source", required=True, type=click.IntRange(0, MAX_GUESTS - 1),
+              help="The guest that sends (its number in `shmguard status`).")
+@click.option("--to", "target", required=True, type=click.IntRange(0, MAX_GUESTS - 1), help="The guest it sends to.")
+@click.option("-m", "--message", required=True, help="The text (no NUL; `status` says how long it may be).")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True),
+              help="Seconds to wait for the sender's report.")
+@policy_option
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="Print the supervisor's reply as JSON.")
+@user_errors
+def send(source, target, message, timeout, policy_name, control_path, as_json):
+    """Ask one built-in guest to send a message to another (`shmguard run --guests 2`) and wait for its report.
+
+    The sender writes into the receiver's inbox and rings it through its own doorbell register; the receiver
+    prints the message and acks to the sender directly. The host writes only the command and reads the report:
+    the message itself never passes through it.
+    """
+    import os
+
+    reply = control_client(policy_name, control_path, timeout=timeout + 30).send(source, target,
+                                                                                 os.fsencode(message), timeout)
+    exact = "exactly" if reply["delivered_exactly"] else "WITH A DIFFERENT CHECKSUM"
+    emit(reply, as_json, f"guest {reply['from']} (peer {reply['from_peer']}) sent {reply['length']} bytes to guest "
+                         f"{reply['to']} (peer {reply['to_peer']}), acknowledged {exact}: round trip "
+                         f"{reply['round_trip_ms']:.3f} ms inside the guest ({reply['host_round_trip_ms']:.1f} ms "
+                         "as the host saw it)")
+
+
+@main.command()
 @policy_option
 @control_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -385,8 +420,13 @@ def _format_status(data: dict) -> str:
         who = "host (this supervisor)" if peer.get("local") else f"pid {peer['pid']} uid {peer['uid']} {peer['exe']}"
         lines.append(f"  peer {peer['id']}: {peer['vectors']} vectors, {who}")
     guest = data["guest"]
-    lines.append(f"guest: peer {guest['peer']}, {'ready' if guest['ready'] else 'not ready'}, "
-                 f"{guest['acks']} acks")
+    if guest.get("guests"):
+        for entry in guest["guests"]:
+            lines.append(f"guest {entry['guest']}: peer {entry['peer']}, {entry['state']}, {entry['sent']} sent"
+                         + (f", QEMU pid {entry['qemu_pid']}" if entry.get("qemu_pid") else ""))
+    else:
+        lines.append(f"guest: peer {guest['peer']}, {'ready' if guest['ready'] else 'not ready'}, "
+                     f"{guest['acks']} acks")
     if "guard" in data:
         lines.append(f"guard: {json.dumps(data['guard'], sort_keys=True)}")
     lines.append(f"audit: {data['audit']['path']}, last seq {data['audit']['last_seq']}")
@@ -525,11 +565,14 @@ def guest_domain_xml(name, policy_name, socket_path, host_peer, image_dir, seria
 @policy_option
 @click.option("--no-attacks", is_flag=True, help="Skip the attack battery.")
 @click.option("--keep", is_flag=True, help="Keep the demo's directory (logs, audit log).")
+@click.option("--guests", type=click.IntRange(1, MAX_GUESTS), default=1, show_default=True,
+              help="With 2 or more: the guests also send to each other, every one to every other.")
 @user_errors
-def demo(policy_name, no_attacks, keep):
-    """Run the whole doorbell flow with the built-in guest; exit 0 only if every message was delivered."""
+def demo(policy_name, no_attacks, keep, guests):
+    """Run the whole doorbell flow with the built-in guest; exit 0 only if every message was delivered
+    (with --guests N, also every message between guests, printed and acknowledged both ways)."""
     from .demo import format_report, run_demo
 
-    report = run_demo(click.echo, policy_name, attacks=not no_attacks, keep=keep)
+    report = run_demo(click.echo, policy_name, attacks=not no_attacks, keep=keep, guests=guests)
     click.echo(format_report(report))
     sys.exit(0 if report.ok else 1)

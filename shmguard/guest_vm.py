@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import layout
+from .errors import ShmguardError
 from .guest import GuestImage, build_guest
 from .loop import EventLoop
 from .policy import Policy
@@ -23,17 +26,37 @@ class GuestOptions:
     initrd: str | None = None
     append: str = ""
     qemu_args: tuple[str, ...] = ()
+    count: int = 1  # built-in guests to boot; with 2 or more each gets a slot (layout.GuestLayout)
 
     @property
     def builtin(self) -> bool:
         return self.kernel is None
 
+    def guest_layout(self, size: int) -> layout.GuestLayout | None:
+        """The slots of several built-in guests in a region of `size` bytes; raises ShmguardError if they do not
+        fit, or for several guests that are not the built-in one."""
+        if self.count == 1:
+            return None
+        if not self.builtin:
+            raise ShmguardError("--guests boots several built-in guests: drop --guest-kernel")
+        try:
+            return layout.GuestLayout.of(size, self.count)
+        except ValueError as exc:
+            raise ShmguardError(str(exc)) from None
 
-def guest_command(options: GuestOptions, policy: Policy, host_peer_id: int) -> list[str]:
-    """The QEMU command line for the guest: the image built (apt-get, gcc: before hardening), the accelerator
-    chosen (KVM only once it has booted a kernel here)."""
+
+def slot_params(guests: int, slot: int) -> str:
+    """The kernel parameters that tell built-in guest `slot` of `guests` where its slot is."""
+    return f"{layout.GUESTS_PARAM}={guests} {layout.SLOT_PARAM}={slot}"
+
+
+def guest_command(options: GuestOptions, policy: Policy, host_peer_id: int, slot: int | None = None) -> list[str]:
+    """The QEMU command line for the guest (`slot` of several): the image built (apt-get, gcc: before hardening),
+    the accelerator chosen (KVM only once it has booted a kernel here)."""
     image = build_guest(log=log.info) if options.builtin else GuestImage(
         Path(options.kernel), Path(options.initrd) if options.initrd else None, options.append)
+    if slot is not None:
+        image = dataclasses.replace(image, cmdline=f"{image.cmdline} {slot_params(options.count, slot)}")
     accel, reason = choose_accel(kernel=image.kernel)
     log.info("QEMU accelerator: %s (%s)", accel, reason)
     return qemu_command(socket_path=policy.server.socket, vectors=policy.server.vectors, guest=image,
@@ -45,8 +68,8 @@ class GuestVM:
     """QEMU started after hardening (it inherits no capability the supervisor dropped); on_exit(pid, status) is
     called once, from the loop, when its console pipe closes."""
 
-    def __init__(self, loop: EventLoop, argv: list[str], on_exit: Callable[[int, int], None]):
-        self.loop, self.on_exit = loop, on_exit
+    def __init__(self, loop: EventLoop, argv: list[str], on_exit: Callable[[int, int], None], name: str = "guest"):
+        self.loop, self.on_exit, self.name = loop, on_exit, name  # its console lines are logged as "NAME: ..."
         self.process = QemuProcess(argv)
         log.info("started QEMU pid %d: %s", self.process.pid, " ".join(argv))
         self.loop.add_reader(self.process.console_fd, self._on_console)
@@ -62,7 +85,7 @@ class GuestVM:
     def _on_console(self) -> None:
         for line in self.process.read_console():
             if line.strip():
-                log.info("guest: %s", line)
+                log.info("%s: %s", self.name, line)
         if self.process.console_eof:  # the pipe closes when QEMU exits (or closes its stdout: then it is ended)
             self.loop.remove_reader(self.process.console_fd)
             self.on_exit(self.process.pid, self.process.terminate(timeout=2.0))
@@ -71,3 +94,8 @@ class GuestVM:
         if not self.process.console_eof:
             self.loop.remove_reader(self.process.console_fd)
         self.process.close()
+
+
+def start_guests(loop: EventLoop, argvs: list[list[str]], on_exit: Callable[[int, int], None]) -> list[GuestVM]:
+    """Several built-in guests, one QEMU each; guest k's console lines are logged as "guest k: ..."."""
+    return [GuestVM(loop, argv, on_exit, name=f"guest {k}") for k, argv in enumerate(argvs)]

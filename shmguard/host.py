@@ -18,6 +18,7 @@ from .control_server import Request
 from .errors import ControlError, RegionError, ShmguardError
 from .guard import Guard
 from .guest_session import (
+    PENDING_GUEST,
     Action,
     Event,
     Fail,
@@ -26,6 +27,8 @@ from .guest_session import (
     HostRung,
     Log,
     Notify,
+    PassOn,
+    PeerLeft,
     Peers,
     Queue,
     Record,
@@ -34,9 +37,15 @@ from .guest_session import (
     Ring,
     RingRequested,
     ScheduleTimeout,
+    SendFailed,
+    SendRequested,
+    SlotPeers,
+    SlotsRead,
     TimedOut,
+    WriteCommand,
     WriteFailed,
     WriteNow,
+    WritePeers,
     WriteRequested,
     Written,
 )
@@ -63,10 +72,14 @@ class WritePlan:
 
 class HostPeer:
     def __init__(self, peer: Peer, region: Region, server: IvshmemServer, guard: Guard, recorder: Recorder,
-                 loop: EventLoop, guest: GuestSession, qemu: Callable[[], tuple[int | None, bool, bool]]):
+                 loop: EventLoop, guest: GuestSession, qemu: Callable[[], tuple[int | None, bool, bool]],
+                 guests: layout.GuestLayout | None = None,
+                 slot_qemus: Callable[[], list[tuple[int, bool]]] = lambda: []):
         self.peer, self.region, self.server, self.guard = peer, region, server, guard
         self.recorder, self.loop, self.guest = recorder, loop, guest
         self.qemu = qemu  # (pid, started, exited) of the QEMU this supervisor runs, if any
+        self.guests = guests  # several built-in guests: their slots (guest.exchange holds their state)
+        self.slot_qemus = slot_qemus  # (pid, exited) of the QEMU this supervisor started for each slot
         self._requests: dict[int, Request] = {}  # the control requests the guest session knows by token
         self._tokens = itertools.count()
         for vector, fd in enumerate(peer.vectors):
@@ -105,7 +118,13 @@ class HostPeer:
         return WritePlan(data, offset, padding, targets, wait, asked.timeout)
 
     def _keep_reply_area(self, end: int, padding: int) -> int:
-        """With the built-in guest attached, padding stops short of its reply area (see layout.py)."""
+        """With the built-in guest attached, padding stops short of its reply area (see layout.py); with several,
+        short of their slots, which a host message never covers."""
+        if self.guests is not None:
+            if end > self.guests.host_area_end:
+                raise RegionError(f"a message for the guests fits in the host's area of {self.guests.host_area_end} "
+                                  f"bytes at offset 0 (the {self.guests.guests} guests' slots follow)")
+            return min(padding, self.guests.host_area_end - end)
         reply_start = layout.reply_offset(self.region.size)
         if self.guest.handshake and end <= reply_start:
             return min(padding, reply_start - end)
@@ -178,6 +197,63 @@ class HostPeer:
 
     def feed(self, event: Event) -> None:
         self._carry_out(self.guest.handle(event, self.peers()))
+        if isinstance(event, (PeerLeft, TimedOut)) and self.guest.exchange is not None:
+            self._carry_out(self.guest.exchange.handle(event, self.slot_peers()))
+
+    # --- several guests: sends between them, their slots ---------------------------------------------------
+
+    def handle_send(self, request: Request) -> None:
+        """Ask one guest to send to another; answered with the sender's report. Checked first: a refused send
+        writes nothing and records nothing."""
+        asked, exchange, guests = request.message, self.guest.exchange, self.guests
+        if exchange is None or guests is None:
+            raise ControlError("this supervisor runs one guest: guests send to each other under "
+                               "`shmguard run --guests 2` (or more)")
+        if len(asked.data) > guests.text:
+            raise ControlError(f"a message between guests holds at most {guests.text} bytes here ({guests.guests} "
+                               f"guests in {self.region.size} bytes), not {len(asked.data)}: raise --size")
+        if b"\0" in asked.data:
+            raise ControlError("a message between guests is text: it has no NUL bytes")
+        try:
+            self.region.check_intact()
+        except RegionError as exc:
+            raise ControlError(str(exc)) from None
+        token = next(self._tokens)
+        self._requests[token] = request
+        try:
+            self._carry_out(exchange.handle(SendRequested(token, asked.source, asked.target, asked.data,
+                                                          asked.timeout, time.monotonic()), self.slot_peers()))
+        except BaseException:
+            self._requests.pop(token, None)
+            raise
+
+    def slot_peers(self) -> SlotPeers:
+        others = [p for p in self.server.peers.values() if p.cred is not None]
+        owners = [None if exited else next((p.id for p in others if p.cred.pid == pid), PENDING_GUEST)
+                  for pid, exited in self.slot_qemus()]
+        return SlotPeers(tuple(p.id for p in others), tuple(owners))
+
+    def describe_guests(self) -> list[dict]:
+        exchange = self.guest.exchange
+        if exchange is None:
+            return []
+        pids = [pid for pid, exited in self.slot_qemus()]
+        return [{**entry, "qemu_pid": pids[entry["guest"]] if entry["guest"] < len(pids) else None}
+                for entry in exchange.describe(self.slot_peers().owners)]
+
+    def _write_slot(self, offset: int, data: bytes, cred, what: dict, peer: int) -> None:
+        """An audited write into a guest's slot, then a ring of that guest: recorded first, as every write."""
+        sha = hashlib.sha256(data).hexdigest()
+        self.guard.before_write()
+        self.recorder.record("write", actor=cred, offset=offset, length=len(data), sha256=sha,
+                             detail={**what, "ring": [peer, layout.GUEST_VECTOR]})
+        self.region.write(offset, data)
+        self.guard.remember(offset, data, 0)
+        self.server.ring(peer, layout.GUEST_VECTOR)
+
+    def _read_line(self, offset: int) -> str:
+        text = self.region.read(offset, layout.SLOT_LINE).split(b"\0", 1)[0].decode("ascii", "replace")
+        return "".join(c if c.isprintable() else "?" for c in text)
 
     def _carry_out(self, actions: list[Action]) -> None:
         """Do what the guest session says, in its order; a write's outcome goes back to it before the rest."""
@@ -210,11 +286,32 @@ class HostPeer:
                     sdnotify.status(status)
                 case ScheduleTimeout(token, seconds):
                     self.loop.call_later(seconds, lambda t=token: self.feed(TimedOut(t)))
+                case WriteCommand(token, slot, peer, data):
+                    try:
+                        self._write_slot(self.guests.command(slot), data, self._requests[token].cred,
+                                         {"command_for_guest": slot}, peer)
+                    except ShmguardError as exc:  # the log, the region, or the guest gone since
+                        todo.extendleft(reversed(self.guest.exchange.handle(SendFailed(token, str(exc)),
+                                                                            self.slot_peers())))
+                case WritePeers(slot, peer, data):
+                    try:
+                        self._write_slot(self.guests.peers(slot), data, None, {"peers_for_guest": slot}, peer)
+                    except ShmguardError as exc:
+                        log.warning("guest %d was not told who is there: %s", slot, exc)
+                case PassOn(vector, reply):
+                    todo.extendleft(reversed(self.guest.handle(HostRung(vector, reply, time.monotonic()),
+                                                               self.peers())))
                 case _:
                     raise AssertionError(f"not an action of the guest session: {action!r}")
 
     def _on_host_rung(self, vector: int, fd: int) -> None:
         if eventfd.drain(fd) is None:  # a peer drained it between epoll and now; never a blocking read
+            return
+        if self.guests is not None and self.guest.exchange is not None:  # rings coalesce: read every slot
+            count = range(self.guests.guests)
+            self._carry_out(self.guest.exchange.handle(SlotsRead(
+                tuple(self._read_line(self.guests.reply(k)) for k in count),
+                tuple(self._read_line(self.guests.report(k)) for k in count), time.monotonic()), self.slot_peers()))
             return
         self.feed(HostRung(vector, self.read_reply(), time.monotonic()))
 

@@ -10,16 +10,17 @@ from collections.abc import Callable
 
 from . import layout
 from .audit import AuditLog
-from .control import RingRequest, StatusRequest, WriteRequest
+from .control import RingRequest, SendRequest, StatusRequest, WriteRequest
 from .control_server import ControlServer, Request
 from .errors import ShmguardError
 from .guard import Guard, guarded_sockets
 from .guest_session import (
+    GuestExchange,
     GuestSession,
     PeerLeft,
     QemuExited,
 )
-from .guest_vm import GuestOptions, GuestVM, guest_command
+from .guest_vm import GuestOptions, GuestVM, guest_command, start_guests
 from .hardening import drop_identity, harden, lock_memory
 from .host import HostPeer
 from .linux import sdnotify
@@ -53,6 +54,7 @@ class Supervisor:
         self.recorder: Recorder | None = None  # the audit log, and its rule when it cannot be written
         self.exit_code = 0
         self.qemu: GuestVM | None = None
+        self.qemus: list[GuestVM] = []  # with --guests N (N >= 2): one QEMU per slot, and self.qemu stays None
         self.guard: Guard | None = None
         self.control: ControlServer | None = None
         self.signals: SignalWakeup | None = None
@@ -65,6 +67,9 @@ class Supervisor:
         if options and options.builtin and self.policy.server.vectors <= layout.ACK_VECTOR:
             raise ShmguardError(f"the built-in guest acknowledges on vector {layout.ACK_VECTOR}: run it with "
                                 f"--vectors {layout.ACK_VECTOR + 1} or more, or serve only with --no-guest")
+        guests = options.guest_layout(self.policy.region.size) if options else None  # refused before anything exists
+        if guests is not None:
+            self.guest.exchange = self.guest.exchange or GuestExchange.new(guests.guests)
         raise_fd_limit()
         owners = policy_owners(self.policy.server.owner, self.policy.hardening.user)  # may own its directories
         self.audit = AuditLog.open(self.policy.audit.path, self.policy.audit.durable, owners)
@@ -91,10 +96,13 @@ class Supervisor:
         self.guard.start()
         self.host = HostPeer(own_peer, self.region, self.server, self.guard, self.recorder, self.loop, self.guest,
                              qemu=lambda: (self.qemu.pid if self.qemu else None, self.qemu is not None,
-                                           self.qemu is not None and self.qemu.exited()))
+                                           self.qemu is not None and self.qemu.exited()),
+                             guests=guests, slot_qemus=lambda: [(vm.pid, vm.exited()) for vm in self.qemus])
         self._install_signals()
         # The guest image may need building (apt-get, gcc): done while the process still may.
-        qemu_argv = guest_command(self.guest_options, self.policy, self.host.id) if self.guest_options else None
+        qemu_argv = guest_command(self.guest_options, self.policy, self.host.id) if options and not guests else None
+        slot_argvs = [guest_command(options, self.policy, self.host.id, k) for k in range(guests.guests)] \
+            if guests else []
         self._harden()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})
@@ -103,6 +111,9 @@ class Supervisor:
         if qemu_argv is not None:
             self.qemu = GuestVM(self.loop, qemu_argv, self._on_qemu_exit)
             self.add_stop_hook(self.qemu.close)
+        self.qemus = start_guests(self.loop, slot_argvs, self._on_qemu_exit)
+        for vm in self.qemus:
+            self.add_stop_hook(vm.close)
 
     def _harden(self) -> None:
         """Drop what the policy does not need, once the region and sockets exist and before QEMU starts."""
@@ -134,7 +145,8 @@ class Supervisor:
                     "stopping (policy qemu.on_exit = exit)" if leaving else "still serving peers")
         self.note("qemu-exit", result="exited", detail={"pid": pid, "status": status,
                                                           "response": self.policy.qemu.on_exit})
-        self.host.feed(QemuExited())
+        if not self.qemus:  # with several guests, the one that left is told by its peer's leave
+            self.host.feed(QemuExited())
         if leaving:
             self.exit_code = 3
             self.loop.stop()
@@ -157,6 +169,7 @@ class Supervisor:
         self.control.route(WriteRequest, policy.control.writers, lambda request: self.host.handle_write(request))
         self.control.route(RingRequest, policy.control.ringers, lambda request: self.host.handle_ring(request))
         self.control.route(StatusRequest, policy.control.readers, self._handle_status)
+        self.control.route(SendRequest, policy.control.writers, lambda request: self.host.handle_send(request))
         self.control.on_refused = lambda cred, op, reason: self.note(
             "refused", actor=cred, result="refused", detail={"op": op, "reason": reason})
         self.control.start()
@@ -175,7 +188,7 @@ class Supervisor:
             "guest": {"peer": self.host.guest_peer_id(), "handshake": self.guest.handshake, "ready": self.guest.ready,
                       "acks": self.guest.acks, "last_reply": self.guest.last_reply,
                       "ready_guests": self.guest.ready_guests(self.host.peers()),
-                      "writes_waiting": len(self.guest.queue)},
+                      "writes_waiting": len(self.guest.queue), "guests": self.host.describe_guests()},
             "audit": self.recorder.describe(),
             "shares": {**self.server.describe_shares(), "queued_writes": self.guest.queue.count.describe(),
                        "queued_write_bytes": self.guest.queue.bytes.describe()},
