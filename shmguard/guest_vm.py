@@ -53,15 +53,28 @@ def slot_params(guests: int, slot: int) -> str:
 def guest_command(options: GuestOptions, policy: Policy, host_peer_id: int, slot: int | None = None) -> list[str]:
     """The QEMU command line for the guest (`slot` of several): the image built (apt-get, gcc: before hardening),
     the accelerator chosen (KVM only once it has booted a kernel here)."""
+    if slot is not None:
+        return slot_command(policy.server.socket, policy.server.vectors, host_peer_id, options.count, slot,
+                            policy.qemu.memory, options.qemu_args)
     image = build_guest(log=log.info) if options.builtin else GuestImage(
         Path(options.kernel), Path(options.initrd) if options.initrd else None, options.append)
-    if slot is not None:
-        image = dataclasses.replace(image, cmdline=f"{image.cmdline} {slot_params(options.count, slot)}")
     accel, reason = choose_accel(kernel=image.kernel)
     log.info("QEMU accelerator: %s (%s)", accel, reason)
     return qemu_command(socket_path=policy.server.socket, vectors=policy.server.vectors, guest=image,
                         host_peer_id=host_peer_id if options.builtin else None, accel=accel,
                         memory=policy.qemu.memory, extra_args=options.qemu_args)
+
+
+def slot_command(socket_path: str, vectors: int, host_peer_id: int, guests: int, slot: int, memory: str = "256M",
+                 extra_args: tuple[str, ...] = ()) -> list[str]:
+    """QEMU for built-in guest `slot` of `guests` on any ivshmem server at socket_path (shmguard's, or QEMU's own
+    contrib server with a plain peer as the host): the guest's slot and the host's peer id on its command line."""
+    image = build_guest(log=log.info)
+    image = dataclasses.replace(image, cmdline=f"{image.cmdline} {slot_params(guests, slot)}")
+    accel, reason = choose_accel(kernel=image.kernel)
+    log.info("QEMU accelerator: %s (%s)", accel, reason)
+    return qemu_command(socket_path=socket_path, vectors=vectors, guest=image, host_peer_id=host_peer_id,
+                        accel=accel, memory=memory, extra_args=extra_args)
 
 
 class GuestVM:

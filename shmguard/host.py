@@ -294,6 +294,8 @@ class HostPeer:
                         todo.extendleft(reversed(self.guest.exchange.handle(SendFailed(token, str(exc)),
                                                                             self.slot_peers())))
                 case WritePeers(slot, peer, data):
+                    if peer not in self.server.peers:
+                        continue  # gone too (every peer leaves at shutdown): nobody to tell
                     try:
                         self._write_slot(self.guests.peers(slot), data, None, {"peers_for_guest": slot}, peer)
                     except ShmguardError as exc:
