@@ -631,7 +631,8 @@ class GuestExchange:
         self.slots[k] = slot = replace(slot, report=line)
         report, waiter = layout.parse_report(line), slot.sending
         if report is None or waiter is None or report.command != waiter.command:
-            return [Log("debug", f"guest {k} report: {line[:80]!r}")]  # a late "lost" of a send already answered
+            # a late "lost" of a send already answered, or a line cleared: nothing waits for it
+            return [Log("debug", f"guest {k} report: {line[:80]!r}")] if line else []
         self.slots[k] = replace(slot, sending=None, sent=slot.sent + report.sent)
         detail = (("guest", k), ("command", report.command), ("to", waiter.to_slot), ("to_peer", report.peer),
                   ("report", line))
