@@ -359,9 +359,13 @@ class GuestSession:
                 while self.queue:
                     actions.append(Fail(self.queue.pop().token, QEMU_GONE_BEFORE_TURN))
                 return actions
-            case PeerLeft():
+            case PeerLeft(peer):
                 if self.serving_only:  # is "the guest" still one that said it is ready?
                     self.ready = self.ready and self.guest_peer_id(peers) in self.joined
+                if self.exchange is not None and self.waiter is not None and _rang_only(self.waiter, peer):
+                    waiter, self.waiter = self.waiter, None  # one of several guests: the others stay
+                    return [Fail(waiter.token, f"guest peer {peer} left before it acknowledged", waiter.reply),
+                            *self._next_write()]
                 return []
         raise AssertionError(f"not an event of the guest session: {event!r}")
 
@@ -431,6 +435,11 @@ class GuestSession:
             session.queue.keep(write)
         return session
 
+
+
+def _rang_only(waiter: AckWaiter, peer: int) -> bool:
+    rang = dict(waiter.reply).get("rang") or []
+    return bool(rang) and all(ring.get("peer") == peer for ring in rang)
 
 
 # --- several built-in guests (`shmguard run --guests N`): each in its slot, sending to each other --------------

@@ -445,3 +445,15 @@ def test_a_successor_takes_over_the_slots_with_the_session_and_goes_on_exactly_a
             (SendRequested("x", 0, 1, b"hi", 5.0, 11.0), ONLY_0)]
     assert [successor.exchange.handle(*step) for step in rest] == [original.exchange.handle(*step) for step in rest]
     assert successor.snapshot() == original.snapshot()
+
+
+def test_with_several_guests_a_write_waiting_for_one_that_left_fails_at_once_and_the_next_goes():
+    session = GuestSession(SharesPolicy(), serving_only=False, handshake=True, exchange=pair())
+    rang = (("seq", 1), ("rang", [{"peer": 6, "vector": 0}]))
+    peers = Peers((5, 6))
+    assert session.handle(WriteRequested("a", "plan-a", MEMBER, True, 2), peers) == [WriteNow("a", "plan-a")]
+    assert session.handle(Written("a", rang, CRC, True, 5.0, 1.0), peers) == [ScheduleTimeout("a", 5.0)]
+    assert session.handle(WriteRequested("b", "plan-b", MEMBER, True, 2), peers) == [Queue("b", 1)]
+    assert session.handle(PeerLeft(5), Peers((6,))) == []  # not the one it waits for
+    assert session.handle(PeerLeft(6), Peers()) == [Fail("a", "guest peer 6 left before it acknowledged", rang),
+                                                    WriteNow("b", "plan-b")]
