@@ -528,7 +528,8 @@ static void exchange_init(struct exchange *x, const struct ivshmem *dev, long ho
     }
 }
 
-/* Every new message in this guest's inbox is printed once, then acked to its sender directly. */
+/* Every new message in this guest's inbox is copied once, acked to its sender directly, then printed: the line
+ * printed and the ack describe the same bytes. */
 static void exchange_receive(struct exchange *x)
 {
     static const char prefix[] = "received IRQ and full message: ";
@@ -544,7 +545,6 @@ static void exchange_receive(struct exchange *x)
         memcpy(x->line, prefix, sizeof prefix - 1);
         memcpy(x->line + sizeof prefix - 1, (const void *)(x->dev->mem + box + MAILBOX_HEADER), len);
         x->line[sizeof prefix - 1 + len] = '\n';
-        emit(x->line, sizeof prefix + len);
         uint32_t crc = crc32_of((const uint8_t *)x->line + sizeof prefix - 1, len);
         size_t ack = ack_at(x, j, x->own);
         put32(x, ack + 4, crc);
@@ -553,6 +553,7 @@ static void exchange_receive(struct exchange *x)
         put32(x, ack, seq); /* written last: the sender takes it as the ack */
         if (from <= 0xffff)
             ring(x->dev, (long)from, GUEST_VECTOR);
+        emit(x->line, sizeof prefix + len); /* after the ack: the serial console is slow, and not the message's path */
     }
 }
 

@@ -332,7 +332,7 @@ BOTH_READY = [
                                           *told(2, {0: 5, 1: 6}), Notify("guests ready: 2 of 2")]),
 ]
 SENDING = [*BOTH_READY, (SendRequested("s", 0, 1, b"hi", 5.0, 10.0), BOTH, [
-    WriteCommand("s", 0, 5, command_bytes(1, 6, 1, b"hi")), ScheduleTimeout("s", 5.0)])]
+    ScheduleTimeout("s", 5.0), WriteCommand("s", 0, 5, command_bytes(1, 6, 1, b"hi"))])]
 
 EXCHANGE_SCENARIOS = {
     "guests say ready in their own slots and each is told who is there; the same lines again change nothing": [
@@ -363,7 +363,7 @@ EXCHANGE_SCENARIOS = {
                                     ("report", "lost 1 6 busy"), ("result", "lost"))),
             Fail("s", "guest 0 could not send command 1: busy", (*SEND_FIELDS, ("report", "lost 1 6 busy")))]),
         (SendRequested("u", 1, 0, b"back", 5.0, 11.0), BOTH, [
-            WriteCommand("u", 1, 6, command_bytes(2, 5, 0, b"back")), ScheduleTimeout("u", 5.0)]),
+            ScheduleTimeout("u", 5.0), WriteCommand("u", 1, 6, command_bytes(2, 5, 0, b"back"))]),
     ],
     "sends are refused, writing nothing, between guests that do not exist or are not ready": [
         (SendRequested("a", 0, 1, b"hi", 5.0, 1.0), BOTH, [Fail("a", "guest 0 is not ready (see `shmguard status`)")]),
@@ -397,7 +397,7 @@ EXCHANGE_SCENARIOS = {
         *SENDING,
         (TimedOut("s"), BOTH, [Fail("s", "guest 0 did not report within 5 s")]),
         (SendRequested("w", 0, 1, b"hi", 5.0, 20.0), BOTH, [
-            WriteCommand("w", 0, 5, command_bytes(2, 6, 1, b"hi")), ScheduleTimeout("w", 5.0)]),
+            ScheduleTimeout("w", 5.0), WriteCommand("w", 0, 5, command_bytes(2, 6, 1, b"hi"))]),
         (SendFailed("w", "audit log full"), BOTH, [Fail("w", "audit log full")]),
     ],
     "a peer cannot take the slot of a QEMU this supervisor runs, nor say ready for a peer that is not there": [
