@@ -157,6 +157,8 @@ def test_a_guest_killed_mid_stream_is_told_to_the_other_which_goes_on_and_its_su
     refused = pair.client().ask(SendRequest(0, 1, b"nobody there"))
     assert not refused["ok"] and "guest 1 is not ready" in refused["error"], refused
     assert guests_of(pair)[1]["state"] == "empty"
+    unhealthy = pair.cli("status", "--policy", str(pair.policy_path), check=False)
+    assert unhealthy.returncode == 1 and unhealthy.stdout.startswith("UNHEALTHY: guest 1 is empty"), unhealthy.stdout
     # a guest started in its place, by hand: it takes slot 1 once it says ready, with an id never handed out before
     status = pair.client().status()
     console = tmp_path / "successor.log"
@@ -178,6 +180,8 @@ def test_a_guest_killed_mid_stream_is_told_to_the_other_which_goes_on_and_its_su
         assert printed(pair.log(), 0)[before0:] == texts[1]
         wait_until(lambda: printed(console.read_text(errors="replace"))[-1:] == texts[0][-1:], 30, "successor")
         assert printed(console.read_text(errors="replace")) == texts[0]  # nothing stale from its predecessor
+        healthy = pair.cli("status", "--policy", str(pair.policy_path))
+        assert healthy.stdout.startswith("healthy: ") and "2 guests ready" in healthy.stdout.splitlines()[0]
     finally:
         successor.kill()
         successor.wait()
@@ -218,11 +222,14 @@ def test_the_same_guests_exchange_the_same_messages_through_qemus_own_contrib_se
             process.wait()
 
 
-def test_run_refuses_more_guests_than_the_region_holds_in_one_line(tmp_path):
-    result = subprocess.run([*SHMGUARD, "run", "--policy", str(policy_file(tmp_path, region={"size": SIZE})),
-                             "--guests", "3"], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("args, error", [
+    (["--guests", "3"], "a region of 4096 bytes is too small for 3 guests (each slot needs 832 bytes, in half the "
+                        "region): use --size 8192 or more"),
+    (["--guests", "2", "--no-guest"], "--guests 2 boots built-in guests: drop --no-guest and --guest-kernel"),
+])
+def test_run_refuses_what_cannot_be_booted_in_one_line_before_anything_exists(tmp_path, args, error):
+    result = subprocess.run([*SHMGUARD, "run", "--policy", str(policy_file(tmp_path, region={"size": SIZE})), *args],
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [
-        "shmguard: error: a region of 4096 bytes is too small for 3 guests (each slot needs 832 bytes, in half the "
-        "region): use --size 8192 or more"]
-    assert not (tmp_path / "audit.log").exists()  # refused before anything was created
+    assert result.stderr.strip().splitlines() == [f"shmguard: error: {error}"]
+    assert not (tmp_path / "audit.log").exists()
