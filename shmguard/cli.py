@@ -364,7 +364,7 @@ def ring(target, policy_name, control_path):
 @click.option("--from", "source", required=True, type=click.IntRange(0, MAX_GUESTS - 1),
               help="The guest that sends (its number in `shmguard status`).")
 @click.option("--to", "target", required=True, type=click.IntRange(0, MAX_GUESTS - 1), help="The guest it sends to.")
-@click.option("-m", "--message", required=True, help="The text (no NUL; `status` says how long it may be).")
+@click.option("-m", "--message", required=True, help="The text (no NUL; at most the bytes `status` gives).")
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True),
               help="Seconds to wait for the sender's report.")
 @policy_option
@@ -374,9 +374,9 @@ def ring(target, policy_name, control_path):
 def send(source, target, message, timeout, policy_name, control_path, as_json):
     """Ask one built-in guest to send a message to another (`shmguard run --guests 2`) and wait for its report.
 
-    The sender writes into the receiver's inbox and rings it through its own doorbell register; the receiver
-    prints the message and acks to the sender directly. The host writes only the command and reads the report:
-    the message itself never passes through it.
+    The host writes the command (with the text) into the sender's slot and reads its report; the sender writes
+    into the receiver's inbox and rings it through its own doorbell register, and the receiver acks to the sender
+    directly: that message and both doorbells go from guest to guest, never through the supervisor.
     """
     import os
 
@@ -424,6 +424,7 @@ def _format_status(data: dict) -> str:
         for entry in guest["guests"]:
             lines.append(f"guest {entry['guest']}: peer {entry['peer']}, {entry['state']}, {entry['sent']} sent"
                          + (f", QEMU pid {entry['qemu_pid']}" if entry.get("qemu_pid") else ""))
+        lines.append(f"messages between guests: up to {guest['guests'][0].get('text', '?')} bytes")
     else:
         lines.append(f"guest: peer {guest['peer']}, {'ready' if guest['ready'] else 'not ready'}, "
                      f"{guest['acks']} acks")

@@ -238,7 +238,8 @@ class HostPeer:
         if exchange is None:
             return []
         pids = [pid for pid, exited in self.slot_qemus()]
-        return [{**entry, "qemu_pid": pids[entry["guest"]] if entry["guest"] < len(pids) else None}
+        return [{**entry, "qemu_pid": pids[entry["guest"]] if entry["guest"] < len(pids) else None,
+                 "text": self.guests.text if self.guests else None}
                 for entry in exchange.describe(self.slot_peers().owners)]
 
     def _write_slot(self, offset: int, data: bytes, cred, what: dict, peer: int) -> None:

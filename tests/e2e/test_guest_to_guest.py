@@ -233,3 +233,18 @@ def test_run_refuses_what_cannot_be_booted_in_one_line_before_anything_exists(tm
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"shmguard: error: {error}"]
     assert not (tmp_path / "audit.log").exists()
+
+
+def test_send_to_a_supervisor_without_several_guests_is_refused_in_one_line_and_recorded_nowhere(tmp_path):
+    supervisor = RunningSupervisor(policy_file(tmp_path))
+    try:
+        log_before = Path(supervisor.audit).read_bytes()
+        refused = supervisor.cli("send", "--from", "0", "--to", "1", "-m", "hi", "--policy",
+                                 str(supervisor.policy_path), check=False)
+        assert refused.returncode != 0
+        assert refused.stderr.strip().splitlines() == [
+            "shmguard: error: this supervisor runs one guest: guests send to each other under "
+            "`shmguard run --guests 2` (or more)"]
+        assert Path(supervisor.audit).read_bytes() == log_before
+    finally:
+        supervisor.stop()
