@@ -618,10 +618,9 @@ static void exchange_check_command(struct exchange *x)
         (uint32_t)number == x->last_command)
         return;
     x->last_command = (uint32_t)number;
-    if (x->sending) {
-        report(x, "lost %lu %ld busy", number, peer);
-        return;
-    }
+    /* A send still in flight is dropped: the host sends one command at a time, so a new one means it has given
+     * up on the old (timed out), and a receiver that never acks must not keep this guest from sending again. */
+    x->sending = 0;
     if (slot >= x->guests || slot == x->own || peer < 0 || peer > 0xffff || len > x->text) {
         report(x, "lost %lu %ld bad command", number, peer < 0 || peer > 0xffff ? 0 : peer);
         return;
