@@ -124,6 +124,20 @@ def test_shmguard_send_reports_the_round_trip_and_refusals_are_one_line_and_chan
     assert Path(pair.audit).read_bytes() == log_before
 
 
+def test_a_send_to_a_guest_that_does_not_answer_times_out_and_the_sender_is_not_stuck(pair):
+    victim = guests_of(pair)[1]["qemu_pid"]
+    os.kill(victim, signal.SIGSTOP)  # guest 1 stops answering, its peer stays connected
+    try:
+        refused = pair.client(timeout=60).ask(SendRequest(0, 1, b"into the void", timeout=3))
+        assert not refused["ok"] and refused["error"] == "guest 0 did not report within 3 s", refused
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    reply = pair.client(timeout=90).send(0, 1, b"after the pause", timeout=60)
+    assert reply["delivered_exactly"], reply
+    wait_until(lambda: "after the pause" in printed(pair.log(), 1), 30, "printed by guest 1")
+    assert printed(pair.log(), 1).count("after the pause") == 1
+
+
 def test_a_guest_killed_mid_stream_is_told_to_the_other_which_goes_on_and_its_successor_gets_a_new_id(pair,
                                                                                                       tmp_path):
     entries = guests_of(pair)
