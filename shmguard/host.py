@@ -224,7 +224,8 @@ class HostPeer:
             self._carry_out(exchange.handle(SendRequested(token, asked.source, asked.target, asked.data,
                                                           asked.timeout, time.monotonic()), self.slot_peers()))
         except BaseException:
-            self._requests.pop(token, None)
+            if self._requests.pop(token, None) is not None:  # answered by the control server, which this reaches
+                exchange.handle(SendFailed(token, "failed"), self.slot_peers())  # its guest may be asked again
             raise
 
     def slot_peers(self) -> SlotPeers:
@@ -274,9 +275,11 @@ class HostPeer:
                 case WriteNow(token, plan):
                     todo.extendleft(reversed(self.guest.handle(self._write(token, plan), self.peers())))
                 case Reply(token, fields):
-                    self._requests.pop(token).reply(**dict(fields))
+                    if (request := self._requests.pop(token, None)) is not None:  # None: answered by an error
+                        request.reply(**dict(fields))
                 case Fail(token, error, fields):
-                    self._requests.pop(token).fail(error, **dict(fields))
+                    if (request := self._requests.pop(token, None)) is not None:
+                        request.fail(error, **dict(fields))
                 case RefreshGuard():
                     self.guard.refresh()
                 case Record(what, detail):

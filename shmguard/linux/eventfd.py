@@ -66,11 +66,13 @@ def _bounded_write(fd: int) -> bool:
         signal.signal(signal.SIGALRM, _on_alarm)
         _handler_installed = True
     try:
-        _armed = True
-        signal.setitimer(signal.ITIMER_REAL, WRITE_BOUND_SECONDS)
-        return _write_once(fd)
-    except _Stuck:
-        return False  # the counter was full and the description blocking: the owner is rung already
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        try:
+            _armed = True
+            signal.setitimer(signal.ITIMER_REAL, WRITE_BOUND_SECONDS)
+            return _write_once(fd)
+        finally:
+            _armed = False  # first: a late alarm (the process descheduled past the bound) must not escape from here
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Stuck:  # the write was cut off, or the alarm came late, even in the finally above
         _armed = False
+        return False  # the counter was full and the description blocking: the owner is rung already
