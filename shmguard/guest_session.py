@@ -488,6 +488,21 @@ class SlotsRead:
 
 
 @dataclass(frozen=True)
+class Nudged:
+    """A send's nudge is due (ScheduleNudge); the host has just read every slot again."""
+
+    token: Token
+
+
+@dataclass(frozen=True)
+class ScheduleNudge:
+    """Feed Nudged(token) after `seconds`, reading the slots first: an interrupt can be lost under load."""
+
+    token: Token
+    seconds: float
+
+
+@dataclass(frozen=True)
 class WriteCommand:
     """Write data into `slot`'s command area (audited, for the request `token`) and ring `peer` on GUEST_VECTOR."""
 
@@ -542,6 +557,9 @@ class ExchangeState:
     generation: int = 0  # of the peers lines
 
 
+NUDGE_SECONDS = 1.0  # a send unreported this long: the slots are read again and the sender rung again
+
+
 class GuestExchange:
     """Slots, their guests, the sends in flight and the peers lines: state as plain data, no I/O."""
 
@@ -580,6 +598,13 @@ class GuestExchange:
             case TimedOut(token):
                 return self._settle(lambda w: w.token == token, lambda k, w: Fail(
                     token, f"guest {k} did not report within {w.timeout:g} s"))
+            case Nudged(token):
+                for k, slot in enumerate(self.slots):
+                    if slot.sending is not None and slot.sending.token == token:  # still unreported: ring again
+                        return [Log("debug", f"guest {k} has not reported command {slot.sending.command} yet: "
+                                             "rung again"),
+                                Ring(slot.peer, layout.GUEST_VECTOR), ScheduleNudge(token, NUDGE_SECONDS)]
+                return []
             case SlotsRead(replies, reports, now):
                 actions: list = []
                 for k in range(len(self.slots)):
@@ -605,9 +630,9 @@ class GuestExchange:
         waiter = SendWaiter(token, self.commands, to_slot, receiver.peer, crc, len(text), timeout, now)
         self.slots[from_slot] = replace(sender, sending=waiter)
         # The ring comes last: whatever the host does after it competes with the guests for the CPU in their round trip
-        return [ScheduleTimeout(token, timeout), WriteCommand(token, from_slot, sender.peer,
-                                                              layout.command_bytes(self.commands, receiver.peer,
-                                                                                   to_slot, text))]
+        return [ScheduleTimeout(token, timeout), ScheduleNudge(token, NUDGE_SECONDS),
+                WriteCommand(token, from_slot, sender.peer,
+                             layout.command_bytes(self.commands, receiver.peer, to_slot, text))]
 
     def _settle(self, which, answer) -> list:
         for k, slot in enumerate(self.slots):
@@ -681,5 +706,5 @@ class GuestExchange:
         return [WritePeers(k, peer, line) for k, peer in ready.items()]
 
 
-ExchangeEvent = SendRequested | SendFailed | SlotsRead
-ExchangeAction = WriteCommand | WritePeers | PassOn
+ExchangeEvent = SendRequested | SendFailed | SlotsRead | Nudged
+ExchangeAction = WriteCommand | WritePeers | PassOn | ScheduleNudge

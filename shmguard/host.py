@@ -27,6 +27,7 @@ from .guest_session import (
     HostRung,
     Log,
     Notify,
+    Nudged,
     PassOn,
     PeerLeft,
     Peers,
@@ -36,6 +37,7 @@ from .guest_session import (
     Reply,
     Ring,
     RingRequested,
+    ScheduleNudge,
     ScheduleTimeout,
     SendFailed,
     SendRequested,
@@ -304,6 +306,8 @@ class HostPeer:
                         self._write_slot(self.guests.peers(slot), data, None, {"peers_for_guest": slot}, peer)
                     except ShmguardError as exc:
                         log.warning("guest %d was not told who is there: %s", slot, exc)
+                case ScheduleNudge(token, seconds):
+                    self.loop.call_later(seconds, lambda t=token: self._nudge(t))
                 case PassOn(vector, reply):
                     todo.extendleft(reversed(self.guest.handle(HostRung(vector, reply, time.monotonic()),
                                                                self.peers())))
@@ -314,12 +318,20 @@ class HostPeer:
         if eventfd.drain(fd) is None:  # a peer drained it between epoll and now; never a blocking read
             return
         if self.guests is not None and self.guest.exchange is not None:  # rings coalesce: read every slot
-            count = range(self.guests.guests)
-            self._carry_out(self.guest.exchange.handle(SlotsRead(
-                tuple(self._read_line(self.guests.reply(k)) for k in count),
-                tuple(self._read_line(self.guests.report(k)) for k in count), time.monotonic()), self.slot_peers()))
+            self._read_slots()
             return
         self.feed(HostRung(vector, self.read_reply(), time.monotonic()))
+
+    def _read_slots(self) -> None:
+        count = range(self.guests.guests)
+        self._carry_out(self.guest.exchange.handle(SlotsRead(
+            tuple(self._read_line(self.guests.reply(k)) for k in count),
+            tuple(self._read_line(self.guests.report(k)) for k in count), time.monotonic()), self.slot_peers()))
+
+    def _nudge(self, token) -> None:
+        """A send still unreported: its report may be there with its ring lost, or the sender's ring lost."""
+        self._read_slots()
+        self._carry_out(self.guest.exchange.handle(Nudged(token), self.slot_peers()))
 
     def read_reply(self) -> str:
         raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)

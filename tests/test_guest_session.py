@@ -23,6 +23,7 @@ from shmguard.guest_session import (
     HostRung,
     Log,
     Notify,
+    Nudged,
     PassOn,
     PeerLeft,
     Peers,
@@ -33,6 +34,7 @@ from shmguard.guest_session import (
     Reply,
     Ring,
     RingRequested,
+    ScheduleNudge,
     ScheduleTimeout,
     SendFailed,
     SendRequested,
@@ -332,7 +334,7 @@ BOTH_READY = [
                                           *told(2, {0: 5, 1: 6}), Notify("guests ready: 2 of 2")]),
 ]
 SENDING = [*BOTH_READY, (SendRequested("s", 0, 1, b"hi", 5.0, 10.0), BOTH, [
-    ScheduleTimeout("s", 5.0), WriteCommand("s", 0, 5, command_bytes(1, 6, 1, b"hi"))])]
+    ScheduleTimeout("s", 5.0), ScheduleNudge("s", 1.0), WriteCommand("s", 0, 5, command_bytes(1, 6, 1, b"hi"))])]
 
 EXCHANGE_SCENARIOS = {
     "guests say ready in their own slots and each is told who is there; the same lines again change nothing": [
@@ -355,6 +357,13 @@ EXCHANGE_SCENARIOS = {
             Reply("s", (*SEND_FIELDS, ("report", SENT_LINE), ("seq", 1), ("length", 2), ("delivered_exactly", True),
                         ("round_trip_ms", 1.5), ("host_round_trip_ms", 250.0)))]),
         (TimedOut("s"), BOTH, []),  # answered already
+        (Nudged("s"), BOTH, []),  # so is its nudge
+    ],
+    "a send unreported when its nudge is due rings its sender again (an interrupt can be lost under load)": [
+        *SENDING,
+        (Nudged("s"), BOTH, [Log("debug", "guest 0 has not reported command 1 yet: rung again"), Ring(5, 1),
+                             ScheduleNudge("s", 1.0)]),
+        (Nudged("elsewhere"), BOTH, []),
     ],
     "a send the guest could not make fails with its reason; a later one is numbered on": [
         *SENDING,
@@ -363,7 +372,8 @@ EXCHANGE_SCENARIOS = {
                                     ("report", "lost 1 6 busy"), ("result", "lost"))),
             Fail("s", "guest 0 could not send command 1: busy", (*SEND_FIELDS, ("report", "lost 1 6 busy")))]),
         (SendRequested("u", 1, 0, b"back", 5.0, 11.0), BOTH, [
-            ScheduleTimeout("u", 5.0), WriteCommand("u", 1, 6, command_bytes(2, 5, 0, b"back"))]),
+            ScheduleTimeout("u", 5.0), ScheduleNudge("u", 1.0),
+            WriteCommand("u", 1, 6, command_bytes(2, 5, 0, b"back"))]),
     ],
     "sends are refused, writing nothing, between guests that do not exist or are not ready": [
         (SendRequested("a", 0, 1, b"hi", 5.0, 1.0), BOTH, [Fail("a", "guest 0 is not ready (see `shmguard status`)")]),
@@ -397,7 +407,8 @@ EXCHANGE_SCENARIOS = {
         *SENDING,
         (TimedOut("s"), BOTH, [Fail("s", "guest 0 did not report within 5 s")]),
         (SendRequested("w", 0, 1, b"hi", 5.0, 20.0), BOTH, [
-            ScheduleTimeout("w", 5.0), WriteCommand("w", 0, 5, command_bytes(2, 6, 1, b"hi"))]),
+            ScheduleTimeout("w", 5.0), ScheduleNudge("w", 1.0),
+            WriteCommand("w", 0, 5, command_bytes(2, 6, 1, b"hi"))]),
         (SendFailed("w", "audit log full"), BOTH, [Fail("w", "audit log full")]),
     ],
     "a peer cannot take the slot of a QEMU this supervisor runs, nor say ready for a peer that is not there": [
