@@ -191,6 +191,7 @@ def test_a_guest_killed_mid_stream_is_told_to_the_other_which_goes_on_and_its_su
             for k in (0, 1):
                 reply = pair.client(timeout=90).send(k, 1 - k, texts[k][n].encode(), timeout=60)
                 assert reply["delivered_exactly"] and reply["to_peer"] == (new if k == 0 else old[0]), reply
+        wait_until(lambda: len(printed(pair.log(), 0)) >= before0 + 10, 30, "printed by guest 0")  # acked first
         assert printed(pair.log(), 0)[before0:] == texts[1]
         wait_until(lambda: printed(console.read_text(errors="replace"))[-1:] == texts[0][-1:], 30, "successor")
         assert printed(console.read_text(errors="replace")) == texts[0]  # nothing stale from its predecessor
