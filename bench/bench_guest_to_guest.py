@@ -1,20 +1,23 @@
 """Guest-to-guest round trip: two built-in guests through shmguard, and the same two through QEMU's own contrib
-ivshmem-server built from Debian's qemu source package, in the same run.
+ivshmem-server built from Debian's qemu source package (tools/qemu_contrib.py), in the same run.
 
     .venv/bin/python bench/bench_guest_to_guest.py [--quick] [--count N]
 
 Each side boots two built-in guests (TCG or KVM, as `shmguard run` chooses) on a 4 KiB region and asks them to send
 COUNT messages, alternating the direction; both sides are up at once and take blocks of messages in turn, so that
-the other load on the machine falls on both alike. The figure is the round trip each sending guest measures itself: from
+the other load on the machine falls on all alike. The figure is the round trip each sending guest measures itself: from
 just before it rings the receiver (message already in the receiver's inbox) to the moment it sees the receiver's
 ack, CLOCK_MONOTONIC inside the guest. That path is QEMU to QEMU through the eventfds the server handed out; the
-server is not on it, so the ratio shmguard / contrib should be 1 within noise.
+server is not on it.
 
-shmguard side: `shmguard run --guests 2` (strict policy, durable audit log), one `send` request per message over
-the control socket (each command recorded, each report recorded). Contrib side: `ivshmem-server -F` plus
-shmguard.plain_host.PlainHost, a plain peer that writes the same command into the sender's slot and reads its report
-from the mapping, nothing recorded. The host-observed times (request to report) are printed too; they are not the
-figure: shmguard's include the control socket and two audit records with fsync, the plain peer's neither.
+Three pairs of guests, up at once: (1) `shmguard run --guests 2` (strict policy, durable audit log), one `send`
+request per message over the control socket (each command and each report recorded); (2) shmguard's server alone
+(`shmguard run --no-guest`) with shmguard.plain_host.PlainHost as the guests' host, a plain peer that writes the
+same command into the sender's slot and reads its report from the mapping; (3) QEMU's `ivshmem-server -F` with the
+same PlainHost. (2) against (3) differs only in the server: that ratio is the figure. (1) against (3) adds
+shmguard as the guests' host; on 2 CPUs its work around each send competes with the guests for the CPU. The
+host-observed times (request to report) are printed too: shmguard's include the control socket and two audit
+records with fsync, the plain peer's neither.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from common import Series, file_system_of, timed_calls
 
+from shmguard.client import ROOT_ONLY, answering_uids
 from shmguard.control import ControlClient
 from shmguard.guest_vm import slot_command
 from shmguard.launcher import ThrowawaySupervisor
@@ -72,10 +76,44 @@ class ShmguardSide:
         self.supervisor.stop()
 
 
-class ContribSide:
-    """QEMU's contrib ivshmem-server, the same two guests, PlainHost as their host."""
+class PlainSide:
+    """An ivshmem server, two built-in guests, PlainHost as their host (a plain peer writing the mapping)."""
 
-    label = "contrib ivshmem-server"
+    label = host_label = ""
+    processes: list[subprocess.Popen]
+    plain: PlainHost | None = None
+
+    def boot(self, root: Path, socket_path: str, answerers=ROOT_ONLY) -> None:
+        try:
+            self.plain = PlainHost(socket_path, guests=2, answerers=answerers)
+            for k in (0, 1):
+                with (root / f"{self.tag}-guest{k}.log").open("wb") as console:  # a console written, like shmguard's
+                    self.processes.append(subprocess.Popen(slot_command(socket_path, 2, self.plain.id, 2, k),
+                                                           stdin=subprocess.DEVNULL, stdout=console,
+                                                           stderr=subprocess.STDOUT))
+            self.plain.wait_ready(300)
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, number: int) -> float:
+        sent = self.plain.send(number % 2, 1 - number % 2, message(number))
+        if not sent.exact:
+            raise SystemExit(f"{self.label}: message not delivered exactly: {sent}")
+        return sent.report.round_trip_us / 1000
+
+    def close(self) -> None:
+        if self.plain is not None:
+            self.plain.close()
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+class ContribSide(PlainSide):
+    """QEMU's contrib ivshmem-server."""
+
+    label, tag = "contrib ivshmem-server", "contrib"
     host_label = "contrib: command to report (plain peer, mmap)"
 
     def __init__(self, root: Path):
@@ -88,36 +126,30 @@ class ContribSide:
         self.processes = [subprocess.Popen([str(qemu_contrib.ivshmem_server()), "-F", "-S", str(socket_path), "-m",
                                             "/dev/shm", "-l", str(REGION_SIZE), "-n", "2"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
-        self.plain: PlainHost | None = None
-        try:
-            deadline = time.monotonic() + 10
-            while not socket_path.exists():
-                if time.monotonic() > deadline or self.processes[0].poll() is not None:
-                    raise SystemExit("the contrib ivshmem-server did not create its socket")
-                time.sleep(0.02)
-            self.plain = PlainHost(str(socket_path), guests=2)
-            for k in (0, 1):
-                with (root / f"contrib-guest{k}.log").open("wb") as console:  # a console read, like shmguard's
-                    self.processes.append(subprocess.Popen(slot_command(str(socket_path), 2, self.plain.id, 2, k),
-                                                           stdin=subprocess.DEVNULL, stdout=console,
-                                                           stderr=subprocess.STDOUT))
-            self.plain.wait_ready(300)
-        except BaseException:
-            self.close()
-            raise
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            if time.monotonic() > deadline or self.processes[0].poll() is not None:
+                self.close()
+                raise SystemExit("the contrib ivshmem-server did not create its socket")
+            time.sleep(0.02)
+        self.boot(root, str(socket_path))
 
-    def send(self, number: int) -> float:
-        sent = self.plain.send(number % 2, 1 - number % 2, message(number))
-        if not sent.exact:
-            raise SystemExit(f"contrib: message not delivered exactly: {sent}")
-        return sent.report.round_trip_us / 1000
+
+class ShmguardServerSide(PlainSide):
+    """shmguard's server alone (`run --no-guest`), the same plain host: only the server differs from contrib."""
+
+    label, tag = "shmguard server, plain host", "served"
+    host_label = "shmguard server: command to report (plain peer, mmap)"
+
+    def __init__(self, root: Path):
+        self.supervisor = ThrowawaySupervisor("strict", parent=root, prefix="served-", timeout=120,
+                                              region={"size": REGION_SIZE})
+        self.processes = []
+        self.boot(root, self.supervisor.policy.server.socket, answering_uids(self.supervisor.policy))
 
     def close(self) -> None:
-        if self.plain is not None:
-            self.plain.close()
-        for process in self.processes:
-            process.kill()
-            process.wait()
+        super().close()
+        self.supervisor.stop()
 
 
 def measure(sides: list, count: int) -> dict[str, tuple[Series, Series]]:
@@ -152,6 +184,7 @@ def main() -> None:
         print("booting two built-in guests under shmguard and two under QEMU's contrib ivshmem-server ...", flush=True)
         sides.append(ShmguardSide(root))
         sides.append(ContribSide(root))
+        sides.append(ShmguardServerSide(root))
         figures = measure(sides, count)
     finally:
         for side in sides:
@@ -159,11 +192,14 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     shmguard_guest, shmguard_host = figures[ShmguardSide.label]
     contrib_guest, contrib_host = figures[ContribSide.label]
+    served_guest, served_host = figures[ShmguardServerSide.label]
     print(f"\nround trip, {count} messages per row")
     print(f"  {'':60} {'median ms':>10} {'p99 ms':>9}")
-    for series in (shmguard_guest, contrib_guest, shmguard_host, contrib_host):
+    for series in (shmguard_guest, served_guest, contrib_guest, shmguard_host, served_host, contrib_host):
         print(f"  {series.label:60} {series.median:10.3f} {series.p99:9.3f}")
-    print(f"\nthe figure, guest-to-guest round trip shmguard / contrib: median "
+    print(f"\nthe figure, guest-to-guest round trip, the server alone (same plain host), shmguard / contrib: median "
+          f"{served_guest.median / contrib_guest.median:.2f}x, p99 {served_guest.p99 / contrib_guest.p99:.2f}x")
+    print(f"with shmguard also the guests' host (`run --guests 2`, control socket, audit), shmguard / contrib: median "
           f"{shmguard_guest.median / contrib_guest.median:.2f}x, p99 {shmguard_guest.p99 / contrib_guest.p99:.2f}x")
     print(f"host side (not the data path), shmguard / plain peer: median "
           f"{shmguard_host.median / contrib_host.median:.2f}x, p99 {shmguard_host.p99 / contrib_host.p99:.2f}x")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import mmap
 import time
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from . import layout
-from .client import IvshmemClient
+from .client import ROOT_ONLY, IvshmemClient
 from .errors import ShmguardError
 
 
@@ -34,8 +35,9 @@ class PlainHost:
     """Joins the server at `socket_path` first (so its peer id is the guests' `shmguard.host=`), then drives the
     slots of `guests` built-in guests."""
 
-    def __init__(self, socket_path: str, guests: int, vectors: int = 2, timeout: float = 10.0):
-        self.client = IvshmemClient(socket_path, vectors=vectors, timeout=timeout).connect()
+    def __init__(self, socket_path: str, guests: int, vectors: int = 2, timeout: float = 10.0,
+                 answerers: Collection[int] = ROOT_ONLY):
+        self.client = IvshmemClient(socket_path, vectors=vectors, timeout=timeout, answerers=answerers).connect()
         self.mem = mmap.mmap(self.client.shm_fd, self.client.shm_size)
         self.layout = layout.GuestLayout.of(self.client.shm_size, guests)
         self.peers: dict[int, int] = {}  # slot -> peer id of the guest that said ready there
