@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from common import Series, file_system_of, timed_calls
@@ -37,7 +36,7 @@ from shmguard.client import ROOT_ONLY, answering_uids
 from shmguard.control import ControlClient
 from shmguard.guest_vm import slot_command
 from shmguard.launcher import ThrowawaySupervisor
-from shmguard.plain_host import PlainHost
+from shmguard.plain_host import PlainHost, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 REGION_SIZE = 4096
@@ -126,12 +125,11 @@ class ContribSide(PlainSide):
         self.processes = [subprocess.Popen([str(qemu_contrib.ivshmem_server()), "-F", "-S", str(socket_path), "-m",
                                             "/dev/shm", "-l", str(REGION_SIZE), "-n", "2"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
-        deadline = time.monotonic() + 10
-        while not socket_path.exists():
-            if time.monotonic() > deadline or self.processes[0].poll() is not None:
-                self.close()
-                raise SystemExit("the contrib ivshmem-server did not create its socket")
-            time.sleep(0.02)
+        try:
+            wait_listening(str(socket_path), 10)
+        except BaseException:
+            self.close()
+            raise
         self.boot(root, str(socket_path))
 
 

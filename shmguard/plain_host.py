@@ -20,6 +20,20 @@ from .client import ROOT_ONLY, IvshmemClient
 from .errors import ShmguardError
 
 
+def wait_listening(socket_path: str, timeout: float) -> None:
+    """Until a server listens at socket_path (its file appears at bind(), before listen()): read from
+    /proc/net/unix, so that no peer joins to find out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/unix") as table:
+            for line in table.readlines()[1:]:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == socket_path and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                    return
+        time.sleep(0.02)
+    raise ShmguardError(f"nothing listens at {socket_path} within {timeout:g} s")
+
+
 @dataclass(frozen=True)
 class Sent:
     report: layout.Report

@@ -19,7 +19,7 @@ from helpers import SHMGUARD, RunningSupervisor, policy_file
 from shmguard.audit import verify
 from shmguard.control import ControlError, SendRequest
 from shmguard.guest_vm import slot_command
-from shmguard.plain_host import PlainHost
+from shmguard.plain_host import PlainHost, wait_listening
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 4096
@@ -216,7 +216,7 @@ def test_the_same_guests_exchange_the_same_messages_through_qemus_own_contrib_se
     guests: list[subprocess.Popen] = []
     consoles = [tmp_path / f"guest{k}.log" for k in (0, 1)]
     try:
-        wait_until(socket_path.exists, 10, "the contrib server's socket")
+        wait_listening(str(socket_path), 10)
         with PlainHost(str(socket_path), guests=2) as host:  # joins first: the guests' host
             for k in (0, 1):
                 with consoles[k].open("wb") as out:
