@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from . import layout
 from .client import ROOT_ONLY, IvshmemClient
 from .errors import ShmguardError
+from .guest_session import NUDGE_SECONDS
 
 
 def wait_listening(socket_path: str, timeout: float) -> None:
@@ -39,6 +40,7 @@ class Sent:
     report: layout.Report
     crc32: int  # of the text asked for
     host_round_trip_ms: float  # command written to report read, as this peer saw it
+    nudges: int = 0  # times the sender was rung again, silent for NUDGE_SECONDS (an interrupt lost under load)
 
     @property
     def exact(self) -> bool:
@@ -83,13 +85,16 @@ class PlainHost:
         data = layout.command_bytes(number, self.peers[target], target, text)
         self.mem[self.layout.command(source):self.layout.command(source) + len(data)] = data
         self.client.notify(self.peers[source], layout.GUEST_VECTOR)
-        deadline = started + timeout
+        deadline, nudges = started + timeout, 0
         while True:
             report = layout.parse_report(self.line(self.layout.report(source)))
             if report is not None and report.command == number:
-                return Sent(report, zlib.crc32(text), (time.monotonic() - started) * 1000)
-            if self._wait(deadline) is None:
+                return Sent(report, zlib.crc32(text), (time.monotonic() - started) * 1000, nudges)
+            if time.monotonic() >= deadline:
                 raise ShmguardError(f"guest {source} did not report command {number} within {timeout:g} s")
+            if self._wait(min(deadline, time.monotonic() + NUDGE_SECONDS)) is None:  # as the supervisor does
+                nudges += 1
+                self.client.notify(self.peers[source], layout.GUEST_VECTOR)
 
     def _wait(self, deadline: float) -> int | None:
         return self.client.wait(None, max(0.0, deadline - time.monotonic()))
