@@ -81,7 +81,7 @@ class HostPeer:
         self.recorder, self.loop, self.guest = recorder, loop, guest
         self.qemu = qemu  # (pid, started, exited) of the QEMU this supervisor runs, if any
         self.guests = guests  # several built-in guests: their slots (guest.exchange holds their state)
-        self.slot_qemus = slot_qemus  # (pid, exited) of the QEMU this supervisor started for each slot
+        self.slots = GuestSlots(guests, region, server, slot_qemus) if guests else None
         self._requests: dict[int, Request] = {}  # the control requests the guest session knows by token
         self._tokens = itertools.count()
         for vector, fd in enumerate(peer.vectors):
@@ -231,19 +231,10 @@ class HostPeer:
             raise
 
     def slot_peers(self) -> SlotPeers:
-        others = [p for p in self.server.peers.values() if p.cred is not None]
-        owners = [None if exited else next((p.id for p in others if p.cred.pid == pid), PENDING_GUEST)
-                  for pid, exited in self.slot_qemus()]
-        return SlotPeers(tuple(p.id for p in others), tuple(owners))
+        return self.slots.peers() if self.slots else SlotPeers()
 
     def describe_guests(self) -> list[dict]:
-        exchange = self.guest.exchange
-        if exchange is None:
-            return []
-        pids = [pid for pid, exited in self.slot_qemus()]
-        return [{**entry, "qemu_pid": pids[entry["guest"]] if entry["guest"] < len(pids) else None,
-                 "text": self.guests.text if self.guests else None}
-                for entry in exchange.describe(self.slot_peers().owners)]
+        return self.slots.describe(self.guest.exchange) if self.slots and self.guest.exchange else []
 
     def _write_slot(self, offset: int, data: bytes, cred, what: dict, peer: int) -> None:
         """An audited write into a guest's slot, then a ring of that guest: recorded first, as every write."""
@@ -255,9 +246,6 @@ class HostPeer:
         self.guard.remember(offset, data, 0)
         self.server.ring(peer, layout.GUEST_VECTOR)
 
-    def _read_line(self, offset: int) -> str:
-        text = self.region.read(offset, layout.SLOT_LINE).split(b"\0", 1)[0].decode("ascii", "replace")
-        return "".join(c if c.isprintable() else "?" for c in text)
 
     def _carry_out(self, actions: list[Action]) -> None:
         """Do what the guest session says, in its order; a write's outcome goes back to it before the rest."""
@@ -323,10 +311,7 @@ class HostPeer:
         self.feed(HostRung(vector, self.read_reply(), time.monotonic()))
 
     def _read_slots(self) -> None:
-        count = range(self.guests.guests)
-        self._carry_out(self.guest.exchange.handle(SlotsRead(
-            tuple(self._read_line(self.guests.reply(k)) for k in count),
-            tuple(self._read_line(self.guests.report(k)) for k in count), time.monotonic()), self.slot_peers()))
+        self._carry_out(self.guest.exchange.handle(self.slots.read(time.monotonic()), self.slot_peers()))
 
     def _nudge(self, token) -> None:
         """A send still unreported: its report may be there with its ring lost, or the sender's ring lost."""
@@ -337,6 +322,36 @@ class HostPeer:
         raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)
         text = raw.split(b"\0", 1)[0].decode("ascii", "replace")
         return "".join(c if c.isprintable() else "?" for c in text)  # the guest must not forge log lines
+
+
+class GuestSlots:
+    """Several built-in guests as the host sees them: their slots' reply and report lines, and which connected peer
+    is the QEMU this supervisor started for each slot."""
+
+    def __init__(self, places: layout.GuestLayout, region: Region, server: IvshmemServer,
+                 qemus: Callable[[], list[tuple[int, bool]]]):
+        self.places, self.region, self.server = places, region, server
+        self.qemus = qemus  # (pid, exited) of the QEMU this supervisor started for each slot
+
+    def peers(self) -> SlotPeers:
+        others = [p for p in self.server.peers.values() if p.cred is not None]
+        owners = [None if exited else next((p.id for p in others if p.cred.pid == pid), PENDING_GUEST)
+                  for pid, exited in self.qemus()]
+        return SlotPeers(tuple(p.id for p in others), tuple(owners))
+
+    def read(self, now: float) -> SlotsRead:
+        count = range(self.places.guests)
+        return SlotsRead(tuple(self._line(self.places.reply(k)) for k in count),
+                         tuple(self._line(self.places.report(k)) for k in count), now)
+
+    def describe(self, exchange) -> list[dict]:
+        pids = [pid for pid, _ in self.qemus()]
+        return [{**entry, "qemu_pid": pids[entry["guest"]] if entry["guest"] < len(pids) else None,
+                 "text": self.places.text} for entry in exchange.describe(self.peers().owners)]
+
+    def _line(self, offset: int) -> str:
+        text = self.region.read(offset, layout.SLOT_LINE).split(b"\0", 1)[0].decode("ascii", "replace")
+        return "".join(c if c.isprintable() else "?" for c in text)  # a guest must not forge log lines
 
 
 def _is_number(text: str) -> bool:
