@@ -48,6 +48,7 @@ ACTIONS: tuple[str, ...] = (
     "torn-tail",
     "qemu-exit",
     "guest-ready",
+    "guest-report",  # what a guest reported of a send between guests (the host never sees those bytes)
     "audit-gap",
     "reload",
     "take-over",

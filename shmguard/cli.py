@@ -12,6 +12,7 @@ import click
 
 from . import lean
 from .errors import ShmguardError
+from .layout import MAX_GUESTS
 from .limits import MAX_PEER_ID, MAX_VECTORS, MIN_SIZE
 from .policy import builtin_names, check_policy, load_policy
 
@@ -89,6 +90,9 @@ def main() -> None:
 @click.option("--control-socket", "control_path", help="Control socket path (default: the policy's).")
 @click.option("--audit-log", help="Audit log path (default: the policy's).")
 @click.option("--no-guest", is_flag=True, help="Serve peers only; boot no guest.")
+@click.option("--guests", type=click.IntRange(1, MAX_GUESTS), default=1, show_default=True,
+              help="Built-in guests to boot; with 2 or more each gets a slot and they send to each other "
+              "(`shmguard send`).")
 @click.option("--guest-kernel", type=click.Path(exists=True, dir_okay=False), help="Boot this kernel instead of "
               "the built-in guest (e.g. a Zephyr build); it gets no ready/ack handshake.")
 @click.option("--guest-initrd", type=click.Path(exists=True, dir_okay=False), help="Initrd for --guest-kernel.")
@@ -100,8 +104,8 @@ def main() -> None:
               "peers. The shipped units set it.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 @user_errors
-def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_guest, guest_kernel, guest_initrd,
-        guest_append, qemu_args, fd_store, verbose):
+def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_guest, guests, guest_kernel,
+        guest_initrd, guest_append, qemu_args, fd_store, verbose):
     """Run the supervisor in the foreground, logging to stderr, until SIGTERM or SIGINT.
 
     By default it also boots the built-in guest under QEMU (KVM once it has proved it can boot, TCG
@@ -119,7 +123,9 @@ def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_gue
         raise ShmguardError("--no-guest boots nothing: drop --guest-kernel, --guest-initrd and --qemu-arg")
     if guest_initrd and not guest_kernel:
         raise ShmguardError("--guest-initrd needs --guest-kernel")
-    guest = None if no_guest else GuestOptions(guest_kernel, guest_initrd, guest_append, tuple(qemu_args))
+    if guests > 1 and (no_guest or guest_kernel):
+        raise ShmguardError(f"--guests {guests} boots built-in guests: drop --no-guest and --guest-kernel")
+    guest = None if no_guest else GuestOptions(guest_kernel, guest_initrd, guest_append, tuple(qemu_args), guests)
     if succession.CHECK_ENV in os.environ:  # a running supervisor asks whether this shmguard would take over
         succession.check_and_exit(policy, guest.builtin if guest else None, int(os.environ[succession.CHECK_ENV]))
     inherited = handover.inherited()
@@ -351,6 +357,35 @@ def reload(policy_name, control_path, timeout):
 
 
 @main.command()
+@click.option("--from", "source", required=True, type=click.IntRange(0, MAX_GUESTS - 1),
+              help="The guest that sends (its number in `shmguard status`).")
+@click.option("--to", "target", required=True, type=click.IntRange(0, MAX_GUESTS - 1), help="The guest it sends to.")
+@click.option("-m", "--message", required=True, help="The text (no NUL; at most the bytes `status` gives).")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True),
+              help="Seconds to wait for the sender's report.")
+@policy_option
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="Print the supervisor's reply as JSON.")
+@user_errors
+def send(source, target, message, timeout, policy_name, control_path, as_json):
+    """Ask one built-in guest to send a message to another (`shmguard run --guests 2`) and wait for its report.
+
+    The host writes the command (with the text) into the sender's slot and reads its report; the sender writes
+    into the receiver's inbox and rings it through its own doorbell register, and the receiver acks to the sender
+    directly: that message and both doorbells go from guest to guest, never through the supervisor.
+    """
+    import os
+
+    reply = control_client(policy_name, control_path, timeout=timeout + 30).send(source, target,
+                                                                                 os.fsencode(message), timeout)
+    exact = "exactly" if reply["delivered_exactly"] else "WITH A DIFFERENT CHECKSUM"
+    emit(reply, as_json, f"guest {reply['from']} (peer {reply['from_peer']}) sent {reply['length']} bytes to guest "
+                         f"{reply['to']} (peer {reply['to_peer']}), acknowledged {exact}: round trip "
+                         f"{reply['round_trip_ms']:.3f} ms inside the guest ({reply['host_round_trip_ms']:.1f} ms "
+                         "as the host saw it)")
+
+
+@main.command()
 @policy_option
 @control_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -495,11 +530,14 @@ def guest_domain_xml(name, policy_name, socket_path, host_peer, image_dir, seria
 @policy_option
 @click.option("--no-attacks", is_flag=True, help="Skip the attack battery.")
 @click.option("--keep", is_flag=True, help="Keep the demo's directory (logs, audit log).")
+@click.option("--guests", type=click.IntRange(1, MAX_GUESTS), default=1, show_default=True,
+              help="With 2 or more: the guests also send to each other, every one to every other.")
 @user_errors
-def demo(policy_name, no_attacks, keep):
-    """Run the whole doorbell flow with the built-in guest; exit 0 only if every message was delivered."""
+def demo(policy_name, no_attacks, keep, guests):
+    """Run the whole doorbell flow with the built-in guest; exit 0 only if every message was delivered
+    (with --guests N, also every message between guests, printed and acknowledged both ways)."""
     from .demo import format_report, run_demo
 
-    report = run_demo(click.echo, policy_name, attacks=not no_attacks, keep=keep)
+    report = run_demo(click.echo, policy_name, attacks=not no_attacks, keep=keep, guests=guests)
     click.echo(format_report(report))
     sys.exit(0 if report.ok else 1)

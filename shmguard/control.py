@@ -1,4 +1,4 @@
-"""The control protocol: one JSON line per request (write, ring, status, reload), one JSON line per reply.
+"""The control protocol: one JSON line per request (write, ring, status, reload, send), one JSON line per reply.
 
 Every request is a typed value here: `to_body()` is what a client sends, `parse(body)` what the server makes of
 it (the request, or one line saying why not), so the client's encoding and the server's parsing are one module.
@@ -105,9 +105,32 @@ class ReloadRequest:
         return cls()
 
 
-ControlRequest = WriteRequest | RingRequest | StatusRequest | ReloadRequest
+@dataclass(frozen=True)
+class SendRequest:
+    """Ask built-in guest `source` to send `data` to guest `target` (guest numbers, as `status` lists them) through
+    the region and its own doorbell; the reply is the sender's report, once the receiver has acknowledged."""
+
+    OP: ClassVar[str] = "send"
+    wait: ClassVar[bool] = True  # the reply comes with the report: up to `timeout` seconds
+    source: int
+    target: int
+    data: bytes
+    timeout: float = DEFAULT_TIMEOUT
+
+    def to_body(self) -> dict:
+        return {"op": self.OP, "from": self.source, "to": self.target, "data": base64.b64encode(self.data).decode(),
+                "timeout": self.timeout}
+
+    @classmethod
+    def from_body(cls, body: dict, wait_seconds: float) -> SendRequest:
+        return cls(_whole_number(body.get("from"), "from"), _whole_number(body.get("to"), "to"),
+                   _decode_data(body.get("data")), _seconds(body.get("timeout", DEFAULT_TIMEOUT), "timeout",
+                                                            wait_seconds))
+
+
+ControlRequest = WriteRequest | RingRequest | StatusRequest | ReloadRequest | SendRequest
 REQUEST_TYPES: dict[str, type[ControlRequest]] = {kind.OP: kind for kind in (WriteRequest, RingRequest, StatusRequest,
-                                                                             ReloadRequest)}
+                                                                             ReloadRequest, SendRequest)}
 
 
 def parse_line(line: bytes) -> dict | str:

@@ -167,6 +167,11 @@ class ControlClient:
     def reload(self) -> dict:
         return self.call_body(reload_body())
 
+    def send(self, source: int, target: int, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """Ask built-in guest `source` to send `data` to guest `target`; the reply is the sender's report."""
+        return self.call_body({"op": "send", "from": source, "to": target,
+                               "data": binascii.b2a_base64(data, newline=False).decode(), "timeout": timeout})
+
     def call(self, request) -> dict:
         """The reply of a typed request (control.py) the supervisor carried out; ControlRefused (a ControlError)
         if it refused it."""
@@ -196,7 +201,8 @@ class ControlClient:
 
     def reply_seconds(self, body: dict) -> float | None:
         """A write that waits for the guest may take its own timeout, and then some, to be answered."""
-        if self.timeout is None or not (body.get("op") == "write" and body.get("wait")):
+        waits = body.get("op") == "send" or (body.get("op") == "write" and body.get("wait"))
+        if self.timeout is None or not waits:
             return self.timeout
         return max(self.timeout, body["timeout"] + REPLY_SLACK)
 

@@ -13,9 +13,10 @@ Request tokens are opaque to the session: it only hands them back, and compares 
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import layout
@@ -254,6 +255,7 @@ class GuestSessionState:
     queued: tuple[QueuedWrite, ...] = ()
     acks: int = 0
     last_reply: str = ""
+    exchange: ExchangeState | None = None  # several built-in guests (--guests N): their slots
 
 
 @dataclass
@@ -270,6 +272,7 @@ class GuestSession:
     waiter: AckWaiter | None = None  # one message in flight: the next would overwrite it before it is read
     acks: int = 0
     last_reply: str = ""
+    exchange: GuestExchange | None = None  # several built-in guests: slots, sends, peers lines
     queue: WriteQueue = field(init=False)
 
     def __post_init__(self) -> None:
@@ -356,9 +359,13 @@ class GuestSession:
                 while self.queue:
                     actions.append(Fail(self.queue.pop().token, QEMU_GONE_BEFORE_TURN))
                 return actions
-            case PeerLeft():
+            case PeerLeft(peer):
                 if self.serving_only:  # is "the guest" still one that said it is ready?
                     self.ready = self.ready and self.guest_peer_id(peers) in self.joined
+                if self.exchange is not None and self.waiter is not None and _rang_only(self.waiter, peer):
+                    waiter, self.waiter = self.waiter, None  # one of several guests: the others stay
+                    return [Fail(waiter.token, f"guest peer {peer} left before it acknowledged", waiter.reply),
+                            *self._next_write()]
                 return []
         raise AssertionError(f"not an event of the guest session: {event!r}")
 
@@ -417,26 +424,316 @@ class GuestSession:
     def snapshot(self) -> GuestSessionState:
         return GuestSessionState(self.serving_only, self.handshake, self.ready, tuple(sorted(self.joined)),
                                  tuple(self.pending_rings), self.waiter, tuple(self.queue.entries), self.acks,
-                                 self.last_reply)
+                                 self.last_reply, self.exchange.snapshot() if self.exchange else None)
 
     def plain(self) -> dict:
         """The snapshot as JSON-ready data, between writes (no write in flight or queued: a hand-over waits for
         that, and a crash loses it)."""
+        exchange = None
+        if self.exchange is not None:
+            exchange = {"commands": self.exchange.commands, "generation": self.exchange.generation,
+                        "slots": [{"peer": slot.peer, "reply": slot.reply, "report": slot.report, "sent": slot.sent}
+                                  for slot in self.exchange.slots]}
         return {"serving_only": self.serving_only, "handshake": self.handshake, "ready": self.ready,
                 "joined": sorted(self.joined), "pending_rings": [list(ring) for ring in self.pending_rings],
-                "acks": self.acks, "last_reply": self.last_reply}
+                "acks": self.acks, "last_reply": self.last_reply, "exchange": exchange}
+
+    def busy(self) -> bool:
+        """A write in flight or queued, or a guest-to-guest send not yet reported: a hand-over waits for it."""
+        sending = self.exchange is not None and any(slot.sending for slot in self.exchange.slots)
+        return self.waiter is not None or bool(self.queue) or sending
 
     @classmethod
     def from_plain(cls, data: dict, shares: SharesPolicy) -> GuestSession:
+        exchange = None
+        if data.get("exchange") is not None:
+            exchange = ExchangeState(tuple(SlotState(slot["peer"], slot["reply"], slot["report"], None, slot["sent"])
+                                           for slot in data["exchange"]["slots"]),
+                                     data["exchange"]["commands"], data["exchange"]["generation"])
         return cls.from_snapshot(GuestSessionState(
             data["serving_only"], data["handshake"], data["ready"], tuple(data["joined"]),
-            tuple(tuple(ring) for ring in data["pending_rings"]), None, (), data["acks"], data["last_reply"]), shares)
+            tuple(tuple(ring) for ring in data["pending_rings"]), None, (), data["acks"], data["last_reply"],
+            exchange), shares)
 
     @classmethod
     def from_snapshot(cls, state: GuestSessionState, shares: SharesPolicy) -> GuestSession:
         session = cls(shares, state.serving_only, state.handshake, state.ready, set(state.joined),
-                      dict.fromkeys(state.pending_rings), state.waiter, state.acks, state.last_reply)
+                      dict.fromkeys(state.pending_rings), state.waiter, state.acks, state.last_reply,
+                      GuestExchange(state.exchange) if state.exchange else None)
         for write in state.queued:
             session.queue.keep(write)
         return session
 
+
+
+def _rang_only(waiter: AckWaiter, peer: int) -> bool:
+    rang = dict(waiter.reply).get("rang") or []
+    return bool(rang) and all(ring.get("peer") == peer for ring in rang)
+
+
+# --- several built-in guests (`shmguard run --guests N`): each in its slot, sending to each other --------------
+#
+# The host never carries guest-to-guest bytes: it writes a "send" command into one guest's slot and rings it; that
+# guest writes into the other's inbox and rings it through its own doorbell register, the receiver prints and acks
+# to the sender directly, and the sender reports the round trip in its report line (layout.py). The host sees
+# only what it asked for and what the guests reported. Replies ("ready", "ack") go on to the GuestSession as the
+# one guest's would; a guest that leaves is forgotten and the others are told with a new peers line.
+
+
+@dataclass(frozen=True)
+class SlotPeers:
+    """What the supervisor sees: the connected peers, and per slot the peer of the QEMU it runs for that slot
+    (PENDING_GUEST while it has not connected; None when none runs: then whoever says ready there takes it)."""
+
+    connected: tuple[int, ...] = ()
+    owners: tuple[int | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class SendRequested:
+    token: Token
+    from_slot: int
+    to_slot: int
+    text: bytes
+    timeout: float
+    now: float
+
+
+@dataclass(frozen=True)
+class SendFailed:
+    """The command could not be written (the log or the region failed)."""
+
+    token: Token
+    error: str
+
+
+@dataclass(frozen=True)
+class SlotsRead:
+    """The host was rung: every slot's reply and report line, as read."""
+
+    replies: tuple[str, ...]
+    reports: tuple[str, ...]
+    now: float
+
+
+@dataclass(frozen=True)
+class Nudged:
+    """A send's nudge is due (ScheduleNudge); the host has just read every slot again."""
+
+    token: Token
+
+
+@dataclass(frozen=True)
+class ScheduleNudge:
+    """Feed Nudged(token) after `seconds`, reading the slots first: an interrupt can be lost under load."""
+
+    token: Token
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WriteCommand:
+    """Write data into `slot`'s command area (audited, for the request `token`) and ring `peer` on GUEST_VECTOR."""
+
+    token: Token
+    slot: int
+    peer: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class WritePeers:
+    """Write data into `slot`'s peers line (audited) and ring `peer` on GUEST_VECTOR."""
+
+    slot: int
+    peer: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PassOn:
+    """A slot's reply line, for the GuestSession as a HostRung on `vector`."""
+
+    vector: int
+    reply: str
+
+
+@dataclass(frozen=True)
+class SendWaiter:
+    token: Token
+    command: int
+    to_slot: int
+    to_peer: int
+    crc32: int
+    length: int
+    timeout: float
+    started: float
+
+
+@dataclass(frozen=True)
+class SlotState:
+    peer: int | None = None  # the guest that said "ready <id>" in this slot and has not left
+    reply: str = ""  # the last reply and report line read from it
+    report: str = ""
+    sending: SendWaiter | None = None  # one send in flight per guest
+    sent: int = 0  # sends it reported as acknowledged
+
+
+@dataclass(frozen=True)
+class ExchangeState:
+    slots: tuple[SlotState, ...]
+    commands: int = 0  # the last command number written
+    generation: int = 0  # of the peers lines
+
+
+NUDGE_SECONDS = 1.0  # a send unreported this long: the slots are read again and the sender rung again
+
+
+class GuestExchange:
+    """Slots, their guests, the sends in flight and the peers lines: state as plain data, no I/O."""
+
+    def __init__(self, state: ExchangeState):
+        self.slots = list(state.slots)
+        self.commands, self.generation = state.commands, state.generation
+
+    @classmethod
+    def new(cls, guests: int) -> GuestExchange:
+        return cls(ExchangeState(tuple(SlotState() for _ in range(guests))))
+
+    def snapshot(self) -> ExchangeState:
+        return ExchangeState(tuple(self.slots), self.commands, self.generation)
+
+    # --- queries -------------------------------------------------------------------------------------------
+
+    def describe(self, owners: tuple[int | None, ...] = ()) -> list[dict]:
+        def state(k: int, slot: SlotState) -> str:
+            if slot.peer is not None:
+                return "sending" if slot.sending else "ready"
+            return "booting" if k < len(owners) and owners[k] is not None else "empty"
+        return [{"guest": k, "peer": slot.peer, "state": state(k, slot), "sent": slot.sent,
+                 "sending_to": slot.sending.to_slot if slot.sending else None} for k, slot in enumerate(self.slots)]
+
+    def ready_count(self) -> int:
+        return sum(slot.peer is not None for slot in self.slots)
+
+    # --- transitions ---------------------------------------------------------------------------------------
+
+    def handle(self, event: Event | ExchangeEvent, peers: SlotPeers) -> list[Action | ExchangeAction]:
+        match event:
+            case SendRequested(token, from_slot, to_slot, text, timeout, now):
+                return self._send(token, from_slot, to_slot, text, timeout, now)
+            case SendFailed(token, error):
+                return self._settle(lambda w: w.token == token, lambda k, w: Fail(token, error))
+            case TimedOut(token):
+                return self._settle(lambda w: w.token == token, lambda k, w: Fail(
+                    token, f"guest {k} did not report within {w.timeout:g} s"))
+            case Nudged(token):
+                for k, slot in enumerate(self.slots):
+                    if slot.sending is not None and slot.sending.token == token:  # still unreported: ring again
+                        return [Log("debug", f"guest {k} has not reported command {slot.sending.command} yet: "
+                                             "rung again"),
+                                Ring(slot.peer, layout.GUEST_VECTOR), ScheduleNudge(token, NUDGE_SECONDS)]
+                return []
+            case SlotsRead(replies, reports, now):
+                actions: list = []
+                for k in range(len(self.slots)):
+                    actions += self._on_reply(k, replies[k], peers) + self._on_report(k, reports[k], now)
+                return actions
+            case PeerLeft(peer):
+                return self._on_left(peer)
+        return []
+
+    def _send(self, token, from_slot: int, to_slot: int, text: bytes, timeout: float, now: float) -> list:
+        count = len(self.slots)
+        if not (0 <= from_slot < count and 0 <= to_slot < count) or from_slot == to_slot:
+            return [Fail(token, f"--from {from_slot} --to {to_slot}: two different guests of 0..{count - 1}")]
+        sender, receiver = self.slots[from_slot], self.slots[to_slot]
+        for k, slot in ((from_slot, sender), (to_slot, receiver)):
+            if slot.peer is None:
+                return [Fail(token, f"guest {k} is not ready (see `shmguard status`)")]
+        if sender.sending is not None:
+            return [Fail(token, f"guest {from_slot} is still sending command {sender.sending.command}: "
+                                "try again once it has reported")]
+        self.commands += 1
+        crc = zlib.crc32(text)
+        waiter = SendWaiter(token, self.commands, to_slot, receiver.peer, crc, len(text), timeout, now)
+        self.slots[from_slot] = replace(sender, sending=waiter)
+        # The ring comes last: whatever the host does after it competes with the guests for the CPU in their round trip
+        return [ScheduleTimeout(token, timeout), ScheduleNudge(token, NUDGE_SECONDS),
+                WriteCommand(token, from_slot, sender.peer,
+                             layout.command_bytes(self.commands, receiver.peer, to_slot, text))]
+
+    def _settle(self, which, answer) -> list:
+        for k, slot in enumerate(self.slots):
+            if slot.sending is not None and which(slot.sending):
+                self.slots[k] = replace(slot, sending=None)
+                return [answer(k, slot.sending)]
+        return []
+
+    def _on_reply(self, k: int, reply: str, peers: SlotPeers) -> list:
+        slot = self.slots[k]
+        if reply == slot.reply:
+            return []  # unchanged: a ring for another slot, or one said again
+        self.slots[k] = slot = replace(slot, reply=reply)
+        ready_id, ack = layout.parse_ready(reply), layout.parse_ack(reply)
+        if ready_id is not None and ready_id in peers.connected and ready_id != slot.peer:
+            owner = peers.owners[k] if k < len(peers.owners) else None
+            if owner is not None and owner != ready_id:
+                return [Log("warning", f"peer {ready_id} says it is ready as guest {k}, whose QEMU this "
+                                       "supervisor runs: ignored")]
+            self.slots[k] = replace(slot, peer=ready_id)
+            return [Log("info", f"guest {k} ready: peer {ready_id}"), PassOn(layout.READY_VECTOR, reply),
+                    *self._tell_peers(), Notify(f"guests ready: {self.ready_count()} of {len(self.slots)}")]
+        if ack is not None and slot.peer is not None:
+            return [PassOn(layout.ACK_VECTOR, reply)]
+        return [Log("debug", f"guest {k} reply area: {reply[:80]!r}")]
+
+    def _on_report(self, k: int, line: str, now: float) -> list:
+        slot = self.slots[k]
+        if line == slot.report:
+            return []
+        self.slots[k] = slot = replace(slot, report=line)
+        report, waiter = layout.parse_report(line), slot.sending
+        if report is None or waiter is None or report.command != waiter.command:
+            # a late "lost" of a send already answered, or a line cleared: nothing waits for it
+            return [Log("debug", f"guest {k} report: {line[:80]!r}")] if line else []
+        self.slots[k] = replace(slot, sending=None, sent=slot.sent + report.sent)
+        detail = (("guest", k), ("command", report.command), ("to", waiter.to_slot), ("to_peer", report.peer),
+                  ("report", line))
+        fields = (("from", k), ("from_peer", slot.peer), ("to", waiter.to_slot), ("to_peer", waiter.to_peer),
+                  ("command", waiter.command), ("report", line))
+        if not report.sent:
+            return [Record("guest-report", (*detail, ("result", "lost"))),
+                    Fail(waiter.token, f"guest {k} could not send command {waiter.command}: {report.why}", fields)]
+        return [RefreshGuard(), Record("guest-report", (*detail, ("result", "acknowledged"))),
+                Log("info", f"guest {k} sent to guest {waiter.to_slot}: {line}"),
+                Reply(waiter.token, (*fields, ("seq", report.seq), ("length", report.length),
+                                     ("delivered_exactly", report.crc32 == waiter.crc32 and
+                                      report.length == waiter.length),
+                                     ("round_trip_ms", report.round_trip_us / 1000),
+                                     ("host_round_trip_ms", round((now - waiter.started) * 1000, 3))))]
+
+    def _on_left(self, peer: int) -> list:
+        actions: list = []
+        for k, slot in enumerate(self.slots):
+            if slot.peer != peer:
+                continue
+            self.slots[k] = replace(slot, peer=None, sending=None)
+            actions.append(Log("info", f"guest {k} (peer {peer}) left; the other guests are told"))
+            if slot.sending is not None:
+                actions.append(Fail(slot.sending.token, f"guest {k} (peer {peer}) left before it reported"))
+        if not actions:
+            return []
+        actions += self._settle(lambda w: w.to_peer == peer, lambda k, w: Fail(
+            w.token, f"guest {w.to_slot} (peer {peer}) left before acknowledging guest {k}'s message"))
+        return [*self._tell_peers(), *actions]  # told first: a later command finds its guest knowing
+
+    def _tell_peers(self) -> list:
+        self.generation += 1
+        ready = {k: slot.peer for k, slot in enumerate(self.slots) if slot.peer is not None}
+        line = layout.peers_line(self.generation, ready)
+        return [WritePeers(k, peer, line) for k, peer in ready.items()]
+
+
+ExchangeEvent = SendRequested | SendFailed | SlotsRead | Nudged
+ExchangeAction = WriteCommand | WritePeers | PassOn | ScheduleNudge

@@ -20,7 +20,10 @@ def problems(status: dict) -> list[str]:
         found.append(f"the audit log {audit.get('path')} cannot be written ({trouble.get('error', 'unknown error')}; "
                      f"since {trouble.get('since', '?')})")
     guest = status.get("guest", {})
-    if guest.get("handshake") and guest.get("peer") is None:
+    if guest.get("guests"):  # several built-in guests (run --guests N): each slot has its own
+        found += [f"guest {entry['guest']} is {entry['state']}" for entry in guest["guests"]
+                  if entry.get("state") in ("empty", "booting")]
+    elif guest.get("handshake") and guest.get("peer") is None:
         if not guest.get("ready_guests"):  # several ready guests are rung by id: none is "the" guest
             found.append("the guest is not connected")
     elif guest.get("handshake") and not guest.get("ready"):
@@ -36,7 +39,9 @@ def summary(status: dict) -> str:
     peers = [p for p in status.get("peers", []) if not p.get("local")]
     guest = status.get("guest", {})
     parts = [f"policy {status.get('policy')}", f"{len(peers)} peer{'s' if len(peers) != 1 else ''}"]
-    if guest.get("ready"):
+    if guest.get("guests"):
+        parts.append(f"{len(guest['guests'])} guests ready")
+    elif guest.get("ready"):
         parts.append(f"guest peer {guest.get('peer')} ready")
     parts.append(f"audit seq {status.get('audit', {}).get('last_seq')}")
     incidents = status.get("guard", {}).get("incidents")

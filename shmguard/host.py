@@ -18,6 +18,7 @@ from .control_server import Request
 from .errors import ControlError, RegionError, ShmguardError
 from .guard import Guard
 from .guest_session import (
+    PENDING_GUEST,
     Action,
     Event,
     Fail,
@@ -26,6 +27,9 @@ from .guest_session import (
     HostRung,
     Log,
     Notify,
+    Nudged,
+    PassOn,
+    PeerLeft,
     Peers,
     Queue,
     Record,
@@ -33,10 +37,17 @@ from .guest_session import (
     Reply,
     Ring,
     RingRequested,
+    ScheduleNudge,
     ScheduleTimeout,
+    SendFailed,
+    SendRequested,
+    SlotPeers,
+    SlotsRead,
     TimedOut,
+    WriteCommand,
     WriteFailed,
     WriteNow,
+    WritePeers,
     WriteRequested,
     Written,
 )
@@ -63,10 +74,14 @@ class WritePlan:
 
 class HostPeer:
     def __init__(self, peer: Peer, region: Region, server: IvshmemServer, guard: Guard, recorder: Recorder,
-                 loop: EventLoop, guest: GuestSession, qemu: Callable[[], tuple[int | None, bool, bool]]):
+                 loop: EventLoop, guest: GuestSession, qemu: Callable[[], tuple[int | None, bool, bool]],
+                 guests: layout.GuestLayout | None = None,
+                 slot_qemus: Callable[[], list[tuple[int, bool]]] = lambda: []):
         self.peer, self.region, self.server, self.guard = peer, region, server, guard
         self.recorder, self.loop, self.guest = recorder, loop, guest
         self.qemu = qemu  # (pid, started, exited) of the QEMU this supervisor runs, if any
+        self.guests = guests  # several built-in guests: their slots (guest.exchange holds their state)
+        self.slots = GuestSlots(guests, region, server, slot_qemus) if guests else None
         self._requests: dict[int, Request] = {}  # the control requests the guest session knows by token
         self._tokens = itertools.count()
         for vector, fd in enumerate(peer.vectors):
@@ -105,7 +120,13 @@ class HostPeer:
         return WritePlan(data, offset, padding, targets, wait, asked.timeout)
 
     def _keep_reply_area(self, end: int, padding: int) -> int:
-        """With the built-in guest attached, padding stops short of its reply area (see layout.py)."""
+        """With the built-in guest attached, padding stops short of its reply area (see layout.py); with several,
+        short of their slots, which a host message never covers."""
+        if self.guests is not None:
+            if end > self.guests.host_area_end:
+                raise RegionError(f"a message for the guests fits in the host's area of {self.guests.host_area_end} "
+                                  f"bytes at offset 0 (the {self.guests.guests} guests' slots follow)")
+            return min(padding, self.guests.host_area_end - end)
         reply_start = layout.reply_offset(self.region.size)
         if self.guest.handshake and end <= reply_start:
             return min(padding, reply_start - end)
@@ -178,6 +199,53 @@ class HostPeer:
 
     def feed(self, event: Event) -> None:
         self._carry_out(self.guest.handle(event, self.peers()))
+        if isinstance(event, (PeerLeft, TimedOut)) and self.guest.exchange is not None:
+            self._carry_out(self.guest.exchange.handle(event, self.slot_peers()))
+
+    # --- several guests: sends between them, their slots ---------------------------------------------------
+
+    def handle_send(self, request: Request) -> None:
+        """Ask one guest to send to another; answered with the sender's report. Checked first: a refused send
+        writes nothing and records nothing."""
+        asked, exchange, guests = request.message, self.guest.exchange, self.guests
+        if exchange is None or guests is None:
+            raise ControlError("this supervisor runs one guest: guests send to each other under "
+                               "`shmguard run --guests 2` (or more)")
+        if len(asked.data) > guests.text:
+            raise ControlError(f"a message between guests holds at most {guests.text} bytes here ({guests.guests} "
+                               f"guests in {self.region.size} bytes), not {len(asked.data)}: raise --size")
+        if b"\0" in asked.data:
+            raise ControlError("a message between guests is text: it has no NUL bytes")
+        try:
+            self.region.check_intact()
+        except RegionError as exc:
+            raise ControlError(str(exc)) from None
+        token = next(self._tokens)
+        self._requests[token] = request
+        try:
+            self._carry_out(exchange.handle(SendRequested(token, asked.source, asked.target, asked.data,
+                                                          asked.timeout, time.monotonic()), self.slot_peers()))
+        except BaseException:
+            if self._requests.pop(token, None) is not None:  # answered by the control server, which this reaches
+                exchange.handle(SendFailed(token, "failed"), self.slot_peers())  # its guest may be asked again
+            raise
+
+    def slot_peers(self) -> SlotPeers:
+        return self.slots.peers() if self.slots else SlotPeers()
+
+    def describe_guests(self) -> list[dict]:
+        return self.slots.describe(self.guest.exchange) if self.slots and self.guest.exchange else []
+
+    def _write_slot(self, offset: int, data: bytes, cred, what: dict, peer: int) -> None:
+        """An audited write into a guest's slot, then a ring of that guest: recorded first, as every write."""
+        sha = hashlib.sha256(data).hexdigest()
+        self.guard.before_write()
+        self.recorder.record("write", actor=cred, offset=offset, length=len(data), sha256=sha,
+                             detail={**what, "ring": [peer, layout.GUEST_VECTOR]})
+        self.region.write(offset, data)
+        self.guard.remember(offset, data, 0)
+        self.server.ring(peer, layout.GUEST_VECTOR)
+
 
     def _carry_out(self, actions: list[Action]) -> None:
         """Do what the guest session says, in its order; a write's outcome goes back to it before the rest."""
@@ -197,9 +265,11 @@ class HostPeer:
                 case WriteNow(token, plan):
                     todo.extendleft(reversed(self.guest.handle(self._write(token, plan), self.peers())))
                 case Reply(token, fields):
-                    self._requests.pop(token).reply(**dict(fields))
+                    if (request := self._requests.pop(token, None)) is not None:  # None: answered by an error
+                        request.reply(**dict(fields))
                 case Fail(token, error, fields):
-                    self._requests.pop(token).fail(error, **dict(fields))
+                    if (request := self._requests.pop(token, None)) is not None:
+                        request.fail(error, **dict(fields))
                 case RefreshGuard():
                     self.guard.refresh()
                 case Record(what, detail):
@@ -210,18 +280,78 @@ class HostPeer:
                     sdnotify.status(status)
                 case ScheduleTimeout(token, seconds):
                     self.loop.call_later(seconds, lambda t=token: self.feed(TimedOut(t)))
+                case WriteCommand(token, slot, peer, data):
+                    try:
+                        self._write_slot(self.guests.command(slot), data, self._requests[token].cred,
+                                         {"command_for_guest": slot}, peer)
+                    except ShmguardError as exc:  # the log, the region, or the guest gone since
+                        todo.extendleft(reversed(self.guest.exchange.handle(SendFailed(token, str(exc)),
+                                                                            self.slot_peers())))
+                case WritePeers(slot, peer, data):
+                    if peer not in self.server.peers:
+                        continue  # gone too (every peer leaves at shutdown): nobody to tell
+                    try:
+                        self._write_slot(self.guests.peers(slot), data, None, {"peers_for_guest": slot}, peer)
+                    except ShmguardError as exc:
+                        log.warning("guest %d was not told who is there: %s", slot, exc)
+                case ScheduleNudge(token, seconds):
+                    self.loop.call_later(seconds, lambda t=token: self._nudge(t))
+                case PassOn(vector, reply):
+                    todo.extendleft(reversed(self.guest.handle(HostRung(vector, reply, time.monotonic()),
+                                                               self.peers())))
                 case _:
                     raise AssertionError(f"not an action of the guest session: {action!r}")
 
     def _on_host_rung(self, vector: int, fd: int) -> None:
         if eventfd.drain(fd) is None:  # a peer drained it between epoll and now; never a blocking read
             return
+        if self.guests is not None and self.guest.exchange is not None:  # rings coalesce: read every slot
+            self._read_slots()
+            return
         self.feed(HostRung(vector, self.read_reply(), time.monotonic()))
+
+    def _read_slots(self) -> None:
+        self._carry_out(self.guest.exchange.handle(self.slots.read(time.monotonic()), self.slot_peers()))
+
+    def _nudge(self, token) -> None:
+        """A send still unreported: its report may be there with its ring lost, or the sender's ring lost."""
+        self._read_slots()
+        self._carry_out(self.guest.exchange.handle(Nudged(token), self.slot_peers()))
 
     def read_reply(self) -> str:
         raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)
         text = raw.split(b"\0", 1)[0].decode("ascii", "replace")
         return "".join(c if c.isprintable() else "?" for c in text)  # the guest must not forge log lines
+
+
+class GuestSlots:
+    """Several built-in guests as the host sees them: their slots' reply and report lines, and which connected peer
+    is the QEMU this supervisor started for each slot."""
+
+    def __init__(self, places: layout.GuestLayout, region: Region, server: IvshmemServer,
+                 qemus: Callable[[], list[tuple[int, bool]]]):
+        self.places, self.region, self.server = places, region, server
+        self.qemus = qemus  # (pid, exited) of the QEMU this supervisor started for each slot
+
+    def peers(self) -> SlotPeers:
+        others = [p for p in self.server.peers.values() if p.cred is not None]
+        owners = [None if exited else next((p.id for p in others if p.cred.pid == pid), PENDING_GUEST)
+                  for pid, exited in self.qemus()]
+        return SlotPeers(tuple(p.id for p in others), tuple(owners))
+
+    def read(self, now: float) -> SlotsRead:
+        count = range(self.places.guests)
+        return SlotsRead(tuple(self._line(self.places.reply(k)) for k in count),
+                         tuple(self._line(self.places.report(k)) for k in count), now)
+
+    def describe(self, exchange) -> list[dict]:
+        pids = [pid for pid, _ in self.qemus()]
+        return [{**entry, "qemu_pid": pids[entry["guest"]] if entry["guest"] < len(pids) else None,
+                 "text": self.places.text} for entry in exchange.describe(self.peers().owners)]
+
+    def _line(self, offset: int) -> str:
+        text = self.region.read(offset, layout.SLOT_LINE).split(b"\0", 1)[0].decode("ascii", "replace")
+        return "".join(c if c.isprintable() else "?" for c in text)  # a guest must not forge log lines
 
 
 def _is_number(text: str) -> bool:

@@ -234,8 +234,14 @@ def format_status(data: dict) -> str:
         who = "host (this supervisor)" if peer.get("local") else f"pid {peer['pid']} uid {peer['uid']} {peer['exe']}"
         lines.append(f"  peer {peer['id']}: {peer['vectors']} vectors, {who}")
     guest = data["guest"]
-    lines.append(f"guest: peer {guest['peer']}, {'ready' if guest['ready'] else 'not ready'}, "
-                 f"{guest['acks']} acks")
+    if guest.get("guests"):
+        for entry in guest["guests"]:
+            lines.append(f"guest {entry['guest']}: peer {entry['peer']}, {entry['state']}, {entry['sent']} sent"
+                         + (f", QEMU pid {entry['qemu_pid']}" if entry.get("qemu_pid") else ""))
+        lines.append(f"messages between guests: up to {guest['guests'][0].get('text', '?')} bytes")
+    else:
+        lines.append(f"guest: peer {guest['peer']}, {'ready' if guest['ready'] else 'not ready'}, "
+                     f"{guest['acks']} acks")
     if "guard" in data:
         lines.append(f"guard: {json.dumps(data['guard'], sort_keys=True)}")
     lines.append(f"audit: {data['audit']['path']}, last seq {data['audit']['last_seq']}")

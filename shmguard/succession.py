@@ -207,7 +207,7 @@ class Succession:
 
     def is_quiet(self) -> bool:
         """No write in flight or queued: nothing the successor would have to finish."""
-        return self.sup.guest.waiter is None and not self.sup.guest.queue
+        return not self.sup.guest.busy()
 
     def snapshot(self) -> tuple[dict, dict[str, int]]:
         """Everything a successor exec'd in place needs, as plain data, and the fds it names."""
@@ -218,6 +218,8 @@ class Succession:
         state.update({"audit": {"path": str(sup.audit.path), "seq": sup.audit.last_seq},
                       "control": sup.control.snapshot(fds, self.reloading and self.reloading.request),
                       "qemu": sup.qemu.snapshot(fds) if live_qemu else None,
+                      "qemus": [vm.snapshot(fds, f"qemu-console-{k}") for k, vm in enumerate(sup.qemus)
+                                if not vm.exited()],
                       "guard": sup.guard.snapshot(fds), "exit_code": sup.exit_code})
         return state, fds
 

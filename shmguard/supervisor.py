@@ -9,12 +9,12 @@ from collections.abc import Callable
 
 from . import handover, layout, succession
 from .audit import AuditLog
-from .control import ReloadRequest, RingRequest, StatusRequest, WriteRequest
+from .control import ReloadRequest, RingRequest, SendRequest, StatusRequest, WriteRequest
 from .control_server import ControlServer, Request
 from .errors import ShmguardError
 from .guard import Guard, guarded_sockets
-from .guest_session import GuestSession, PeerLeft, QemuExited
-from .guest_vm import GuestOptions, GuestVM, guest_command
+from .guest_session import GuestExchange, GuestSession, PeerLeft, QemuExited
+from .guest_vm import GuestOptions, GuestVM, guest_command, start_guests
 from .hardening import drop_identity, harden, lock_memory, raise_fd_limit, raise_memlock_limit
 from .host import HostPeer
 from .linux import sdnotify
@@ -44,6 +44,7 @@ class Supervisor:
         self.recorder: Recorder | None = None  # the audit log, and its rule when it cannot be written
         self.exit_code = 0
         self.qemu: GuestVM | None = None
+        self.qemus: list[GuestVM] = []  # with --guests N (N >= 2): one QEMU per slot, and self.qemu stays None
         self.guard: Guard | None = None
         self.control: ControlServer | None = None
         self.signals: SignalWakeup | None = None
@@ -69,6 +70,9 @@ class Supervisor:
         if options and options.builtin and self.policy.server.vectors <= layout.ACK_VECTOR:
             raise ShmguardError(f"the built-in guest acknowledges on vector {layout.ACK_VECTOR}: run it with "
                                 f"--vectors {layout.ACK_VECTOR + 1} or more, or serve only with --no-guest")
+        guests = options.guest_layout(self.policy.region.size) if options else None  # refused before anything exists
+        if guests is not None:
+            self.guest.exchange = self.guest.exchange or GuestExchange.new(guests.guests)
         raise_fd_limit()
         raise_memlock_limit(self.policy.region.size)
         owners = policy_owners(self.policy.server.owner, self.policy.hardening.user)  # may own its directories
@@ -95,10 +99,12 @@ class Supervisor:
         self.add_stop_hook(self.guard.close)
         self.guard.start()
         self.host = HostPeer(own_peer, self.region, self.server, self.guard, self.recorder, self.loop, self.guest,
-                             qemu=self.qemu_facts)
+                             qemu=self.qemu_facts, guests=guests, slot_qemus=self.slot_qemus)
         self._install_signals()
         # The guest image may need building (apt-get, gcc): done while the process still may.
-        qemu_argv = guest_command(self.guest_options, self.policy, self.host.id) if self.guest_options else None
+        qemu_argv = guest_command(self.guest_options, self.policy, self.host.id) if options and not guests else None
+        slot_argvs = [guest_command(options, self.policy, self.host.id, k) for k in range(guests.guests)] \
+            if guests else []
         self._harden()
         self.record("start", detail={"policy": self.policy.name, "region": self.region.describe(),
                                      "socket": self.policy.server.socket, "host_peer": self.host.id})
@@ -107,6 +113,9 @@ class Supervisor:
         if qemu_argv is not None:
             self.qemu = GuestVM(self.loop, qemu_argv, self._on_qemu_exit)
             self.add_stop_hook(self.qemu.close)
+        self.qemus = start_guests(self.loop, slot_argvs, self._on_qemu_exit)
+        for vm in self.qemus:
+            self.add_stop_hook(vm.close)
 
     def say_ready(self) -> None:
         if not sdnotify.ready(f"serving {self.policy.server.socket}") and "NOTIFY_SOCKET" in os.environ:
@@ -144,7 +153,8 @@ class Supervisor:
                     "stopping (policy qemu.on_exit = exit)" if leaving else "still serving peers")
         self.note("qemu-exit", result="exited", detail={"pid": pid, "status": status,
                                                           "response": self.policy.qemu.on_exit})
-        self.host.feed(QemuExited())
+        if not self.qemus:  # with several guests, the one that left is told by its peer's leave
+            self.host.feed(QemuExited())
         if leaving:
             self.exit_code = 3
             self.loop.stop()
@@ -163,6 +173,10 @@ class Supervisor:
 
     # --- the control socket --------------------------------------------------------------------------
 
+    def slot_qemus(self) -> list[tuple[int, bool]]:
+        """(pid, exited) of each guest's QEMU this supervisor runs, when it runs several."""
+        return [(vm.pid, vm.exited()) for vm in self.qemus]
+
     def qemu_facts(self) -> tuple[int | None, bool, bool]:
         """(pid, started, exited) of the QEMU this supervisor runs, if any."""
         return (self.qemu.pid if self.qemu else None, self.qemu is not None,
@@ -179,6 +193,7 @@ class Supervisor:
         self.control.route(StatusRequest, policy.control.readers, self._handle_status)
         # Reloading execs a program: root and the uid the supervisor runs as only, whatever the policy says.
         self.control.route(ReloadRequest, Access(uids=tuple(sorted({0, os.geteuid()}))), self.succession.reload)
+        self.control.route(SendRequest, policy.control.writers, lambda request: self.host.handle_send(request))
         self.control.on_refused = lambda cred, op, reason: self.note(
             "refused", actor=cred, result="refused", detail={"op": op, "reason": reason})
         self.add_stop_hook(lambda: self.control.close(keep_socket=self.succession.keeping_fds()))
@@ -200,7 +215,7 @@ class Supervisor:
             "guest": {"peer": self.host.guest_peer_id(), "handshake": self.guest.handshake, "ready": self.guest.ready,
                       "acks": self.guest.acks, "last_reply": self.guest.last_reply,
                       "ready_guests": self.guest.ready_guests(self.host.peers()),
-                      "writes_waiting": len(self.guest.queue)},
+                      "writes_waiting": len(self.guest.queue), "guests": self.host.describe_guests()},
             "audit": self.recorder.describe(),
             "shares": {**self.server.describe_shares(), "queued_writes": self.guest.queue.count.describe(),
                        "queued_write_bytes": self.guest.queue.bytes.describe()},

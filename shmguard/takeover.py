@@ -58,8 +58,10 @@ class TakeOver:
         awaiting = sup.start_control(adopt=state["control"], fd=self.inherited.fd)
         self._adopt_guard()
         sup.guest = GuestSession.from_plain(state["guest"], policy.shares)
+        options = sup.guest_options
+        guests = options.guest_layout(sup.region.size) if options else None
         sup.host = HostPeer(sup.server.local_peer(), sup.region, sup.server, sup.guard, sup.recorder, sup.loop,
-                            sup.guest, qemu=sup.qemu_facts)
+                            sup.guest, qemu=sup.qemu_facts, guests=guests, slot_qemus=sup.slot_qemus)
         sup._install_signals()
         self._adopt_qemu()
         sup._harden()
@@ -68,7 +70,7 @@ class TakeOver:
         if unclaimed := self.inherited.close_unclaimed():
             self.lost.append(f"fds nobody named in the state ({', '.join(unclaimed)}): closed")
         detail = {"from": self.inherited.source, "peers": sorted(sup.server.peers), "host_peer": sup.host.id,
-                  "qemu": sup.qemu.pid if sup.qemu else None, "lost": self.lost,
+                  "qemu": [vm.pid for vm in ([sup.qemu] if sup.qemu else []) + sup.qemus], "lost": self.lost,
                   "clean": bool(state.get("clean", self.from_reload)),
                   "package": str(Path(__file__).resolve().parent)}  # which shmguard took over (an upgrade shows)
         sup.record("take-over", detail=detail)
@@ -131,12 +133,19 @@ class TakeOver:
         sup.guard.start(inherited)
 
     def _adopt_qemu(self) -> None:
-        qemu = self.state.get("qemu")
-        if qemu is None:
-            return
-        if not self.inherited.has("qemu-console"):
-            self.lost.append(f"QEMU pid {qemu['pid']}: it died with its supervisor")
-            return
         sup = self.sup
-        sup.qemu = GuestVM.adopt(sup.loop, qemu, self.inherited.fd("qemu-console"), sup._on_qemu_exit)
-        sup.add_stop_hook(sup.qemu.close)
+        if (qemu := self._adopted(self.state.get("qemu"))) is not None:
+            sup.qemu = qemu
+        sup.qemus = [vm for entry in self.state.get("qemus", []) if (vm := self._adopted(entry)) is not None]
+
+    def _adopted(self, entry: dict | None) -> GuestVM | None:
+        """A QEMU child of the predecessor's, with its console; None if there is none or it did not survive."""
+        if entry is None:
+            return None
+        console = entry.get("console", "qemu-console")
+        if not self.inherited.has(console):
+            self.lost.append(f"QEMU pid {entry['pid']}: it died with its supervisor")
+            return None
+        vm = GuestVM.adopt(self.sup.loop, entry, self.inherited.fd(console), self.sup._on_qemu_exit)
+        self.sup.add_stop_hook(vm.close)
+        return vm

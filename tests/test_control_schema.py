@@ -45,7 +45,7 @@ def test_a_line_that_is_not_json_says_so():
     ({"op": "status"}, StatusRequest()),
     ({"op": "status", "pad": "x" * 100}, StatusRequest()),
     ({"op": "reload"}, ReloadRequest()),
-    ({"op": "explode"}, "unknown op 'explode' (known: reload, ring, status, write)"),
+    ({"op": "explode"}, "unknown op 'explode' (known: reload, ring, send, status, write)"),
     ({"op": "ring", "target": "guest"}, RingRequest("guest")),
     ({"op": "ring", "target": "3:1"}, RingRequest("3:1")),
     ({"op": "ring", "target": 3}, RingRequest("3")),  # checked as text by the supervisor, as it always was

@@ -15,12 +15,16 @@ from shmguard.guest_session import (
     QEMU_GONE_BEFORE_ACK,
     QEMU_GONE_BEFORE_TURN,
     Event,
+    ExchangeEvent,
     Fail,
+    GuestExchange,
     GuestSession,
     Hold,
     HostRung,
     Log,
     Notify,
+    Nudged,
+    PassOn,
     PeerLeft,
     Peers,
     QemuExited,
@@ -30,13 +34,21 @@ from shmguard.guest_session import (
     Reply,
     Ring,
     RingRequested,
+    ScheduleNudge,
     ScheduleTimeout,
+    SendFailed,
+    SendRequested,
+    SlotPeers,
+    SlotsRead,
     TimedOut,
+    WriteCommand,
     WriteFailed,
     WriteNow,
+    WritePeers,
     WriteRequested,
     Written,
 )
+from shmguard.layout import command_bytes, peers_line
 from shmguard.policy import SharesPolicy
 
 pytestmark = pytest.mark.pure
@@ -290,3 +302,169 @@ def test_guests_that_left_are_forgotten_at_the_next_ready_so_the_state_stays_bou
     play(session, [(HostRung(0, "ready 5", 1.0), ONE, None), (PeerLeft(5), NOBODY, None),
                    (HostRung(0, "ready 7", 2.0), LATER, None)])
     assert session.snapshot().joined == (7,)
+
+
+# --- several guests (`run --guests 2`): slots, sends between guests, leaves ------------------------------------
+
+BOTH = SlotPeers((5, 6), (5, 6))  # our QEMUs for slots 0 and 1 are peers 5 and 6
+ONLY_0 = SlotPeers((5,), (5, None))  # slot 1's QEMU has exited
+SUCCESSOR = SlotPeers((5, 9), (5, None))  # and peer 9, started by someone else, is there
+STRANGER = SlotPeers((5, 6, 7), (5, 6))
+HI_CRC = zlib.crc32(b"hi")
+SENT_LINE = f"sent 1 6 1 2 {HI_CRC:08x} 1500"
+SEND_FIELDS = (("from", 0), ("from_peer", 5), ("to", 1), ("to_peer", 6), ("command", 1))
+
+
+def pair() -> GuestExchange:
+    return GuestExchange.new(2)
+
+
+def said(replies=("", ""), reports=("", ""), now: float = 1.0) -> SlotsRead:
+    return SlotsRead(tuple(replies), tuple(reports), now)
+
+
+def told(generation: int, guests: dict[int, int]) -> list:
+    return [WritePeers(k, peer, peers_line(generation, guests)) for k, peer in sorted(guests.items())]
+
+
+BOTH_READY = [
+    (said(("ready 5", "")), BOTH, [Log("info", "guest 0 ready: peer 5"), PassOn(0, "ready 5"), *told(1, {0: 5}),
+                                   Notify("guests ready: 1 of 2")]),
+    (said(("ready 5", "ready 6")), BOTH, [Log("info", "guest 1 ready: peer 6"), PassOn(0, "ready 6"),
+                                          *told(2, {0: 5, 1: 6}), Notify("guests ready: 2 of 2")]),
+]
+SENDING = [*BOTH_READY, (SendRequested("s", 0, 1, b"hi", 5.0, 10.0), BOTH, [
+    ScheduleTimeout("s", 5.0), ScheduleNudge("s", 1.0), WriteCommand("s", 0, 5, command_bytes(1, 6, 1, b"hi"))])]
+
+EXCHANGE_SCENARIOS = {
+    "guests say ready in their own slots and each is told who is there; the same lines again change nothing": [
+        *BOTH_READY,
+        (said(("ready 5", "ready 6")), BOTH, []),
+        (said((ACK, "ready 6")), BOTH, [PassOn(1, ACK)]),  # the host's message acked: the GuestSession's part
+        (said((ACK, "junk")), BOTH, [Log("debug", "guest 1 reply area: 'junk'")]),
+    ],
+    "a send is a command in the sender's slot; the sender's report answers it, and nothing else does": [
+        *SENDING,
+        (SendRequested("t", 0, 1, b"again", 5.0, 10.1), BOTH, [
+            Fail("t", "guest 0 is still sending command 1: try again once it has reported")]),
+        (said(("ready 5", "ready 6"), ("", f"sent 1 5 1 2 {HI_CRC:08x} 9")), BOTH, [
+            Log("debug", f"guest 1 report: 'sent 1 5 1 2 {HI_CRC:08x} 9'")]),  # not the sender's line
+        (said(("ready 5", "ready 6"), (SENT_LINE, f"sent 1 5 1 2 {HI_CRC:08x} 9"), now=10.25), BOTH, [
+            RefreshGuard(),
+            Record("guest-report", (("guest", 0), ("command", 1), ("to", 1), ("to_peer", 6), ("report", SENT_LINE),
+                                    ("result", "acknowledged"))),
+            Log("info", f"guest 0 sent to guest 1: {SENT_LINE}"),
+            Reply("s", (*SEND_FIELDS, ("report", SENT_LINE), ("seq", 1), ("length", 2), ("delivered_exactly", True),
+                        ("round_trip_ms", 1.5), ("host_round_trip_ms", 250.0)))]),
+        (TimedOut("s"), BOTH, []),  # answered already
+        (Nudged("s"), BOTH, []),  # so is its nudge
+    ],
+    "a send unreported when its nudge is due rings its sender again (an interrupt can be lost under load)": [
+        *SENDING,
+        (Nudged("s"), BOTH, [Log("debug", "guest 0 has not reported command 1 yet: rung again"), Ring(5, 1),
+                             ScheduleNudge("s", 1.0)]),
+        (Nudged("elsewhere"), BOTH, []),
+    ],
+    "a send the guest could not make fails with its reason; a later one is numbered on": [
+        *SENDING,
+        (said(("ready 5", "ready 6"), ("lost 1 6 busy", "")), BOTH, [
+            Record("guest-report", (("guest", 0), ("command", 1), ("to", 1), ("to_peer", 6),
+                                    ("report", "lost 1 6 busy"), ("result", "lost"))),
+            Fail("s", "guest 0 could not send command 1: busy", (*SEND_FIELDS, ("report", "lost 1 6 busy")))]),
+        (SendRequested("u", 1, 0, b"back", 5.0, 11.0), BOTH, [
+            ScheduleTimeout("u", 5.0), ScheduleNudge("u", 1.0),
+            WriteCommand("u", 1, 6, command_bytes(2, 5, 0, b"back"))]),
+    ],
+    "sends are refused, writing nothing, between guests that do not exist or are not ready": [
+        (SendRequested("a", 0, 1, b"hi", 5.0, 1.0), BOTH, [Fail("a", "guest 0 is not ready (see `shmguard status`)")]),
+        BOTH_READY[0],
+        (SendRequested("b", 0, 1, b"hi", 5.0, 1.0), BOTH, [Fail("b", "guest 1 is not ready (see `shmguard status`)")]),
+        (SendRequested("c", 0, 0, b"hi", 5.0, 1.0), BOTH, [
+            Fail("c", "--from 0 --to 0: two different guests of 0..1")]),
+        (SendRequested("d", 0, 2, b"hi", 5.0, 1.0), BOTH, [
+            Fail("d", "--from 0 --to 2: two different guests of 0..1")]),
+    ],
+    "a guest that leaves: the other is told first, then the send to it fails; a successor takes the slot": [
+        *SENDING,
+        (PeerLeft(6), ONLY_0, [*told(3, {0: 5}), Log("info", "guest 1 (peer 6) left; the other guests are told"),
+                               Fail("s", "guest 1 (peer 6) left before acknowledging guest 0's message")]),
+        (said(("ready 5", "ready 6"), ("lost 1 6 peer left", "")), ONLY_0, [  # late: answered already
+            Log("debug", "guest 0 report: 'lost 1 6 peer left'")]),
+        (SendRequested("v", 0, 1, b"hi", 5.0, 12.0), ONLY_0, [
+            Fail("v", "guest 1 is not ready (see `shmguard status`)")]),
+        (said(("ready 5", "ready 9"), ("lost 1 6 peer left", "")), SUCCESSOR, [
+            Log("info", "guest 1 ready: peer 9"), PassOn(0, "ready 9"), *told(4, {0: 5, 1: 9}),
+            Notify("guests ready: 2 of 2")]),
+        (PeerLeft(77), SUCCESSOR, []),  # not a guest
+    ],
+    "the sender leaving fails its own send": [
+        *SENDING,
+        (PeerLeft(5), SlotPeers((6,), (None, 6)), [
+            *told(3, {1: 6}), Log("info", "guest 0 (peer 5) left; the other guests are told"),
+            Fail("s", "guest 0 (peer 5) left before it reported")]),
+    ],
+    "a send not reported in time fails, and a command that could not be written too": [
+        *SENDING,
+        (TimedOut("s"), BOTH, [Fail("s", "guest 0 did not report within 5 s")]),
+        (SendRequested("w", 0, 1, b"hi", 5.0, 20.0), BOTH, [
+            ScheduleTimeout("w", 5.0), ScheduleNudge("w", 1.0),
+            WriteCommand("w", 0, 5, command_bytes(2, 6, 1, b"hi"))]),
+        (SendFailed("w", "audit log full"), BOTH, [Fail("w", "audit log full")]),
+    ],
+    "a peer cannot take the slot of a QEMU this supervisor runs, nor say ready for a peer that is not there": [
+        (said(("", "ready 7")), STRANGER, [
+            Log("warning", "peer 7 says it is ready as guest 1, whose QEMU this supervisor runs: ignored")]),
+        (said(("ready 8", "ready 7")), STRANGER, [Log("debug", "guest 0 reply area: 'ready 8'")]),
+        (said(("ready 8", "ready 6")), STRANGER, [Log("info", "guest 1 ready: peer 6"), PassOn(0, "ready 6"),
+                                                  *told(1, {1: 6}), Notify("guests ready: 1 of 2")]),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(EXCHANGE_SCENARIOS))
+def test_each_exchange_event_gives_exactly_the_actions_in_the_table(name):
+    steps = EXCHANGE_SCENARIOS[name]
+    exchange = pair()
+    assert [exchange.handle(event, peers) for event, peers, _ in steps] == [expected for _, _, expected in steps]
+
+
+def test_the_exchange_tables_cover_every_exchange_event():
+    used = {type(event) for steps in EXCHANGE_SCENARIOS.values() for event, _, _ in steps}
+    assert used == {*typing.get_args(ExchangeEvent), PeerLeft, TimedOut}
+
+
+def test_status_lists_each_guest_with_its_peer_and_state():
+    exchange = pair()
+    for event, peers, _ in SENDING:
+        exchange.handle(event, peers)
+    assert exchange.describe((5, 6)) == [
+        {"guest": 0, "peer": 5, "state": "sending", "sent": 0, "sending_to": 1},
+        {"guest": 1, "peer": 6, "state": "ready", "sent": 0, "sending_to": None}]
+    assert pair().describe((PENDING_GUEST, None))[0]["state"] == "booting"
+    assert pair().describe((PENDING_GUEST, None))[1]["state"] == "empty"
+
+
+def test_a_successor_takes_over_the_slots_with_the_session_and_goes_on_exactly_as_the_original():
+    original = GuestSession(SharesPolicy(), serving_only=False, handshake=True, exchange=pair())
+    for event, peers, _ in SENDING:
+        original.exchange.handle(event, peers)
+    state = original.snapshot()
+    assert dataclasses.asdict(state)["exchange"]["slots"][0]["sending"]["command"] == 1  # plain data
+    successor = GuestSession.from_snapshot(state, SharesPolicy())
+    assert successor.snapshot() == state
+    rest = [(said(("ready 5", "ready 6"), (SENT_LINE, ""), now=10.25), BOTH), (PeerLeft(6), ONLY_0),
+            (SendRequested("x", 0, 1, b"hi", 5.0, 11.0), ONLY_0)]
+    assert [successor.exchange.handle(*step) for step in rest] == [original.exchange.handle(*step) for step in rest]
+    assert successor.snapshot() == original.snapshot()
+
+
+def test_with_several_guests_a_write_waiting_for_one_that_left_fails_at_once_and_the_next_goes():
+    session = GuestSession(SharesPolicy(), serving_only=False, handshake=True, exchange=pair())
+    rang = (("seq", 1), ("rang", [{"peer": 6, "vector": 0}]))
+    peers = Peers((5, 6))
+    assert session.handle(WriteRequested("a", "plan-a", MEMBER, True, 2), peers) == [WriteNow("a", "plan-a")]
+    assert session.handle(Written("a", rang, CRC, True, 5.0, 1.0), peers) == [ScheduleTimeout("a", 5.0)]
+    assert session.handle(WriteRequested("b", "plan-b", MEMBER, True, 2), peers) == [Queue("b", 1)]
+    assert session.handle(PeerLeft(5), Peers((6,))) == []  # not the one it waits for
+    assert session.handle(PeerLeft(6), Peers()) == [Fail("a", "guest peer 6 left before it acknowledged", rang),
+                                                    WriteNow("b", "plan-b")]

@@ -203,3 +203,24 @@ def test_linux_imports_nothing_of_shmguard_but_errors():
             wrong += [f"{path.name}: {m}" for m in modules
                       if m.startswith("shmguard") and not m.startswith(("shmguard.linux", "shmguard.errors"))]
     assert not wrong
+
+
+def test_a_ring_whose_bound_expires_just_after_the_write_returns_does_not_escape(monkeypatch):
+    """Under load the process can be descheduled past the 2 ms bound between the write and the disarm: the alarm
+    then comes while the ring is already done, and must not escape as an exception."""
+    from shmguard.linux import eventfd
+
+    real_setitimer = signal.setitimer
+
+    def late_alarm(which, seconds, *rest):
+        if seconds == 0:  # the disarm, as if the alarm had fired just before it
+            eventfd._on_alarm(signal.SIGALRM, None)
+        return real_setitimer(which, seconds, *rest)
+
+    monkeypatch.setattr(eventfd.signal, "setitimer", late_alarm)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        eventfd.ring(fd)  # raised _Stuck from its finally before
+        assert eventfd.drain(fd) == 1 and not eventfd._armed
+    finally:
+        os.close(fd)
