@@ -81,6 +81,8 @@ class Supervisor:
         self.server.start()
         own_peer = self.server.add_local_peer()
         self._start_control()
+        self.control.when_durable = self.recorder.when_durable  # a reply that tells of a record waits for its fsync
+        self.loop.before_wait(self.recorder.flush)  # group commit: one fsync per turn of the loop
         # It watches the region and both sockets, so it starts once they exist.
         region = self.policy.region
         self.guard = Guard(self.policy.guard, self.region, self.loop, record=self.record,
