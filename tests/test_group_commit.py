@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import RunningSupervisor, policy_file
 
+from helpers import RunningSupervisor, policy_file
+from rawpeer import RawPeer
 from shmguard import audit
-from shmguard.control import WriteRequest, encode
+from shmguard.control import StatusRequest, WriteRequest, encode
 
 BATCH = 40
 
@@ -107,6 +108,35 @@ def test_a_batch_of_pipelined_writes_is_one_fsync_and_no_reply_precedes_it(tmp_p
         records = [r for r in supervisor.audit_records() if r["action"] == "write"]
         assert [r["seq"] for r in records[-BATCH:]] == seqs
         assert all(r["rings"] == [] for r in records[-BATCH:])
+    finally:
+        supervisor.stop()
+    assert audit.verify(supervisor.audit).ok
+
+
+def test_held_replies_keep_their_order_and_a_write_is_one_record_listing_its_rings(tmp_path):
+    supervisor = RunningSupervisor(policy_file(tmp_path, audit={"durable": True}))
+    try:
+        peer = RawPeer(supervisor.socket)
+        peer.read(3)  # its id, the region, its vectors
+        requests = [WriteRequest(b"one", text=True, ring="all"), StatusRequest(), WriteRequest(b"two", text=True)]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(supervisor.control)
+            sock.sendall(b"".join(encode(request) for request in requests))
+            data = b""
+            while data.count(b"\n") < len(requests):
+                chunk = sock.recv(1 << 16)
+                assert chunk
+                data += chunk
+        first, status, second = [json.loads(line) for line in data.splitlines()]
+        assert first["ok"] and first["sha256"] and len(first["rang"]) == 2  # the peer's two vectors
+        assert status["ok"] and "region" in status and "sha256" not in status
+        assert second["ok"] and second["seq"] == first["seq"] + 1  # no ring records between the writes
+        records = {r["seq"]: r for r in supervisor.audit_records()}
+        assert records[first["seq"]]["rings"] == [{"held_until_ready": False, "peer": ring["peer"], "vector": v}
+                                                  for v, ring in enumerate(first["rang"])]
+        assert not any(r["action"] == "ring" for r in records.values())
+        peer.close()
     finally:
         supervisor.stop()
     assert audit.verify(supervisor.audit).ok
