@@ -72,5 +72,17 @@ def _bounded_write(fd: int) -> bool:
     except _Stuck:
         return False  # the counter was full and the description blocking: the owner is rung already
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        _armed = False
+        _disarm()
+
+
+def _disarm() -> None:
+    """Disarmed first, then the timer stopped: a timer that fires late (a loaded machine, a tracer) finds the
+    handler disarmed, and one that fires in between is caught here, never raised out of a ring that worked."""
+    global _armed
+    while True:
+        try:
+            _armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            return
+        except _Stuck:
+            continue
