@@ -35,6 +35,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _string  # a str as canonical JSON writes it
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -139,12 +140,44 @@ def _joined(low: str, high: str) -> str:
 
 
 def _sealed_line(record: dict) -> tuple[str, bytes]:
-    """(hash, line) of a record without its hash, serialising it once: the same bytes as record_hash() and
-    _encode() of the record with its hash, since canonical JSON sorts keys and `hash` sits between them."""
-    low = canonical_json({name: value for name, value in record.items() if name < "hash"})
-    high = canonical_json({name: value for name, value in record.items() if name > "hash"})
+    """(hash, line) of a record without its hash, serialised once and hashed once: the same bytes as
+    record_hash() and _encode() of the record with its hash (canonical JSON sorts keys, and `hash` sits between
+    `detail` and the rest). verify() checks every line against canonical_json itself."""
+    low, high = _halves(record)
     digest = hashlib.sha256((record["prev"] + _joined(low, high)).encode("ascii")).hexdigest()
     return digest, (_joined(_joined(low, '{"hash":"' + digest + '"}'), high) + "\n").encode("ascii")
+
+
+_LOW = frozenset(("action", "actor", "detail"))
+_HIGH = frozenset(("length", "offset", "prev", "result", "rings", "seq", "sha256", "time"))
+
+
+def _halves(record: dict) -> tuple[str, str]:
+    """Canonical JSON of the fields sorting before `hash` and of those after it. A record as _checked_fields
+    makes it is formatted field by field, with only its detail through the encoder; anything else, whole."""
+    if not (_LOW <= record.keys() and record.keys() - _LOW <= _HIGH and _plain_actor(record["actor"])):
+        return (canonical_json({name: value for name, value in record.items() if name < "hash"}),
+                canonical_json({name: value for name, value in record.items() if name > "hash"}))
+    actor = record["actor"]
+    actor_json = "null" if actor is None else (
+        f'{{"exe":{_string(actor["exe"])},"gid":{actor["gid"]},"pid":{actor["pid"]},"uid":{actor["uid"]}}}')
+    low = f'{{"action":{_string(record["action"])},"actor":{actor_json},"detail":{canonical_json(record["detail"])}}}'
+    parts = [f'"{name}":{record[name]}' for name in ("length", "offset") if name in record]
+    parts.append(f'"prev":"{record["prev"]}","result":{_string(record["result"])}')
+    if "rings" in record:
+        rings = ",".join(f'{{"held_until_ready":{"true" if ring["held_until_ready"] else "false"},'
+                         f'"peer":{ring["peer"]},"vector":{ring["vector"]}}}' for ring in record["rings"])
+        parts.append(f'"rings":[{rings}]')
+    parts.append(f'"seq":{record["seq"]}')
+    if "sha256" in record:
+        parts.append(f'"sha256":"{record["sha256"]}"')
+    parts.append(f'"time":{_string(record["time"])}')
+    return low, "{" + ",".join(parts) + "}"
+
+
+def _plain_actor(actor: Any) -> bool:
+    return actor is None or (type(actor["exe"]) is str and all(type(actor[name]) is int for name in
+                                                               ("gid", "pid", "uid")))
 
 
 def _now() -> str:
@@ -193,11 +226,16 @@ def _checked_fields(
 
 
 def _checked_rings(rings: Any) -> list[dict]:
-    if not isinstance(rings, list | tuple) or not all(isinstance(ring, dict) for ring in rings):
+    if not isinstance(rings, list | tuple):
         raise ValueError(f"audit rings must be a list of dicts, not {rings!r}")
-    checked = [{name: ring.get(name) for name in _RING_FIELDS} for ring in rings]
-    if not all(_is_ring(ring) and len(ring) == len(given) for ring, given in zip(checked, rings, strict=True)):
-        raise ValueError(f"each audit ring is {{peer, vector, held_until_ready}}, not {rings!r}")
+    checked = []
+    for ring in rings:
+        if type(ring) is not dict or len(ring) != len(_RING_FIELDS):
+            raise ValueError(f"each audit ring is {{peer, vector, held_until_ready}}, not {ring!r}")
+        peer, vector, held = ring.get("peer"), ring.get("vector"), ring.get("held_until_ready")
+        if type(peer) is not int or type(vector) is not int or type(held) is not bool or min(peer, vector) < 0:
+            raise ValueError(f"each audit ring is {{peer, vector, held_until_ready}}, not {ring!r}")
+        checked.append({"peer": peer, "vector": vector, "held_until_ready": held})
     return checked
 
 
