@@ -67,7 +67,9 @@ def _write_once(fd: int) -> bool:
 
 def _bounded_write(fd: int) -> bool:
     """The timer also fires when the process merely waited for a CPU past the bound before its write: then
-    the ring was not made, so it is tried again (a ring made twice is one ring: they coalesce)."""
+    the ring was not made, so it is tried again (a ring made twice is one ring: they coalesce). Everything done
+    while the handler is armed is inside the try, so a timer that fires late is caught there or finds the handler
+    disarmed: it never escapes from a ring that worked."""
     global _armed, _handler_installed
     if not _handler_installed:
         signal.signal(signal.SIGALRM, _on_alarm)
@@ -77,22 +79,20 @@ def _bounded_write(fd: int) -> bool:
         try:
             _armed = True
             signal.setitimer(signal.ITIMER_REAL, WRITE_BOUND_SECONDS)
-            return _write_once(fd)
-        except _Stuck:
-            continue  # asleep on a full counter of a blocking description, or the timer beat the write
-        finally:
+            written = _write_once(fd)
+            _armed = False  # from here on the timer finds the handler disarmed
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            return written
+        except _Stuck:  # asleep on a full counter of a blocking description, or the timer beat the write
+            pass
+        except BaseException:
             _disarm()
+            raise
+        _disarm()  # a one-shot timer that has fired: nothing more can arrive from it
     return False  # stuck every time: the counter is full and the description blocking; the owner is rung already
 
 
 def _disarm() -> None:
-    """Disarmed first, then the timer stopped: a timer that fires late (a loaded machine, a tracer) finds the
-    handler disarmed, and one that fires in between is caught here, never raised out of a ring that worked."""
     global _armed
-    while True:
-        try:
-            _armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            return
-        except _Stuck:
-            continue
+    _armed = False
+    signal.setitimer(signal.ITIMER_REAL, 0)
