@@ -135,7 +135,7 @@ class Connection:
         return len(self.outbox) + self.held_bytes
 
     @property
-    def holding(self) -> int:
+    def buffered(self) -> int:
         """What the connection holds against its uid's byte share."""
         return len(self.inbox) + self.unread
 
@@ -383,7 +383,7 @@ class ControlServer:
         if not connection.inbox:
             connection.input_since = now
         connection.inbox += data
-        self._charge(connection, connection.holding)
+        self._charge(connection, connection.buffered)
         self._serve(connection)
         if not connection.closed and not connection.has_line():
             self._refuse_if_too_long(connection)
@@ -402,11 +402,11 @@ class ControlServer:
                     break
                 connection.input_since = time.monotonic() if connection.inbox else None
                 self._dispatch(connection, line)
-                self._charge(connection, connection.holding)
+                self._charge(connection, connection.buffered)
         finally:
             connection.serving = False
         if not connection.closed:
-            self._charge(connection, connection.holding)
+            self._charge(connection, connection.buffered)
             self._set_reading(connection, not connection.has_line() and connection.unread < OUTBOX_LIMIT)
             connection.watch()
 
