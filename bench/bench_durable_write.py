@@ -13,7 +13,8 @@ default /var/tmp, not tmpfs) boots the built-in guest. Then, in alternating bloc
   guest's vector 0 itself and spins on the region's reply area until the guest's next `ack` appears there. The
   guest does what it does for a write (reads and prints the message, checksums it, writes its ack, rings the
   host, whose supervisor handles it), but no control request is made and nothing is recorded.
-A pause between blocks lets the ping's ack reach the supervisor before a write waits for one. Each row reports
+Before a block of writes the benchmark waits until the supervisor has seen every ack of the pings (status
+`guest.acks`), so that no ping's ack answers a write. Each row reports
 median and p99 and the ratio median/median (goal <= 2x at both sizes). The 4 MiB figure also depends on how the
 supervisor updates its guard's known-good copy and clears the padding after a message (guard/contents.py,
 region.py), which this benchmark does not change.
@@ -41,7 +42,7 @@ from shmguard.launcher import ThrowawaySupervisor
 
 BLOCK = 25
 WARMUP = 20
-PAUSE = 0.05  # s between blocks: the last ping's ack reaches the supervisor before a write waits for one
+PAUSE = 0.05  # s after a block of writes; a tenth of it between looks at the supervisor's ack count
 
 
 class ControlLine:
@@ -117,7 +118,7 @@ def measure_size(root: Path, size: int, count: int) -> tuple[Series, Series, int
                     if number >= WARMUP:
                         pings.values.append((time.perf_counter_ns() - started) / 1e6)
                     number += 1
-                time.sleep(PAUSE)
+                _caught_up(control, pinger)
                 for _ in range(BLOCK):
                     request = WriteRequest(f"doorbell {number}".encode(), text=True, ring="guest", wait=True,
                                            timeout=30)
@@ -141,6 +142,15 @@ def measure_size(root: Path, size: int, count: int) -> tuple[Series, Series, int
     checked = verify(supervisor.policy.audit.path).summary()
     shutil.rmtree(supervisor.directory, ignore_errors=True)
     return writes, pings, inexact, checked
+
+
+def _caught_up(control: ControlLine, pinger: Pinger) -> None:
+    """Wait until the supervisor has handled every ack the guest sent, so no ping's ack answers a write."""
+    deadline = time.monotonic() + 30
+    while control.call(StatusRequest())["guest"]["acks"] < pinger.ack_count():
+        if time.monotonic() > deadline:
+            raise SystemExit("the supervisor did not see the guest's acks of the pings within 30 s")
+        time.sleep(PAUSE / 10)
 
 
 def _status(control: str) -> dict:

@@ -15,8 +15,7 @@ import signal
 import threading
 
 MAX_COUNT = 0xFFFF_FFFF_FFFF_FFFE  # the largest value an eventfd counter holds
-WRITE_BOUND_SECONDS = 0.002  # the longest one attempt at a ring may take, if a holder races us to make it block
-WRITE_ATTEMPTS = 3
+WRITE_BOUND_SECONDS = 0.002  # the longest a ring may ever take, if a holder races us to make it block
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -45,16 +44,12 @@ def drain(fd: int) -> int | None:
 
 def ring(fd: int) -> bool:
     """Add 1 to the counter; False if it was full (its owner has a ring pending either way: rings coalesce)."""
-    if threading.current_thread() is not threading.main_thread():
-        _make_nonblocking(fd)
-        return _write_once(fd)  # signals reach only the main thread: a thread relies on the flag alone
-    return _bounded_write(fd)
-
-
-def _make_nonblocking(fd: int) -> None:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if not flags & os.O_NONBLOCK:  # a holder made the shared description blocking: the protocol says it is not
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    if threading.current_thread() is not threading.main_thread():
+        return _write_once(fd)  # signals reach only the main thread: a thread relies on the flag alone
+    return _bounded_write(fd)
 
 
 def _write_once(fd: int) -> bool:
@@ -66,33 +61,16 @@ def _write_once(fd: int) -> bool:
 
 
 def _bounded_write(fd: int) -> bool:
-    """The timer also fires when the process merely waited for a CPU past the bound before its write: then
-    the ring was not made, so it is tried again (a ring made twice is one ring: they coalesce). Everything done
-    while the handler is armed is inside the try, so a timer that fires late is caught there or finds the handler
-    disarmed: it never escapes from a ring that worked."""
     global _armed, _handler_installed
     if not _handler_installed:
         signal.signal(signal.SIGALRM, _on_alarm)
         _handler_installed = True
-    for _ in range(WRITE_ATTEMPTS):
-        _make_nonblocking(fd)
-        try:
-            _armed = True
-            signal.setitimer(signal.ITIMER_REAL, WRITE_BOUND_SECONDS)
-            written = _write_once(fd)
-            _armed = False  # from here on the timer finds the handler disarmed
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            return written
-        except _Stuck:  # asleep on a full counter of a blocking description, or the timer beat the write
-            pass
-        except BaseException:
-            _disarm()
-            raise
-        _disarm()  # a one-shot timer that has fired: nothing more can arrive from it
-    return False  # stuck every time: the counter is full and the description blocking; the owner is rung already
-
-
-def _disarm() -> None:
-    global _armed
-    _armed = False
-    signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        _armed = True
+        signal.setitimer(signal.ITIMER_REAL, WRITE_BOUND_SECONDS)
+        return _write_once(fd)
+    except _Stuck:
+        return False  # the counter was full and the description blocking: the owner is rung already
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _armed = False
