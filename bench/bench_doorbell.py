@@ -6,12 +6,14 @@ shmguard side: `shmguard run` (strict policy, 4 KiB sealed region, paths moved i
 boots the built-in guest under QEMU; boot-to-ready is the time from starting the supervisor to its
 `STATUS=guest ready` over NOTIFY_SOCKET. Then one client process sends COUNT write requests through the
 control socket, each ringing the guest and waiting for its acknowledgement. Reported per request: the time the
-client saw (connect, request, write, audit records, ring, guest prints and acks, reply) and the supervisor's
+client saw (connect, request, write, its audit record, ring, guest prints and acks, reply) and the supervisor's
 own `round_trip_ms` (its clock starts once the ring has been sent and recorded). The same loop without `ring`
-shows what the write alone costs the client. The first boot measures with a durable audit log (fsync per
-record, the strict policy's default), the second without; further boots (--boots) only time boot-to-ready.
-Since the supervisor's clock starts after the ring, whatever the guest does while the supervisor is still
-recording the ring (an fsync, when durable) is not in `round_trip_ms`; the client's figure has all of it.
+shows what the write alone costs the client. The first boot measures with a durable audit log (the reply
+waits for the fsync of the write's record, the strict policy's default), the second without; further boots
+(--boots) only time boot-to-ready.
+The write's record (listing its ring) is written before the ring and made durable by the fsync at the end of
+the loop's turn, while the guest works; the client's figure has all of it. bench_durable_write.py compares the
+durable write + ring + ack with a ring-and-ack ping through the same supervisor.
 
 Baseline: two host processes ping-pong over two eventfds (A writes X, B waits on X and writes Y, A waits on
 Y), COUNT round trips: the floor for the host's share of a doorbell round trip in Python.
@@ -155,8 +157,8 @@ def print_report(boots: list[Boot], baseline: Series, count: int) -> None:
               f"{series.median / baseline.median:12.1f}x {series.p99 / baseline.p99:9.1f}x")
     for boot in measured:
         added = boot.client.median - boot.write_only.median
-        print(f"  {'durable' if boot.durable else 'not durable'}: the ring (one more audit record), the guest and "
-              f"its ack add {added:.3f} ms to a write (client medians), {added / baseline.median:.0f}x the floor")
+        print(f"  {'durable' if boot.durable else 'not durable'}: the ring (listed in the write's record), the guest "
+              f"and its ack add {added:.3f} ms to a write (client medians), {added / baseline.median:.0f}x the floor")
     inexact = sum(boot.inexact for boot in measured)
     print(f"  acks whose checksum did not match the message: {inexact} of {count * len(measured)}")
     accel = ", ".join(sorted({boot.accel for boot in boots}))

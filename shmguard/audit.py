@@ -1,12 +1,18 @@
 """The audit log: append-only, hash-chained JSON lines that make tampering evident.
 
-Each line is one record in canonical JSON, ending in "\\n":
-    seq, time, actor, action, result, [offset, length, sha256], detail, prev, hash
+Each line is one record in canonical JSON, ending in "\\n" (docs/audit.md describes every field):
+    seq, time, actor, action, result, [offset, length, sha256, rings], detail, prev, hash
+A write record lists the rings it made (`rings`); a log written before that has a `ring` record after its write
+for each ring instead, and reads and verifies the same.
 `hash` is sha256 hex over `prev` + the canonical JSON of the record without `hash`; `prev` is the hash of the
 record before (64 zeros for the first). One supervisor appends at a time (flock), with one os.write per record,
 so a crash leaves at worst a torn last line. `AuditLog.open` never rewrites such a line: it terminates it and
 seals it off with a `torn-tail` record that gives its line number, length and sha256 and chains to the last
 good record.
+
+Group commit: `append(..., sync=False)` writes the record (one os.write, so it is in the file and ordered) without
+an fsync; `flush()` makes every record written so far durable with one fsync. `synced_seq` says how far the log is
+known to be on disk: whoever must not be told of a record before it is durable waits until `synced_seq` reaches it.
 
 `verify` reads the whole file and names the first bad line. `AuditLog.open` checks only the tail (the last record
 and its link to the record before it), so opening a large log stays fast; an edit further back is verify's to find.
@@ -24,10 +30,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _string  # a str as canonical JSON writes it
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -62,7 +70,10 @@ MAX_TORN_LINES = 16  # each crash while sealing adds at most one line; more than
 _COUNT_CHUNK = 1 << 20
 _TAIL_CHUNK = 64 * 1024
 _REQUIRED = ("seq", "time", "actor", "action", "result", "detail", "prev", "hash")
-_OPTIONAL = ("offset", "length", "sha256")
+_OPTIONAL = ("offset", "length", "sha256", "rings")
+_RING_FIELDS = ("held_until_ready", "peer", "vector")
+_SCALARS = (str, int, bool, type(None))  # exact types: a detail of these alone needs no JSON round trip
+log = logging.getLogger("shmguard")
 _ACTOR_FIELDS = ("exe", "gid", "pid", "uid")
 _HEX = frozenset("0123456789abcdef")
 
@@ -122,6 +133,56 @@ def _encode(record: dict) -> bytes:
     return (canonical_json(record) + "\n").encode("ascii")
 
 
+def _joined(low: str, high: str) -> str:
+    """Two canonical objects as one, where every key of `low` sorts before every key of `high`."""
+    if low == "{}":
+        return high
+    if high == "{}":
+        return low
+    return low[:-1] + "," + high[1:]
+
+
+def _sealed_line(record: dict) -> tuple[str, bytes]:
+    """(hash, line) of a record without its hash, serialised once and hashed once: the same bytes as
+    record_hash() and _encode() of the record with its hash (canonical JSON sorts keys, and `hash` sits between
+    `detail` and the rest). verify() checks every line against canonical_json itself."""
+    low, high = _halves(record)
+    digest = hashlib.sha256((record["prev"] + _joined(low, high)).encode("ascii")).hexdigest()
+    return digest, (_joined(_joined(low, '{"hash":"' + digest + '"}'), high) + "\n").encode("ascii")
+
+
+_LOW = frozenset(("action", "actor", "detail"))
+_HIGH = frozenset(("length", "offset", "prev", "result", "rings", "seq", "sha256", "time"))
+
+
+def _halves(record: dict) -> tuple[str, str]:
+    """Canonical JSON of the fields sorting before `hash` and of those after it. A record as _checked_fields
+    makes it is formatted field by field, with only its detail through the encoder; anything else, whole."""
+    if not (_LOW <= record.keys() and record.keys() - _LOW <= _HIGH and _plain_actor(record["actor"])):
+        return (canonical_json({name: value for name, value in record.items() if name < "hash"}),
+                canonical_json({name: value for name, value in record.items() if name > "hash"}))
+    actor = record["actor"]
+    actor_json = "null" if actor is None else (
+        f'{{"exe":{_string(actor["exe"])},"gid":{actor["gid"]},"pid":{actor["pid"]},"uid":{actor["uid"]}}}')
+    low = f'{{"action":{_string(record["action"])},"actor":{actor_json},"detail":{canonical_json(record["detail"])}}}'
+    parts = [f'"{name}":{record[name]}' for name in ("length", "offset") if name in record]
+    parts.append(f'"prev":"{record["prev"]}","result":{_string(record["result"])}')
+    if "rings" in record:
+        rings = ",".join(f'{{"held_until_ready":{"true" if ring["held_until_ready"] else "false"},'
+                         f'"peer":{ring["peer"]},"vector":{ring["vector"]}}}' for ring in record["rings"])
+        parts.append(f'"rings":[{rings}]')
+    parts.append(f'"seq":{record["seq"]}')
+    if "sha256" in record:
+        parts.append(f'"sha256":"{record["sha256"]}"')
+    parts.append(f'"time":{_string(record["time"])}')
+    return low, "{" + ",".join(parts) + "}"
+
+
+def _plain_actor(actor: Any) -> bool:
+    return actor is None or (type(actor["exe"]) is str and all(type(actor[name]) is int for name in
+                                                               ("gid", "pid", "uid")))
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -134,6 +195,7 @@ def _checked_fields(
     length: int | None,
     sha256: str | None,
     detail: dict | None,
+    rings: list[dict] | None = None,
 ) -> dict:
     """The caller's part of a record, validated before anything touches the file."""
     if action not in ACTIONS:
@@ -150,6 +212,10 @@ def _checked_fields(
         "actor": None if actor is None else {"pid": actor.pid, "uid": actor.uid, "gid": actor.gid, "exe": actor.exe},
         "detail": _json_round_trip(detail or {}),
     }
+    if rings is not None:
+        if action != "write":
+            raise ValueError(f"only a write record lists rings, not a {action!r} record")
+        fields["rings"] = _checked_rings(rings)
     for name, value in (("offset", offset), ("length", length)):
         if value is not None:
             if not _is_count(value):
@@ -162,8 +228,29 @@ def _checked_fields(
     return fields
 
 
+def _checked_rings(rings: Any) -> list[dict]:
+    if not isinstance(rings, list | tuple):
+        raise ValueError(f"audit rings must be a list of dicts, not {rings!r}")
+    checked = []
+    for ring in rings:
+        if type(ring) is not dict or len(ring) != len(_RING_FIELDS):
+            raise ValueError(f"each audit ring is {{peer, vector, held_until_ready}}, not {ring!r}")
+        peer, vector, held = ring.get("peer"), ring.get("vector"), ring.get("held_until_ready")
+        if type(peer) is not int or type(vector) is not int or type(held) is not bool or min(peer, vector) < 0:
+            raise ValueError(f"each audit ring is {{peer, vector, held_until_ready}}, not {ring!r}")
+        checked.append({"peer": peer, "vector": vector, "held_until_ready": held})
+    return checked
+
+
+def _is_ring(value: Any) -> bool:
+    return (isinstance(value, dict) and sorted(value) == list(_RING_FIELDS) and _is_count(value["peer"])
+            and _is_count(value["vector"]) and isinstance(value["held_until_ready"], bool))
+
+
 def _json_round_trip(detail: dict) -> dict:
     # The record handed back must equal the one read back later (tuples become lists, int keys strings).
+    if all(type(key) is str and type(value) in _SCALARS for key, value in detail.items()):
+        return dict(detail)  # already what reading it back gives: no need to serialise it twice
     try:
         return json.loads(canonical_json(detail))
     except (TypeError, ValueError) as err:
@@ -190,6 +277,9 @@ def _field_problem(record: dict) -> str | None:
         ("offset", "offset" not in record or _is_count(record["offset"]), "a non-negative integer"),
         ("length", "length" not in record or _is_count(record["length"]), "a non-negative integer"),
         ("sha256", "sha256" not in record or _is_hex64(record["sha256"]), "64 hex digits"),
+        ("rings", "rings" not in record or (record["action"] == "write" and isinstance(record["rings"], list)
+                                            and all(_is_ring(ring) for ring in record["rings"])),
+         "on a write record only, a list of objects with peer, vector and held_until_ready"),
     )
     for name, good, expected in expectations:
         if not good:
@@ -435,12 +525,22 @@ def format_record(record: dict) -> str:
             parts.append(f"{name}={_text(record[name])}")
     if "sha256" in record:
         parts.append(f"sha256={_text(record['sha256'])[:16]}")
+    if "rings" in record:
+        parts.append(f"rings={_rings_text(record['rings'])}")
     detail = record.get("detail")
     if isinstance(detail, dict):
         parts.extend(f"{_text(key)}={_text(detail[key])}" for key in sorted(detail))
     elif detail is not None:
         parts.append(f"detail={_text(detail)}")
     return " ".join(parts)
+
+
+def _rings_text(rings: Any) -> str:
+    """peer:vector,... (a held ring marked +held); none as '-'."""
+    if not isinstance(rings, list) or not all(_is_ring(ring) for ring in rings):
+        return _text(rings)
+    texts = [f"{ring['peer']}:{ring['vector']}{'+held' if ring['held_until_ready'] else ''}" for ring in rings]
+    return ",".join(texts) or "-"
 
 
 def _actor_text(actor: Any) -> str:
@@ -480,6 +580,7 @@ class AuditLog:
         self.path = path
         self.durable = durable
         self.last_seq = 0
+        self.synced_seq = 0  # every record up to here is on disk (or, not durable, written)
         self.torn_tail: str | None = None  # what open found torn and sealed, for the supervisor to report
         self._fd = fd
         self._last_hash = ZERO_HASH
@@ -521,21 +622,51 @@ class AuditLog:
         length: int | None = None,
         sha256: str | None = None,
         detail: dict | None = None,
+        rings: list[dict] | None = None,
+        sync: bool = True,
     ) -> dict:
-        """Append one record and return it. Bad arguments raise ValueError with the file untouched."""
+        """Append one record and return it. Bad arguments raise ValueError with the file untouched.
+
+        sync=True: durable on return (one fsync, which covers every record written before it too); sync=False:
+        in the file, durable at the next flush()."""
         if action == TORN_TAIL:
             raise ValueError("torn-tail records are written only by AuditLog itself")
-        fields = _checked_fields(action, result, actor, offset, length, sha256, detail)
+        fields = _checked_fields(action, result, actor, offset, length, sha256, detail, rings)
         self._require_open()
         if self._tail_unknown:
             self._take_up_tail()
-        return self._write_record(fields)
+        record = self._write_record(fields, sync=sync)
+        return record
+
+    @property
+    def unsynced(self) -> bool:
+        """Records are in the file that are not known to be on disk yet."""
+        return self.synced_seq < self.last_seq
+
+    def flush(self) -> None:
+        """Make every record written so far durable: one fsync for all of them (nothing to do if not durable)."""
+        if not self.unsynced:
+            return
+        self._require_open()
+        if self.durable:
+            try:
+                os.fsync(self._fd)
+            except OSError as err:
+                # After a failed fsync the kernel may have dropped the pages: look at the tail again, and never
+                # count these records as durable (a later fsync that succeeds says nothing of them).
+                self._tail_unknown = True
+                raise ShmguardError(f"cannot sync audit log {self.path} to disk: {err.strerror or err}") from None
+        self.synced_seq = self.last_seq
 
     def fileno(self) -> int:
         return self._fd
 
     def close(self) -> None:
         if self._fd >= 0:
+            try:
+                self.flush()
+            except ShmguardError as exc:
+                log.error("%s; the last records may not be on disk", exc)
             os.close(self._fd)  # also releases the flock
             self._fd = -1
 
@@ -549,22 +680,23 @@ class AuditLog:
         if self._fd < 0:
             raise ValueError(f"audit log {self.path} is closed")
 
-    def _write_record(self, fields: dict, prefix: bytes = b"") -> dict:
+    def _write_record(self, fields: dict, prefix: bytes = b"", sync: bool = True) -> dict:
         record = {"seq": self.last_seq + 1, "time": _now(), **fields, "prev": self._last_hash}
-        record["hash"] = record_hash(record)
-        line = _encode(record)
+        record["hash"], line = _sealed_line(record)
         if len(line) > MAX_RECORD_BYTES:
             raise ValueError(f"audit record is larger than {MAX_RECORD_BYTES} bytes; shorten its detail")
-        self._write_line(prefix + line)
+        self._write_line(prefix + line, sync)
         self.last_seq, self._last_hash = record["seq"], record["hash"]
+        if sync or not self.durable:
+            self.synced_seq = self.last_seq
         return record
 
-    def _write_line(self, line: bytes) -> None:
+    def _write_line(self, line: bytes, sync: bool = True) -> None:
         try:
             written = os.write(self._fd, line)
             if written != len(line):
                 raise OSError(0, f"short write ({written} of {len(line)} bytes)")
-            if self.durable:
+            if self.durable and sync:
                 os.fsync(self._fd)
         except OSError as err:
             # The file may now end in a fragment: look at the tail again before chaining on to it.
@@ -576,6 +708,10 @@ class AuditLog:
         read_fd = _reopen_for_reading(self._fd, self.path)
         try:
             tail = _inspect_tail(read_fd, os.fstat(read_fd).st_size, self.path)
+            if self.synced_seq < self.last_seq:
+                self.synced_seq = min(self.synced_seq, tail.last_seq)  # what was not synced stays unconfirmed
+            else:
+                self.synced_seq = tail.last_seq
             self.last_seq, self._last_hash = tail.last_seq, tail.last_hash
             self._tail_unknown = False
             if tail.torn:

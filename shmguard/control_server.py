@@ -18,6 +18,10 @@ What the supervisor holds for its control clients is bounded by the policy's [sh
   connection is closed after `control.idle_seconds`. A write waiting for the guest's acknowledgement is bounded
   by its own timeout, not by these.
 - pipelining: requests are dispatched only while the connection's unread replies are under OUTBOX_LIMIT.
+
+A reply that tells of a record (a write's, a ring's) goes out only once that record is on disk: it is held until
+the audit log's flush at the end of the loop's turn (group commit: the writes of one batch share one fsync), and
+becomes a failure if the flush fails. Replies leave each connection in the order they were given, held or not.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from .audit import Actor
 from .control import ControlRequest, parse, parse_line, request_echo
 from .errors import ShmguardError
 from .linux.sockets import PeerCred
@@ -60,12 +65,42 @@ class Request:
         self.connection.pending -= 1
         self.connection.send({"ok": True, **fields, **self.echo})
 
+    def reply_once_recorded(self, seq: int, /, **fields) -> None:
+        """reply(), once audit record `seq` (what the reply tells of) is on disk; a failure if it cannot be."""
+        self.connection.pending -= 1
+        self.connection.send_once_recorded(seq, {"ok": True, **fields, **self.echo})
+
     def fail(self, error: str, **fields) -> None:
         self.connection.pending -= 1
         self.connection.send({"ok": False, "error": _clip(error), **fields, **self.echo})
 
+    @property
+    def actor(self) -> Actor:
+        """Who asks, for its audit records: named from /proc once per connection, not once per record."""
+        return self.connection.actor()
+
 
 Handler = Callable[[Request], None]
+# when_durable(seq, done, failed): done() once audit record seq is on disk, or failed(why) (Recorder.when_durable)
+WhenDurable = Callable[[int, Callable[[], None], Callable[[str], None]], None]
+
+
+@dataclass(eq=False)
+class HeldReply:
+    """A reply given but not sent yet: it waits for its record's flush, or for a held reply before it."""
+
+    message: dict
+    line: bytes  # what is sent if all goes well (its length is charged while it waits)
+    seq: int | None  # the audit record it waits for; None: it only keeps its place in line
+    ready: bool = False
+    error: str | None = None  # the flush failed: sent as a failure instead
+
+
+def held_failure(held: HeldReply) -> dict:
+    fields = {name: value for name, value in held.message.items() if name != "ok"}
+    return {**fields, "ok": False, "error": _clip(
+        f"carried out, but its audit record (seq {held.seq}) could not be made durable: {held.error}; it is not known "
+        "to be on record (see `shmguard status`)")}
 
 
 @dataclass(eq=False)
@@ -87,15 +122,57 @@ class Connection:
     serving: bool = False  # dispatching its lines now: a reply's flush must not start a nested dispatch
     watch_at: float | None = None  # when the deadline check is due
     closed: bool = False
+    held: deque[HeldReply] = field(default_factory=deque)  # replies waiting for the audit log's flush, in order
+    held_bytes: int = 0
+    named: Actor | None = None  # the caller as its audit records name it, looked up once
 
     @property
     def fd(self) -> int:
         return self.sock.fileno()
 
+    @property
+    def unread(self) -> int:
+        """Reply bytes given and not yet read: queued to send, or held for the flush."""
+        return len(self.outbox) + self.held_bytes
+
+    @property
+    def buffered(self) -> int:
+        """What the connection holds against its uid's byte share."""
+        return len(self.inbox) + self.unread
+
+    def actor(self) -> Actor:
+        if self.named is None:
+            self.named = Actor.from_pid(self.cred.pid, self.cred.uid, self.cred.gid)
+        return self.named
+
     def send(self, message: dict) -> None:
         if self.closed:
             return  # the requester went away; its reply has nowhere to go
-        line = json.dumps(message, sort_keys=True).encode() + b"\n"
+        line = _encode(message)
+        if self.held:  # behind a held reply: replies keep their order
+            self._hold(HeldReply(message, line, None, ready=True))
+            return
+        self._queue(line)
+
+    def send_once_recorded(self, seq: int, message: dict) -> None:
+        if self.closed:
+            return
+        held = HeldReply(message, _encode(message), seq)
+        self._hold(held)
+        self.server.when_durable(seq, lambda: self._resolve(held, None), lambda why: self._resolve(held, why))
+
+    def _hold(self, held: HeldReply) -> None:
+        self.held.append(held)
+        self.held_bytes += len(held.line)
+
+    def _resolve(self, held: HeldReply, error: str | None) -> None:
+        held.ready, held.error = True, error
+        while self.held and self.held[0].ready and not self.closed:
+            first = self.held.popleft()
+            self.held_bytes -= len(first.line)
+            self._queue(first.line if first.error is None else _encode(held_failure(first)))
+
+    def _queue(self, line: bytes) -> None:
         self.outbox += line
         self.queued += len(line)
         self.replies.append((self.queued, time.monotonic()))
@@ -150,7 +227,7 @@ class Connection:
         if self.replies:
             due.append((self.replies[0][1] + request_seconds, f"its reply was not read within {request_seconds:g} s "
                                                               "(policy shares.request_seconds)"))
-        if not self.inbox and not self.outbox and not self.pending:
+        if not self.inbox and not self.outbox and not self.pending and not self.held:
             due.append((self.last_active + idle_seconds, f"idle for {idle_seconds:g} s (policy control.idle_seconds)"))
         return min(due, default=None)
 
@@ -192,6 +269,7 @@ class Connection:
             self.server.loop.remove_writer(self.fd)
             self.sock.close()
             self.inbox, self.outbox, self.replies = bytearray(), bytearray(), deque()
+            self.held, self.held_bytes = deque(), 0
             self.server.closed(self)  # however it ends (EOF, a failed send, a refusal), it gives back what it held
 
 
@@ -215,6 +293,8 @@ class ControlServer:
         self.listener = None
         self.holding = False  # a hand-over is being prepared: requests wait in their connections
         self.on_refused: Callable[[PeerCred, str, str], None] = lambda cred, op, reason: None
+        # Where a reply waits for its audit record to be on disk (the supervisor's Recorder.when_durable).
+        self.when_durable: WhenDurable = lambda seq, done, failed: done()
 
     def route(self, kind: type[ControlRequest], access: Access, handler: Handler) -> None:
         """Requests of this kind (control.WriteRequest, ...) from those `access` admits go to handler."""
@@ -284,7 +364,7 @@ class ControlServer:
 
     def _on_readable(self, connection: Connection) -> None:
         uid = connection.cred.uid
-        if connection.has_line() or len(connection.outbox) >= OUTBOX_LIMIT:
+        if connection.has_line() or connection.unread >= OUTBOX_LIMIT:
             self._set_reading(connection, False)  # its replies are not read: leave its requests in the kernel
             return
         room = self.buffers.room(uid)
@@ -305,7 +385,7 @@ class ControlServer:
         if not connection.inbox:
             connection.input_since = now
         connection.inbox += data
-        self._charge(connection, len(connection.inbox) + len(connection.outbox))
+        self._charge(connection, connection.buffered)
         self._serve(connection)
         if not connection.closed and not connection.has_line():
             self._refuse_if_too_long(connection)
@@ -317,19 +397,19 @@ class ControlServer:
             return
         connection.serving = True
         try:
-            while not connection.closed and not self.holding and (not connection.outbox or (
-                    len(connection.outbox) < OUTBOX_LIMIT and self.buffers.room(connection.cred.uid) > 0)):
+            while not connection.closed and not self.holding and (not connection.unread or (
+                    connection.unread < OUTBOX_LIMIT and self.buffers.room(connection.cred.uid) > 0)):
                 line = connection.next_line()
                 if line is None:
                     break
                 connection.input_since = time.monotonic() if connection.inbox else None
                 self._dispatch(connection, line)
-                self._charge(connection, len(connection.inbox) + len(connection.outbox))
+                self._charge(connection, connection.buffered)
         finally:
             connection.serving = False
         if not connection.closed:
-            self._charge(connection, len(connection.inbox) + len(connection.outbox))
-            self._set_reading(connection, not connection.has_line() and len(connection.outbox) < OUTBOX_LIMIT)
+            self._charge(connection, connection.buffered)
+            self._set_reading(connection, not connection.has_line() and connection.unread < OUTBOX_LIMIT)
             connection.watch()
 
     def changed(self, connection: Connection) -> None:
@@ -354,7 +434,7 @@ class ControlServer:
         when everything it holds is unfinished lines nothing will free, so the connection asking for more ends."""
         uid = connection.cred.uid
         limit, key = self._limit_of(uid)
-        stuck = all(not other.outbox and not other.has_line() for other in self.connections if other.cred.uid == uid)
+        stuck = all(not other.unread and not other.has_line() for other in self.connections if other.cred.uid == uid)
         held = self.buffers.held_by(uid)
         if stuck and held >= limit:
             self._refuse_request(connection, f"request refused: uid {uid} already buffers {held} bytes of unfinished "
@@ -511,6 +591,10 @@ def _bound_key(share: Share, uid: int, total_key: str, per_uid_key: str, reserve
     if uid not in share.reserved_for and share.held_by(uid) + 1 > share.per_uid:
         return per_uid_key
     return reserved_key
+
+
+def _encode(message: dict) -> bytes:
+    return json.dumps(message, sort_keys=True).encode() + b"\n"
 
 
 def _clip(text: str) -> str:

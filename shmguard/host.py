@@ -133,19 +133,26 @@ class HostPeer:
         return padding
 
     def _write(self, token: int, plan: WritePlan) -> Written | WriteFailed:
-        """Carry out a WriteNow: recorded, written, rung; returns how it went, for the guest session."""
+        """Carry out a WriteNow: recorded (one record, its rings listed), written, rung; returns how it went, for
+        the guest session. The record is in the log before the region is touched; its reply waits for the flush
+        that puts it on disk (group commit: the writes of one turn of the loop share one fsync)."""
         request = self._requests[token]
         try:
             sha = hashlib.sha256(plan.data).hexdigest()
-            # Recorded first: if the log cannot be written, the region is not either.
-            record = self.recorder.record("write", actor=request.cred, offset=plan.offset, length=len(plan.data),
-                                          sha256=sha, detail={"padding": plan.padding})
+            peers = self.peers()
+            rang = [self._ring_plan(peer, vector, peers) for peer, vector in plan.targets]
+            # Recorded first: if the log cannot be written, the region is not either, nor is anyone rung.
+            record = self.recorder.stage("write", actor=request.actor, offset=plan.offset, length=len(plan.data),
+                                         sha256=sha, detail={"padding": plan.padding},
+                                         rings=[_ring_record(ring) for ring in rang])
             # before: a hole this write would fill again (and hide) is repaired from the copy first
             self.region.write(plan.offset, plan.data, zero_fill=plan.padding, before=self.guard.before_write)
             self.guard.remember(plan.offset, plan.data, plan.padding)  # this write survives every later repair
             reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data)}
             started = time.monotonic()  # the clock starts before the ring: the round trip is ring, guest, ack
-            reply["rang"] = [self.ring(peer, vector, request.cred) for peer, vector in plan.targets]
+            for peer, vector in plan.targets:
+                self._carry_out(self.guest.handle(RingRequested(peer, vector), peers))
+            reply["rang"] = rang
         except ShmguardError as exc:  # checked when planned; the log or the region may have failed since
             return WriteFailed(token, str(exc))
         return Written(token, tuple(reply.items()), zlib.crc32(plan.data.split(b"\0", 1)[0]), plan.wait_for_guest,
@@ -153,7 +160,14 @@ class HostPeer:
 
     def handle_ring(self, request: Request) -> None:
         targets = self.ring_targets(request.message.target)
-        request.reply(rang=[self.ring(peer, vector, request.cred) for peer, vector in targets])
+        rang, seq = [], None
+        for peer, vector in targets:
+            ring, seq = self.ring(peer, vector, request.actor)
+            rang.append(ring)
+        if seq is None:
+            request.reply(rang=rang)
+        else:  # what it tells of is on record once the last of its records is
+            request.reply_once_recorded(seq, rang=rang)
 
     # --- ringing peers -------------------------------------------------------------------------------
 
@@ -187,15 +201,19 @@ class HostPeer:
     def _is_guest(self, peer_id: int) -> bool:
         return self.guest.is_guest(peer_id, self.peers())
 
-    def ring(self, peer_id: int, vector: int, cred) -> dict:
+    def ring(self, peer_id: int, vector: int, actor) -> tuple[dict, int]:
         """Ring now, or hold the ring until the built-in guest has said it is ready (a doorbell rung
-        before the guest enabled MSI-X is lost)."""
+        before the guest enabled MSI-X is lost). Returns what the reply says of it, and its record's seq."""
         peers = self.peers()
-        is_guest, held = self.guest.is_guest(peer_id, peers), self.guest.holds(peer_id, peers)
+        ring = self._ring_plan(peer_id, vector, peers)
         # Recorded first: a ring the log cannot take is not rung, nor held.
-        self.recorder.record("ring", actor=cred, detail={"peer": peer_id, "vector": vector, "held_until_ready": held})
+        record = self.recorder.stage("ring", actor=actor, detail=_ring_record(ring))
         self._carry_out(self.guest.handle(RingRequested(peer_id, vector), peers))
-        return {"peer": peer_id, "vector": vector, "guest": is_guest, "held_until_ready": held}
+        return ring, record["seq"]
+
+    def _ring_plan(self, peer_id: int, vector: int, peers: Peers) -> dict:
+        return {"peer": peer_id, "vector": vector, "guest": self.guest.is_guest(peer_id, peers),
+                "held_until_ready": self.guest.holds(peer_id, peers)}
 
     def feed(self, event: Event) -> None:
         self._carry_out(self.guest.handle(event, self.peers()))
@@ -264,9 +282,14 @@ class HostPeer:
                     pass  # the session keeps them
                 case WriteNow(token, plan):
                     todo.extendleft(reversed(self.guest.handle(self._write(token, plan), self.peers())))
-                case Reply(token, fields):
-                    if (request := self._requests.pop(token, None)) is not None:  # None: answered by an error
-                        request.reply(**dict(fields))
+                case Reply(token, fields):  # a write's is sent once its record is on disk
+                    fields = dict(fields)
+                    if (request := self._requests.pop(token, None)) is None:
+                        pass  # answered by an error already
+                    elif "seq" in fields:
+                        request.reply_once_recorded(fields["seq"], **fields)
+                    else:
+                        request.reply(**fields)
                 case Fail(token, error, fields):
                     if (request := self._requests.pop(token, None)) is not None:
                         request.fail(error, **dict(fields))
@@ -352,6 +375,11 @@ class GuestSlots:
     def _line(self, offset: int) -> str:
         text = self.region.read(offset, layout.SLOT_LINE).split(b"\0", 1)[0].decode("ascii", "replace")
         return "".join(c if c.isprintable() else "?" for c in text)  # a guest must not forge log lines
+
+
+def _ring_record(ring: dict) -> dict:
+    """A ring as its audit record lists it."""
+    return {"peer": ring["peer"], "vector": ring["vector"], "held_until_ready": ring["held_until_ready"]}
 
 
 def _is_number(text: str) -> bool:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 Callback = Callable[[], None]
+WaitHook = Callable[[], "bool | None"]  # True: it has more to do at once, so the loop must not wait
 log = logging.getLogger("shmguard")
 
 
@@ -24,6 +25,7 @@ class EventLoop:
         self._deadlines: list[tuple[float, int, Callback]] = []
         self._order = itertools.count()
         self._running = False
+        self._before_wait: list[WaitHook] = []
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         self._readers[fd] = callback
@@ -50,6 +52,11 @@ class EventLoop:
     def call_later(self, delay: float, callback: Callback) -> None:
         self.call_at(time.monotonic() + delay, callback)
 
+    def before_wait(self, hook: WaitHook) -> None:
+        """Run hook once per turn, before the loop waits again (and once more when it stops): the audit log's
+        group commit, one fsync for everything recorded in the turn."""
+        self._before_wait.append(hook)
+
     def _update(self, fd: int) -> None:
         events = (selectors.EVENT_READ if fd in self._readers else 0) | (
             selectors.EVENT_WRITE if fd in self._writers else 0
@@ -69,9 +76,12 @@ class EventLoop:
         self._running = True
         while self._running:
             self.run_once()
+        self._run_before_wait()  # what the last turn held for its hooks still goes out
 
     def run_once(self, timeout: float | None = None) -> None:
         """Wait for one batch of events (or the next deadline) and dispatch it."""
+        if self._run_before_wait():
+            timeout = 0.0
         if self._deadlines:
             wait = max(0.0, self._deadlines[0][0] - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
@@ -85,6 +95,15 @@ class EventLoop:
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
             self._call(heapq.heappop(self._deadlines)[2])
+
+    def _run_before_wait(self) -> bool:
+        more = False
+        for hook in self._before_wait:
+            try:
+                more = bool(hook()) or more
+            except Exception:  # noqa: BLE001 - as _call: report, keep serving
+                log.exception("internal error in a before-wait hook (still serving)")
+        return more
 
     @staticmethod
     def _call(callback: Callback) -> None:

@@ -1,14 +1,21 @@
 """Recorder: the supervisor's one way into its audit log, and the one rule for a log that cannot be written.
 
-The rule: joins, writes and rings are recorded before they happen (`record`), so a log that refuses their
+The rule: joins, writes and rings are recorded before they happen (`record`, `stage`), so a log that refuses their
 record refuses them; leaves, refusals and incidents have happened already (`note`), so they go on unrecorded
 and are counted. The failure is said once in the log and in `status`; every new record tries the log again,
 and the first that succeeds is preceded by an `audit-gap` record of what is missing.
+
+Group commit: `stage` and `note` write their record without an fsync; the event loop calls `flush` once before it
+waits again, and that one fsync makes every record of the turn durable. Whoever must not be told of a record
+before it is on disk (a write's reply, a peer's greeting) asks `when_durable(seq, done, failed)`: `done` runs once
+the record is on disk (at once if it is already, or the log is not durable), `failed(why)` if the fsync failed,
+never both. `record` stays durable on return, for callers that go on at once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -18,6 +25,8 @@ from .linux import sdnotify
 from .linux.sockets import PeerCred
 
 log = logging.getLogger("shmguard")
+Done = Callable[[], None]
+Failed = Callable[[str], None]
 
 
 @dataclass
@@ -26,7 +35,8 @@ class AuditTrouble:
 
     error: str
     since: str
-    missed: dict[str, int] = field(default_factory=dict)  # action -> records not written
+    missed: dict[str, int] = field(default_factory=dict)  # action -> records not written ("not-synced": written,
+    # but their fsync failed, so they may not be on disk)
 
     def describe(self) -> dict:
         return {"error": self.error, "since": self.since, "missed": dict(self.missed)}
@@ -36,41 +46,80 @@ class Recorder:
     def __init__(self, audit: AuditLog):
         self.audit = audit
         self.trouble: AuditTrouble | None = None
+        self._waiting: list[tuple[int, Done, Failed]] = []  # (seq, done, failed) until the next flush
+        self._lost: tuple[int, str] | None = None  # records up to this seq failed their fsync, and why
 
-    def record(self, action: str, *, actor: PeerCred | Actor | None = None, result: str = "ok", **fields) -> dict:
-        """Append a record; raises ShmguardError if the log cannot take it."""
+    def record(self, action: str, *, actor: PeerCred | Actor | None = None, result: str = "ok", sync: bool = True,
+               **fields) -> dict:
+        """Append a record (durable on return unless sync=False); raises ShmguardError if the log cannot take it."""
         if isinstance(actor, PeerCred):
             actor = Actor.from_pid(actor.pid, actor.uid, actor.gid)
         try:
             if self.trouble is not None:
                 self._record_gap()
-            return self.audit.append(action, actor=actor, result=result, **fields)
+            return self.audit.append(action, actor=actor, result=result, sync=sync, **fields)
         except ShmguardError as exc:
             self._failed(action, str(exc))
             raise
 
+    def stage(self, action: str, **fields) -> dict:
+        """Append a record that the next flush makes durable: tell nobody of it before when_durable says so."""
+        return self.record(action, sync=False, **fields)
+
     def note(self, action: str, **fields) -> dict | None:
         """Record what has happened already and cannot be undone: a log that cannot take it does not stop it."""
         try:
-            return self.record(action, **fields)
+            return self.stage(action, **fields)
         except ShmguardError:
             return None  # counted in trouble, said once in the log
+
+    def when_durable(self, seq: int, done: Done, failed: Failed) -> None:
+        """done() once record `seq` is on disk, or failed(why) if it never will be; never both, exactly once."""
+        if self._lost is not None and seq <= self._lost[0]:
+            failed(self._lost[1])
+        elif seq <= self.audit.synced_seq:
+            done()
+        else:
+            self._waiting.append((seq, done, failed))
+
+    def flush(self) -> bool:
+        """One fsync for what this turn of the loop recorded, then the replies and greetings that waited for it.
+        Returns True if they recorded more meanwhile (the loop must come back at once, not wait)."""
+        if self.audit.unsynced:
+            try:
+                self.audit.flush()
+            except ShmguardError as exc:
+                unsynced = self.audit.last_seq - self.audit.synced_seq
+                self._lost = (self.audit.last_seq, str(exc))
+                self._failed("not-synced", str(exc), unsynced)
+                self._answer_waiting()
+                return False  # no hurry on a failing disk: the next turn of the loop tries again
+        self._answer_waiting()
+        return bool(self._waiting) or self.audit.unsynced
+
+    def _answer_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for seq, done, failed in waiting:
+            try:
+                self.when_durable(seq, done, failed)
+            except Exception:  # noqa: BLE001 - one failing reply must not keep the others waiting forever
+                log.exception("internal error answering after the audit log's flush (still serving)")
 
     def describe(self) -> dict:
         return {"path": str(self.audit.path), "last_seq": self.audit.last_seq, "writable": self.trouble is None,
                 "trouble": self.trouble.describe() if self.trouble else None}
 
-    def _failed(self, action: str, error: str) -> None:
+    def _failed(self, action: str, error: str, count: int = 1) -> None:
         if self.trouble is None:
             self.trouble = AuditTrouble(error, datetime.now(UTC).isoformat(timespec="seconds"))
             log.error("%s: refusing joins, writes and rings until it can be written again; connected peers are "
                       "still served, leaves and incidents go unrecorded (counted in `shmguard status`)", error)
             sdnotify.status(f"audit log unwritable: {error}")
-        self.trouble.missed[action] = self.trouble.missed.get(action, 0) + 1
+        self.trouble.missed[action] = self.trouble.missed.get(action, 0) + count
 
     def _record_gap(self) -> None:
         trouble = self.trouble
-        self.audit.append("audit-gap", result="resumed", detail=trouble.describe())
+        self.audit.append("audit-gap", result="resumed", detail=trouble.describe(), sync=False)
         self.trouble = None
         log.warning("audit log %s is writable again; records missed while it was not: %s", self.audit.path,
                     trouble.missed)

@@ -241,6 +241,7 @@ class Succession:
 
     def hand_over(self, request: Request | None) -> None:
         """Record the hand-over, then exec; raises ShmguardError (everything as it was) if the exec failed."""
+        self.sup.recorder.flush()  # replies held for their records' fsync go out now, into what is handed over
         state, fds = self.snapshot()
         self.sup.record("reload", detail={"successor": successor_argv()[:3], "version": state["version"],
                                       "peers": sorted(self.sup.server.peers), "qemu": state["qemu"] and

@@ -540,3 +540,101 @@ def test_read_records_since_and_format_one_line_each(log_path: Path) -> None:
     assert shown[0].endswith(f"sha256={SHA[:16]} peer=0")
     assert shown[5].endswith('refused refused pid=7 uid=1000 gid=1000 exe="/tmp/evil\\n#99 forged" '
                              'reason="write beyond the region"')
+
+
+# ------------------------------------------------------------------------- format 2: rings, group commit
+
+OLD_FORMAT_LOG = REPO / "tests" / "data" / "audit-format-1.log"  # written by a supervisor before format 2
+
+
+def test_a_log_written_the_old_way_verifies_shows_and_continues(tmp_path: Path) -> None:
+    """Format 1 (a `ring` record after each write for each ring) reads and verifies as before, and a supervisor of
+    format 2 chains on to it: one log may hold both."""
+    old = verify(OLD_FORMAT_LOG)
+    assert old.ok and old.count == 11, old
+    records = list(read_records(OLD_FORMAT_LOG))
+    assert [r["action"] for r in records[2:5]] == ["write", "ring", "ring"] and "rings" not in records[2]
+    assert all("\n" not in format_record(record) for record in records)
+    log_path = tmp_path / "audit" / "audit.log"
+    log_path.parent.mkdir(mode=0o750)
+    log_path.write_bytes(OLD_FORMAT_LOG.read_bytes())
+    with AuditLog.open(log_path, durable=True) as log:
+        record = log.append("write", offset=0, length=5, sha256=SHA, detail={"padding": 3},
+                            rings=[{"peer": 1, "vector": 0, "held_until_ready": False}])
+    assert record["seq"] == 12 and record["rings"] == [{"held_until_ready": False, "peer": 1, "vector": 0}]
+    assert verify(log_path) == VerifyResult(True, 12, 12, None, None)
+    assert "rings=1:0 " in format_record(record) + " "
+    result = subprocess.run([sys.executable, "-m", "shmguard", "audit", "verify", str(log_path)],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0 and result.stdout.startswith("OK: 12 records"), result
+
+
+@pytest.mark.parametrize("rings, why", [
+    ([{"peer": 1, "vector": 0}], "each audit ring"),
+    ([{"peer": 1, "vector": 0, "held_until_ready": False, "extra": 1}], "each audit ring"),
+    ([{"peer": True, "vector": 0, "held_until_ready": False}], "each audit ring"),
+    ([{"peer": -1, "vector": 0, "held_until_ready": False}], "each audit ring"),
+    ("1:0", "must be a list"),
+])
+def test_bad_rings_are_refused_before_a_byte_is_written(log_path: Path, rings, why: str) -> None:
+    with AuditLog.open(log_path, durable=False) as log:
+        with pytest.raises(ValueError, match=why):
+            log.append("write", offset=0, length=1, sha256=SHA, rings=rings)
+        with pytest.raises(ValueError, match="only a write record lists rings"):
+            log.append("ring", rings=[])
+    assert log_path.read_bytes() == b""
+
+
+def test_rings_on_a_record_other_than_a_write_is_bad(log_path: Path) -> None:
+    """Rehashed, so only the field check can tell: `rings` belongs to write records alone."""
+    write_sample_log(log_path, 2)
+    lines = lines_of(log_path)
+    record = json.loads(lines[1])
+    record["action"], record["rings"] = "stop", []
+    body = {name: value for name, value in record.items() if name != "hash"}
+    record["hash"] = hashlib.sha256((record["prev"] + canonical_json(body)).encode()).hexdigest()
+    write_lines(log_path, [lines[0], (canonical_json(record) + "\n").encode()])
+    result = verify(log_path)
+    assert not result.ok and result.bad_line == 2 and "'rings'" in result.reason, result
+
+
+def test_unsynced_appends_are_in_the_file_and_one_flush_makes_them_durable(log_path: Path) -> None:
+    with AuditLog.open(log_path, durable=True) as log:
+        assert log.synced_seq == 0 and not log.unsynced
+        log.append("start")
+        assert log.synced_seq == 1
+        staged = [log.append("write", offset=n, length=1, sha256=SHA, rings=[], sync=False) for n in range(5)]
+        assert [r["seq"] for r in staged] == [2, 3, 4, 5, 6]
+        assert log.unsynced and log.synced_seq == 1
+        assert [r["seq"] for r in read_records(log_path)] == [1, 2, 3, 4, 5, 6]  # written: in order, visible
+        log.flush()
+        assert log.synced_seq == 6 and not log.unsynced
+        log.append("stop", sync=False)
+    with AuditLog.open(log_path, durable=False) as log:  # close() flushed the last one
+        assert log.last_seq == 7 and log.synced_seq == 7
+    assert verify(log_path).ok
+
+
+def test_a_log_that_is_not_durable_counts_every_written_record_as_synced(log_path: Path) -> None:
+    with AuditLog.open(log_path, durable=False) as log:
+        log.append("start", sync=False)
+        assert log.synced_seq == 1 and not log.unsynced
+
+
+def test_recorder_answers_once_the_record_is_on_disk(log_path: Path) -> None:
+    from shmguard.recorder import Recorder
+
+    told: list[str] = []
+    with AuditLog.open(log_path, durable=True) as log:
+        recorder = Recorder(log)
+        first = recorder.stage("write", offset=0, length=1, sha256=SHA, rings=[])
+        second = recorder.stage("write", offset=1, length=1, sha256=SHA, rings=[])
+        recorder.when_durable(first["seq"], lambda: told.append("first"), lambda why: told.append(f"lost {why}"))
+        recorder.when_durable(second["seq"], lambda: told.append("second"), lambda why: told.append(f"lost {why}"))
+        assert told == []  # nobody hears of a record before its fsync
+        assert recorder.flush() is False
+        assert told == ["first", "second"] and log.synced_seq == second["seq"]
+        recorder.when_durable(first["seq"], lambda: told.append("at once"), lambda why: told.append("lost"))
+        assert told[-1] == "at once"
+        recorder.record("stop")  # record() is durable on return
+        assert not log.unsynced

@@ -125,8 +125,9 @@ def test_ring_applies_to_each_line(supervisor):
                                 str(supervisor.policy_path), input="a\nb\nc\n")
         assert result.stdout.splitlines()[0].startswith("wrote 3 of 3 lines at offset 0 (audit seq ")
         assert "3 rings" in result.stdout
-        rings = [r for r in supervisor.audit_records() if r["action"] == "ring"]
-        assert len(rings) == 3 and all(r["detail"]["peer"] == peer.own_id for r in rings)
+        writes = [r for r in supervisor.audit_records() if r["action"] == "write"]
+        assert [r["rings"] for r in writes] == [[{"held_until_ready": False, "peer": peer.own_id, "vector": 1}]] * 3
+        assert not [r for r in supervisor.audit_records() if r["action"] == "ring"], "one record per write"
     finally:
         peer.close()
 
