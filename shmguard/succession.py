@@ -46,7 +46,7 @@ def fixed_settings(policy, guest_builtin: bool | None) -> dict:
 
 
 class Reload:
-    """One reload at a time: check, quiesce, exec. `done(error)` is told when it ends without an exec."""
+    """One reload: check, quiesce, exec. One that ends without an exec tells Succession.reload_ended why."""
 
     def __init__(self, succession: Succession, request=None):
         self.succession, self.request = succession, request
@@ -54,6 +54,7 @@ class Reload:
         self.child: subprocess.Popen | None = None
         self.state_fd = -1
         self.deadline = 0.0
+        self._output = b""  # the check's last words
 
     def begin(self) -> None:
         # The check is shown what it decides on (the version, the settings that cannot change), no fd.
@@ -69,7 +70,6 @@ class Reload:
             return
         self.deadline = time.monotonic() + CHECK_SECONDS
         os.set_blocking(self.child.stdout.fileno(), False)
-        self._output = b""
         self.loop.add_reader(self.child.stdout.fileno(), self._on_check_output)
         self.loop.call_later(CHECK_SECONDS, self._check_overdue)
 
@@ -200,10 +200,8 @@ class Succession:
         return fixed_settings(self.sup.policy, self.sup.guest_options.builtin if self.sup.guest_options else None)
 
     def quiesce_seconds(self) -> float:
-        return self.shares_wait() + 1.0
-
-    def shares_wait(self) -> float:
-        return float(self.sup.policy.shares.wait_seconds)
+        """The longest a write in flight may wait for its acknowledgement, and a second more."""
+        return float(self.sup.policy.shares.wait_seconds) + 1.0
 
     def is_quiet(self) -> bool:
         """No write in flight or queued: nothing the successor would have to finish."""
