@@ -8,10 +8,8 @@ Every error names the file, the key and the reason, so `shmguard policy check` c
 from __future__ import annotations
 
 import dataclasses
-import grp
 import json
 import os
-import pwd
 import re
 import stat
 import tomllib
@@ -21,7 +19,7 @@ from pathlib import Path
 from .errors import PolicyError, ShmguardError
 from .limits import MAX_VECTORS, MIN_SIZE, PEER_IDS
 from .paths import check_directory_chain, file_kind
-from .policy_facts import builtin_dir
+from .policy_facts import builtin_dir, resolve_gid, resolve_uid
 
 # policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip). Its __file__,
 # not importlib.resources, which costs a command that reads a policy more to import than the policy module itself.
@@ -67,26 +65,6 @@ def parse_mode(text: str | int) -> int:
     if value & ~0o777:
         raise ValueError(f"mode {text!r} may not set setuid, setgid or sticky bits")
     return value
-
-
-def resolve_uid(name: str | int) -> int:
-    if isinstance(name, int):
-        return name
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise ValueError(f"user {name!r} does not exist on this host (create it or name another)") from None
-
-
-def resolve_gid(name: str | int) -> int:
-    if isinstance(name, int):
-        return name
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ValueError(
-            f"group {name!r} does not exist on this host (create it with `groupadd --system {name}`)"
-        ) from None
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def _resolve(kind: str, value):
 
 
 def resolve_uid(name: str | int) -> int:
-    """policy.resolve_uid, with its words."""
+    """A user name (or uid) as a uid; ValueError naming it if this host has no such user."""
     if isinstance(name, int):
         return name
     try:
@@ -137,7 +137,7 @@ def resolve_uid(name: str | int) -> int:
 
 
 def resolve_gid(name: str | int) -> int:
-    """policy.resolve_gid, with its words."""
+    """A group name (or gid) as a gid; ValueError naming it if this host has no such group."""
     if isinstance(name, int):
         return name
     try:

@@ -91,13 +91,7 @@ class Supervisor:
         own_peer = self.server.add_local_peer()
         self.start_control()
         # It watches the region and both sockets, so it starts once they exist.
-        region = self.policy.region
-        self.guard = Guard(self.policy.guard, self.region, self.loop, record=self.record,
-                           sockets=guarded_sockets(self.policy, lambda: self.server, lambda: self.control),
-                           peers=lambda: self.server.peers.values() if self.server else (),
-                           region_attributes=(region.owner, region.group, region.mode))
-        self.add_stop_hook(self.guard.close)
-        self.guard.start()
+        self.start_guard()
         self.host = HostPeer(own_peer, self.region, self.server, self.guard, self.recorder, self.loop, self.guest,
                              qemu=self.qemu_facts, guests=guests, slot_qemus=self.slot_qemus)
         self._install_signals()
@@ -116,6 +110,16 @@ class Supervisor:
         self.qemus = start_guests(self.loop, slot_argvs, self._on_qemu_exit)
         for vm in self.qemus:
             self.add_stop_hook(vm.close)
+
+    def start_guard(self, inherited: dict | None = None) -> None:
+        """The guard of the region and both sockets; inherited: a predecessor's (Guard.snapshot, fds resolved)."""
+        region = self.policy.region
+        self.guard = Guard(self.policy.guard, self.region, self.loop, record=self.record,
+                           sockets=guarded_sockets(self.policy, lambda: self.server, lambda: self.control),
+                           peers=lambda: self.server.peers.values() if self.server else (),
+                           region_attributes=(region.owner, region.group, region.mode))
+        self.add_stop_hook(self.guard.close)
+        self.guard.start(inherited)
 
     def say_ready(self) -> None:
         if not sdnotify.ready(f"serving {self.policy.server.socket}") and "NOTIFY_SOCKET" in os.environ:

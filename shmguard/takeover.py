@@ -15,7 +15,6 @@ from pathlib import Path
 from . import handover
 from .audit import AuditLog
 from .errors import ShmguardError
-from .guard import Guard, guarded_sockets
 from .guest_session import GuestSession
 from .guest_vm import GuestVM
 from .hardening import lock_memory, raise_fd_limit
@@ -124,13 +123,7 @@ class TakeOver:
             inherited["attribution"] = attribution
         else:
             self.lost.append("the guard's known-good copy (taken anew from the region as it is now)")
-        region = sup.policy.region
-        sup.guard = Guard(sup.policy.guard, sup.region, sup.loop, record=sup.record,
-                          sockets=guarded_sockets(sup.policy, lambda: sup.server, lambda: sup.control),
-                          peers=lambda: sup.server.peers.values() if sup.server else (),
-                          region_attributes=(region.owner, region.group, region.mode))
-        sup.add_stop_hook(sup.guard.close)
-        sup.guard.start(inherited)
+        sup.start_guard(inherited)
 
     def _adopt_qemu(self) -> None:
         sup = self.sup
