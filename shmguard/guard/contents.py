@@ -1,4 +1,5 @@
-"""The region's contents: its size, holes and pre-allocation, the known-good copy, and the periodic scan.
+"""The region's contents: its size, holes and pre-allocation, repairs from the known-good copy (known_good.py),
+and the periodic scan.
 
 Some tampers make no event at all (a hole punched through a memfd's own file description, a write through a
 mapping), so besides answering events the scan looks at the allocation on a deadline (docs/protocol.md §4).
@@ -10,14 +11,14 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..linux.inodes import free_past_eof
 from ..linux.opener_witness import Opener
 from ..policy import GuardPolicy
-from ..region import CHUNK, is_zero, pwrite_all
+from ..region import pwrite_all
 from .entries import FollowUp, Target, region_state
 from .incidents import Incidents
+from .known_good import PAGE, Allocation, KnownGood, first_hole, next_extent  # noqa: F401 - PAGE: its unit
 
 TAMPER_WINDOW_NS = 1_000_000_000  # after a resize or hole, writes until the writer's close are undone too
 HOLE_SEEK_BYTES = 64 << 20  # bytes a scan looks through for holes (SEEK_HOLE costs about 10 us per MiB)
@@ -36,15 +37,6 @@ def allocate(fd: int, size: int) -> None:
             raise
 
 
-def first_hole(fd: int, size: int, offset: int = 0) -> int:
-    """Where the first page without data is (from offset), or size if every page holds data. tmpfs counts a page
-    that is allocated but never written (fallocate) as a hole too, so this sees what st_blocks cannot."""
-    try:
-        return min(os.lseek(fd, offset, os.SEEK_HOLE), size)
-    except OSError:
-        return size  # ENXIO (offset at the end), or a filesystem without SEEK_HOLE: st_blocks alone decides
-
-
 def fill_holes(fd: int, size: int, contents: bytes | bytearray | memoryview) -> None:
     """Write the contents into every hole (they read as zeros), so that from now on a hole means a tamper."""
     view, offset = memoryview(contents), 0
@@ -57,21 +49,6 @@ def fill_holes(fd: int, size: int, contents: bytes | bytearray | memoryview) -> 
         offset = end
 
 
-@dataclass(frozen=True)
-class Allocation:
-    """How the region's pages are held: what a tamper that makes no event still changes."""
-
-    size: int
-    blocks: int
-    first_hole: int
-
-    @classmethod
-    def of(cls, fd: int, size: int, holes: bool = True) -> Allocation:
-        """holes=False: fstat alone (first_hole is taken to be size), for looks that must stay cheap."""
-        st = os.fstat(fd)
-        return cls(st.st_size, st.st_blocks, first_hole(fd, size) if holes else size)
-
-
 def prepare_allocation(fd: int, size: int, contents: bytes | bytearray, is_file: bool) -> int:
     """Every page of the region allocated and written, none past its end; returns the st_blocks of that state."""
     allocate(fd, size)
@@ -79,149 +56,6 @@ def prepare_allocation(fd: int, size: int, contents: bytes | bytearray, is_file:
         free_past_eof(fd, size)  # a pre-allocation made before we started would hide the first hole
     fill_holes(fd, size, contents)
     return os.fstat(fd).st_blocks
-
-
-PAGE = 4096  # the unit of the page map (and of tmpfs holes)
-SMALL_WRITE = 16 * PAGE  # a write up to this size has its pages looked at; a larger one marks them all
-_ZERO_CHUNK = memoryview(bytes(CHUNK))
-
-
-class KnownGood:
-    """The contents a repair puts back: every audited write, and the region as last seen intact.
-
-    Beside the copy, a map of its pages: 1 where a page may hold a non-zero byte, 0 where it is all NULs (exact
-    after a refresh; a write marks the pages it touches). A region holding a short message is mostly zeros, and a
-    repair after a truncation (which leaves holes, reading as zeros) writes only its marked pages. No operation
-    builds a region-sized temporary: writes go into the copy through a memoryview, a refresh reads CHUNK bytes at
-    a time and keeps only the chunks that changed until it knows the region was intact throughout."""
-
-    def __init__(self, contents: bytes | bytearray):
-        self.data = bytearray(contents)
-        self.size = len(self.data)
-        self.view = memoryview(self.data)  # the copy never changes size, so the view stays valid
-        self.pages = bytearray(-(-self.size // PAGE))
-        self._scratch = bytearray(CHUNK)
-        self._map(0, self.size)
-
-    # --- the page map ------------------------------------------------------------------------------------
-
-    def _map(self, start: int, end: int) -> None:
-        """Look again at the pages that hold bytes start..end: a chunk of zeros at once, else page by page."""
-        for at in range(start - start % CHUNK, end, CHUNK):
-            first, stop = max(at, start - start % PAGE), min(at + CHUNK, self.size, -(-end // PAGE) * PAGE)
-            if is_zero(self.view[first:stop]):
-                self.pages[first // PAGE:-(-stop // PAGE)] = bytes(-(-stop // PAGE) - first // PAGE)
-                continue
-            for page in range(first // PAGE, -(-stop // PAGE)):
-                self.pages[page] = not is_zero(self.view[page * PAGE:min((page + 1) * PAGE, self.size)])
-
-    def nonzero_runs(self, start: int = 0, end: int | None = None):
-        """(start, end) byte ranges of runs of marked pages within start..end (page-aligned within it)."""
-        end = self.size if end is None else end
-        first, last = start // PAGE, -(-end // PAGE)
-        page = self.pages.find(1, first, last)
-        while page >= 0:
-            stop = self.pages.find(0, page, last)
-            stop = last if stop < 0 else stop
-            yield max(start, page * PAGE), min(end, stop * PAGE)
-            page = self.pages.find(1, stop, last)
-
-    # --- updates -----------------------------------------------------------------------------------------
-
-    def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
-        """An audited write: data at offset, then zero_fill NULs. Only the marked pages of the fill are zeroed."""
-        end, fill_end = offset + len(data), offset + len(data) + zero_fill
-        self.view[offset:end] = data
-        if data and len(data) <= SMALL_WRITE:
-            self._map(offset, end)
-        elif data:  # marked without looking (a page that is zeros after all only costs a repair one more write)
-            self.pages[offset // PAGE:-(-end // PAGE)] = b"\x01" * (-(-end // PAGE) - offset // PAGE)
-        if not zero_fill:
-            return
-        for start, stop in list(self.nonzero_runs(end, fill_end)):
-            for at in range(start, stop, CHUNK):
-                length = min(CHUNK, stop - at)
-                self.view[at:at + length] = _ZERO_CHUNK[:length]
-        whole_first, whole_stop = -(-end // PAGE), fill_end // PAGE  # the pages the fill covers whole: zeros
-        if whole_stop > whole_first:
-            self.pages[whole_first:whole_stop] = bytes(whole_stop - whole_first)
-        if end % PAGE:
-            self._map(end, end + 1)  # the page the data ends in
-        if fill_end % PAGE:
-            self._map(fill_end - 1, fill_end)  # the page the fill ends in
-
-    def matches(self, fd: int, size: int) -> bool:
-        """Does the file read exactly as the copy (CHUNK bytes at a time)?"""
-        for start in range(0, size, CHUNK):
-            length = min(CHUNK, size - start)
-            if self._read_chunk(fd, start, length) != self.view[start:start + length]:
-                return False
-        return True
-
-    def _read_chunk(self, fd: int, start: int, length: int) -> bytearray | None:
-        """length bytes at start into the scratch buffer (a new one for a short last chunk); None if short."""
-        buf = self._scratch if length == CHUNK else bytearray(length)
-        done = 0
-        with memoryview(buf) as view:
-            while done < length:
-                got = os.preadv(fd, [view[done:]], start + done)
-                if got == 0:
-                    return None
-                done += got
-        return buf
-
-    def refresh(self, fd: int, size: int, full_blocks: int) -> bool:
-        """Take the file's contents, only if it is intact (its size, every page allocated and written, none past
-        its end: st_blocks exactly full, no hole) before and after we read it. Chunks that differ from the copy
-        are held aside until the second look; only they are copied in, and only their pages are mapped again."""
-        intact = Allocation(size, full_blocks, size)
-        if Allocation.of(fd, size) != intact:
-            return False
-        changed: list[tuple[int, bytes]] = []
-        for start in range(0, size, CHUNK):
-            length = min(CHUNK, size - start)
-            chunk = self._read_chunk(fd, start, length)
-            if chunk is None:
-                return False
-            if chunk != self.view[start:start + length]:
-                changed.append((start, bytes(chunk)))
-        if Allocation.of(fd, size) != intact:
-            return False
-        for start, chunk in changed:
-            self.view[start:start + len(chunk)] = chunk
-        changed_at = {start for start, _ in changed}
-        for start in range(0, size, CHUNK):  # the map exact again: where it changed, and where a large write marked
-            stop = min(size, start + CHUNK)
-            if start in changed_at or self.pages.find(1, start // PAGE, -(-stop // PAGE)) >= 0:
-                self._map(start, stop)
-        return True
-
-    # --- repair ------------------------------------------------------------------------------------------
-
-    def put_back(self, fd: int) -> None:
-        """Make the file read exactly as the copy, fast: where it holds data (any bytes at all) the copy goes
-        there whole; where it has holes (they read as zeros: after a truncation, all of it) only the copy's
-        marked pages are written. The holes that remain are filled by fill_holes, after the repair is done."""
-        position = 0
-        while position < self.size:
-            data = next_extent(fd, position, os.SEEK_DATA, self.size)
-            for start, stop in self.nonzero_runs(position, data):  # a hole: zeros, but for the copy's marked pages
-                pwrite_all(fd, self.view[start:stop], start)
-            if data >= self.size:
-                break
-            hole = next_extent(fd, data, os.SEEK_HOLE, self.size)
-            pwrite_all(fd, self.view[data:hole], data)
-            position = hole
-
-
-def next_extent(fd: int, offset: int, whence: int, size: int) -> int:
-    """lseek SEEK_DATA/SEEK_HOLE from offset, at most size. Where the kernel cannot tell, all is taken as data."""
-    try:
-        return min(os.lseek(fd, offset, whence), size)
-    except OSError as exc:
-        if whence == os.SEEK_DATA and exc.errno != errno.ENXIO:
-            return offset  # no SEEK_DATA here: data from offset on (ENXIO: none from offset on)
-        return size
 
 
 class Contents:
