@@ -293,7 +293,8 @@ static void write_reply(const struct ivshmem *dev, const char *text)
         reply[i] = i < len ? (uint8_t)text[i] : 0;
 }
 
-static long host_peer_id(void)
+/* The value of NAME=N on the kernel command line, fallback when absent; out of 0..max, fail with error. */
+static long param_value(const char *name, long fallback, long max, const char *error)
 {
     char cmdline[4096];
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
@@ -301,18 +302,23 @@ static long host_peer_id(void)
     if (fd >= 0)
         close(fd);
     if (n <= 0)
-        return NO_HOST;
+        return fallback;
     cmdline[n] = 0;
     for (char *word = strtok(cmdline, " \n"); word; word = strtok(NULL, " \n")) {
-        if (strncmp(word, HOST_PARAM, strlen(HOST_PARAM)) != 0)
+        if (strncmp(word, name, strlen(name)) != 0)
             continue;
         char *end;
-        long id = strtol(word + strlen(HOST_PARAM), &end, 10);
-        if (*end || end == word + strlen(HOST_PARAM) || id < 0 || id > 0xffff)
-            fail("shmguard.host= must be a peer id 0..65535", 0);
-        return id;
+        long value = strtol(word + strlen(name), &end, 10);
+        if (*end || end == word + strlen(name) || value < 0 || value > max)
+            fail(error, 0);
+        return value;
     }
-    return NO_HOST;
+    return fallback;
+}
+
+static long host_peer_id(void)
+{
+    return param_value(HOST_PARAM, NO_HOST, 0xffff, "shmguard.host= must be a peer id 0..65535");
 }
 
 /* Copies the message at offset 0 into line as the seed's Zephyr sample prints it (*line_len bytes with the
@@ -404,27 +410,6 @@ struct exchange {
     char *line;                 /* room for one printed line */
 };
 
-static long param_value(const char *name, long fallback, long max)
-{
-    char cmdline[4096];
-    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
-    ssize_t n = fd < 0 ? -1 : read(fd, cmdline, sizeof cmdline - 1);
-    if (fd >= 0)
-        close(fd);
-    if (n <= 0)
-        return fallback;
-    cmdline[n] = 0;
-    for (char *word = strtok(cmdline, " \n"); word; word = strtok(NULL, " \n")) {
-        if (strncmp(word, name, strlen(name)) != 0)
-            continue;
-        char *end;
-        long value = strtol(word + strlen(name), &end, 10);
-        if (*end || end == word + strlen(name) || value < 0 || value > max)
-            fail("a shmguard.guests= or shmguard.slot= parameter is out of range", 0);
-        return value;
-    }
-    return fallback;
-}
 
 static size_t slot_bytes(unsigned guests, size_t text)
 {
@@ -726,7 +711,9 @@ int main(void)
 {
     struct ivshmem dev = {0};
     long host = host_peer_id();
-    long guests = param_value(GUESTS_PARAM, 1, MAX_GUESTS), own = param_value(SLOT_PARAM, 0, MAX_GUESTS - 1);
+    const char *range = "a shmguard.guests= or shmguard.slot= parameter is out of range";
+    long guests = param_value(GUESTS_PARAM, 1, MAX_GUESTS, range);
+    long own = param_value(SLOT_PARAM, 0, MAX_GUESTS - 1, range);
     open_ivshmem(&dev);
     if (guests >= 2) {
         if (host == NO_HOST || own >= guests)
