@@ -158,7 +158,9 @@ def test_running_out_of_fds_keeps_serving_connected_peers(tmp_path):
 def test_two_clients_ring_each_other_on_every_vector(start):
     supervisor = start(server={"vectors": 4})
     with IvshmemClient(supervisor.socket, vectors=4) as a, IvshmemClient(supervisor.socket, vectors=4) as b:
-        a.update()
+        deadline = time.monotonic() + 10
+        while b.own_id not in a.peers and time.monotonic() < deadline:  # b's announcement may still be on its way
+            a.wait([], timeout=0.05)
         for vector in range(4):
             a.notify(b.own_id, vector)
             assert b.wait(timeout=5) == vector

@@ -102,6 +102,9 @@ def peers_seen(client: IvshmemClient) -> dict:
 def run_reloads(supervisor: RunningSupervisor, console, guest_pid: int) -> None:
     a = IvshmemClient(supervisor.socket).connect()
     b = IvshmemClient(supervisor.socket).connect()
+    deadline = time.monotonic() + 10
+    while b.own_id not in a.peers and time.monotonic() < deadline:  # b's announcement may still be on its way
+        a.wait([], timeout=0.05)
     try:
         before = status(supervisor)
         seen_a, seen_b = peers_seen(a), peers_seen(b)
