@@ -114,7 +114,7 @@ class IvshmemServer:
         self._unsent: dict[Connection, None] = {}  # connections with messages queued and not yet flushed, in order
         self._settling = False
         # Told of every peer's fds as it joins (names as in snapshot) and of their names as it leaves: the fd store.
-        self.on_fds: Callable[[dict[str, int], list[str]], None] = lambda added, gone: None
+        self.on_fds: Callable[[dict[str, int], list[str]], None] | None = None
         self.peer_log = PeerLog(log)
 
     @property
@@ -208,7 +208,8 @@ class IvshmemServer:
                 self._leave(peer_id, f"gone before its greeting was sent: {error}")
                 return
         self._carry_out(self.table.announce(peer_id))
-        self.on_fds(self.peer_fds(peer_id), [])
+        if self.on_fds is not None:  # only under the fd store: a join without it does no extra work
+            self.on_fds(self.peer_fds(peer_id), [])
         self._settle()
 
     def peer_fds(self, peer_id: int) -> dict[str, int]:
@@ -283,7 +284,8 @@ class IvshmemServer:
             connection.queue.clear()
             connection.sock.close()
         release_all(peer.vectors)
-        self.on_fds({}, [f"peer-{peer.id}", *(f"peer-{peer.id}-v{k}" for k in range(len(peer.vectors)))])
+        if self.on_fds is not None:
+            self.on_fds({}, [f"peer-{peer.id}", *(f"peer-{peer.id}-v{k}" for k in range(len(peer.vectors)))])
         self.peer_log.say("leaves", logging.INFO, "peer %d left: %s", peer.id, reason)
         if actor is None and peer.cred is not None:  # a peer handed over without its connection's record
             actor = actor_of(peer.cred)

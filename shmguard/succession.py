@@ -21,7 +21,7 @@ from .control_server import Request
 from .errors import ShmguardError
 from .linux import sdnotify
 from .linux.fdstore import FdStore
-from .linux.hardening import keep_across_exec
+from .linux.hardening import drop_exec_capabilities, keep_across_exec
 
 log = logging.getLogger("shmguard")
 
@@ -161,12 +161,13 @@ class Succession:
 
     def __init__(self, supervisor, fd_store: bool):
         self.sup = supervisor
-        self.store: StoreKeeper | bool = fd_store  # the StoreKeeper once started (start_store)
+        self.fd_store = fd_store  # asked for (--fd-store, or $FDSTORE)
+        self.store: StoreKeeper | None = None  # kept once the supervisor serves (start_store)
         self.reloading: Reload | None = None
 
     def start_store(self, inherited: dict[str, int] | None = None, generation: int = 0) -> None:
         """Under systemd with FileDescriptorStoreMax=: every fd a successor needs goes into the fd store."""
-        if not self.store:
+        if not self.fd_store:
             return
         self.store = StoreKeeper(FdStore(), self.sup.loop, self.crash_state)
         if inherited:
@@ -246,19 +247,21 @@ class Succession:
                                       state["qemu"]["pid"]})
         log.info("handing over to the installed shmguard (%d fds, state version %d)", len(fds), state["version"])
 
-        def before_exec() -> None:
-            self.sup.guard.release_for_successor()
+        def before_exec() -> None:  # nothing here stops serving: an exec that fails leaves all as it was
+            self.sup.guard.record_pending()
             keep_across_exec(self.sup.policy.hardening.capabilities)
-            logging.shutdown()
+            for handler in logging.getLogger().handlers:
+                handler.flush()
 
         error = exec_successor(state, fds, before_exec)
+        drop_exec_capabilities()
         os.close(fds.pop("known-good"))
         raise error
 
     def keeping_fds(self) -> bool:
         """Under systemd's fd store the peers and sockets outlive this process: a stop leaves them to systemd (which
         closes them on `systemctl stop`, and hands them to the next process on a restart)."""
-        return isinstance(self.store, StoreKeeper)
+        return self.store is not None
 
 
 class StoreKeeper:

@@ -89,12 +89,9 @@ class Guard:
                 "anchor": self.names.anchor.directory if self.names.anchor else None,
                 "attribution": self.attribution.snapshot(fds)}
 
-    def release_for_successor(self) -> None:
-        """Stop watching without undoing anything: the anchor and the kernel's witnesses go to the successor."""
+    def record_pending(self) -> None:
+        """Before a hand-over: incidents still being collected are recorded now; the guard goes on watching."""
         self.incidents.record_overdue(everything=True)
-        self.started = False
-        self.follow_up.closed = self.contents.closed = True
-        self.watches.close()
 
     def close(self) -> None:
         self.incidents.record_overdue(everything=True)

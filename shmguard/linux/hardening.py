@@ -92,6 +92,12 @@ def keep_across_exec(names: Iterable[str]) -> None:
         libc.call(_prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, capability, 0, 0, what="PR_CAP_AMBIENT_RAISE")
 
 
+def drop_exec_capabilities() -> None:
+    """Undo keep_across_exec after an exec that failed: nothing this process starts may inherit them."""
+    clear_ambient()
+    prctl.cap_inheritable.limit()
+
+
 def switch_identity(uid: int, gid: int, keep_permitted: bool) -> None:
     """Every uid and gid to uid/gid, no supplementary groups; the permitted set survives only if asked."""
     prctl.set_keepcaps(1 if keep_permitted else 0)
