@@ -593,8 +593,11 @@ def _bound_key(share: Share, uid: int, total_key: str, per_uid_key: str, reserve
     return reserved_key
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True)  # one encoder for every reply (json.dumps makes one per call)
+
+
 def _encode(message: dict) -> bytes:
-    return json.dumps(message, sort_keys=True).encode() + b"\n"
+    return _ENCODER.encode(message).encode() + b"\n"
 
 
 def _clip(text: str) -> str:

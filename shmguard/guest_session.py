@@ -148,7 +148,10 @@ class Fail:
 
 @dataclass(frozen=True)
 class RefreshGuard:
-    """The guest wrote through its mapping, which makes no inotify event: the guard's copy must follow."""
+    """The guest wrote through its mapping, which makes no inotify event: the guard's copy must follow. reply_only:
+    an ack, which writes only the guest's reply area (layout.py), so only that area is taken again."""
+
+    reply_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -405,11 +408,13 @@ class GuestSession:
         self.last_reply = reply
         waiter, self.waiter = self.waiter, None
         # An ack nobody waits for (a --no-wait write, or forged by a peer) is worth a debug line, not one per ring.
-        actions: list[Action] = [RefreshGuard(), Log("info" if waiter else "debug", f"guest acknowledged: {reply}")]
+        # The reply first: what follows (the log line, the guard's copy of the reply area) is not the requester's wait.
+        actions: list[Action] = []
         if waiter is not None:
             actions.append(Reply(waiter.token, (*waiter.reply, ("ack", reply),
                                                 ("round_trip_ms", round((now - waiter.started) * 1000, 3)),
                                                 ("delivered_exactly", ack.crc32 == waiter.crc32))))
+        actions += [Log("info" if waiter else "debug", f"guest acknowledged: {reply}"), RefreshGuard(reply_only=True)]
         return [*actions, *self._next_write()]
 
     def _next_write(self) -> list[Action]:

@@ -9,7 +9,8 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import layout
@@ -84,6 +85,7 @@ class HostPeer:
         self.slots = GuestSlots(guests, region, server, slot_qemus) if guests else None
         self._requests: dict[int, Request] = {}  # the control requests the guest session knows by token
         self._tokens = itertools.count()
+        self._looked: Peers | None = None  # the peers as looked at for the request or ring being handled
         for vector, fd in enumerate(peer.vectors):
             loop.add_reader(fd.fd, lambda v=vector, f=fd.fd: self._on_host_rung(v, f))
 
@@ -91,7 +93,23 @@ class HostPeer:
     def id(self) -> int:
         return self.peer.id
 
+    @contextmanager
+    def _looking_once(self) -> Iterator[None]:
+        """peers() looked at once for what is handled inside (a request, a ring of the host), not per question."""
+        if self._looked is not None:
+            yield  # inside another: its look holds
+            return
+        self._looked = self.peers()
+        try:
+            yield
+        finally:
+            self._looked = None
+
     def handle_write(self, request: Request) -> None:
+        with self._looking_once():
+            self._handle_write(request)
+
+    def _handle_write(self, request: Request) -> None:
         """Check everything first: a refused write leaves the region and the log exactly as they were."""
         plan = self._plan_write(request.message)
         token = next(self._tokens)
@@ -145,20 +163,29 @@ class HostPeer:
             record = self.recorder.stage("write", actor=request.actor, offset=plan.offset, length=len(plan.data),
                                          sha256=sha, detail={"padding": plan.padding},
                                          rings=[_ring_record(ring) for ring in rang])
-            # before: a hole this write would fill again (and hide) is repaired from the copy first
-            self.region.write(plan.offset, plan.data, zero_fill=plan.padding, before=self.guard.before_write)
-            self.guard.remember(plan.offset, plan.data, plan.padding)  # this write survives every later repair
-            reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data)}
-            started = time.monotonic()  # the clock starts before the ring: the round trip is ring, guest, ack
-            for peer, vector in plan.targets:
-                self._carry_out(self.guest.handle(RingRequested(peer, vector), peers))
-            reply["rang"] = rang
+            # before: a hole this write would fill again (and hide) is repaired from the copy first. The padding
+            # our earlier writes left as NULs is looked at after the rings (finish), while the guest reads.
+            finish = self.region.write(plan.offset, plan.data, zero_fill=plan.padding, before=self.guard.before_write,
+                                       defer_check=True)
+            try:
+                self.guard.remember(plan.offset, plan.data, plan.padding)  # this write survives every later repair
+                reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data)}
+                started = time.monotonic()  # the clock starts before the ring: the round trip is ring, guest, ack
+                for peer, vector in plan.targets:
+                    self._carry_out(self.guest.handle(RingRequested(peer, vector), peers))
+                reply["rang"] = rang
+            finally:
+                finish()  # before anyone is answered: the region reads as if every NUL of the padding was written
         except ShmguardError as exc:  # checked when planned; the log or the region may have failed since
             return WriteFailed(token, str(exc))
         return Written(token, tuple(reply.items()), zlib.crc32(plan.data.split(b"\0", 1)[0]), plan.wait_for_guest,
                        plan.timeout, started)
 
     def handle_ring(self, request: Request) -> None:
+        with self._looking_once():
+            self._handle_ring(request)
+
+    def _handle_ring(self, request: Request) -> None:
         targets = self.ring_targets(request.message.target)
         rang, seq = [], None
         for peer, vector in targets:
@@ -175,7 +202,11 @@ class HostPeer:
         return self.guest.guest_peer_id(self.peers())
 
     def peers(self) -> Peers:
-        """What the guest session is told of the peers: those that are not the host, and which is our QEMU."""
+        """What the guest session is told of the peers: those that are not the host, and which is our QEMU. Looked
+        at once per request or ring of the host (`_looked`): nothing in between changes them, and asking whether
+        QEMU has exited is a wait4 each time."""
+        if self._looked is not None:
+            return self._looked
         others = [p for p in self.server.peers.values() if p.cred is not None]
         qemu_pid, started, exited = self.qemu()
         ours = next((p.id for p in others if p.cred.pid == qemu_pid), None)
@@ -293,6 +324,8 @@ class HostPeer:
                 case Fail(token, error, fields):
                     if (request := self._requests.pop(token, None)) is not None:
                         request.fail(error, **dict(fields))
+                case RefreshGuard(reply_only=True):  # an ack: the guest rewrote its reply area, nothing else
+                    self.guard.refresh((layout.reply_offset(self.region.size), self.region.size))
                 case RefreshGuard():
                     self.guard.refresh()
                 case Record(what, detail):
@@ -328,6 +361,10 @@ class HostPeer:
     def _on_host_rung(self, vector: int, fd: int) -> None:
         if eventfd.drain(fd) is None:  # a peer drained it between epoll and now; never a blocking read
             return
+        with self._looking_once():
+            self._host_rung(vector)
+
+    def _host_rung(self, vector: int) -> None:
         if self.guests is not None and self.guest.exchange is not None:  # rings coalesce: read every slot
             self._read_slots()
             return

@@ -68,6 +68,7 @@ class Region:
         self.mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.nuls = (0, size)  # where our own writes left NULs: a hint for the next padding, checked before use
         self._scratch = bytearray(CHUNK)
+        self._sealed = False
 
     @classmethod
     def create(cls, policy: RegionPolicy, name: str = "shmguard") -> Region:
@@ -87,7 +88,10 @@ class Region:
 
     @property
     def sealed(self) -> bool:
-        return set(REQUIRED_SEALS) <= self.seals()
+        """Once true, true for good: F_SEAL_SEAL forbids any change to the seals, so it is asked only until then."""
+        if not self._sealed:
+            self._sealed = set(REQUIRED_SEALS) <= self.seals()
+        return self._sealed
 
     def check_bounds(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0:
@@ -108,7 +112,7 @@ class Region:
                               "refusing to touch the mapping until it is repaired")
 
     def write(self, offset: int, data: bytes, zero_fill: int = 0,
-              before: Callable[[int, int], bool] | None = None) -> None:
+              before: Callable[[int, int], bool] | None = None, defer_check: bool = False) -> Callable[[], None]:
         """Put data at offset, then `zero_fill` NULs after it, without building region-sized buffers.
 
         The sealed memfd is written through the mapping. A file is written with pwrite at the checked
@@ -118,19 +122,46 @@ class Region:
         Afterwards the region reads as if every NUL had been written, but only those that may not be NULs already
         are (`_nuls_to_write`). before(start, end), if given, is called with the bytes the write is about to
         touch; if it returns True (it changed the region: the guard repaired a hole) every NUL is written.
+
+        Returns finish(), which has nothing left to do unless defer_check: then the NULs expected already (where our
+        own earlier writes left them) are looked at only by finish(), which writes them if they are not NULs. Before
+        it returns, write() has put in place the data, every other NUL of the fill, and the fill's first and last
+        bytes (the message's terminator, and the region's last byte that a reader takes as "not truncated"), so a
+        reader of the message may start before finish(): the supervisor rings first, and looks while the guest
+        reads (a read of 4 MiB expected to be NULs costs a few hundred microseconds).
         """
         self.check_bounds(offset, len(data) + zero_fill)
         self.check_intact()
         end, fill_end = offset + len(data), offset + len(data) + zero_fill
-        nuls = self._nuls_to_write(end, fill_end)
+        expected = expected_part(end, fill_end, self.nuls) if defer_check else None
+        nuls = nul_ranges(end, fill_end, self.nuls, lambda _a, _b: True) if expected else self._nuls_to_write(
+            end, fill_end)
         if before is not None and before(offset, max([end] + [stop for _, stop in nuls])):
-            nuls = [(end, fill_end)] if zero_fill else []
+            nuls, expected = [(end, fill_end)] if zero_fill else [], None
         put = self._put_mapped if self.backend == "memfd" else self._put_file  # a memfd is sealed at creation
         put(offset, data)
-        for first, stop in nuls:
+        self._put_nuls(put, nuls)
+        self._expect_nuls(offset, end, fill_end)  # a hint: every later use reads first
+        if expected is None:
+            return _nothing
+        first, stop = expected
+        for at in {first, stop - 1}:  # the terminator and the last byte, now: a reader looks at both at once
+            if not self._reads_nuls(at, at + 1):
+                put(at, _ZEROS[:1])
+
+        def finish() -> None:
+            if self._reads_nuls(first, stop):
+                return
+            if before is not None:
+                before(first, stop)  # a hole inside is repaired first; every NUL is written either way
+            self._put_nuls(put, [(first, stop)])
+        return finish
+
+    @staticmethod
+    def _put_nuls(put: Callable[[int, memoryview], None], ranges: list[tuple[int, int]]) -> None:
+        for first, stop in ranges:
             for start in range(first, stop, CHUNK):
                 put(start, _ZEROS[:min(CHUNK, stop - start)])
-        self._expect_nuls(offset, end, fill_end)
 
     def _nuls_to_write(self, end: int, fill_end: int) -> list[tuple[int, int]]:
         """The ranges of end..fill_end that must be written with NULs (see nul_ranges). Reading the part expected to
@@ -204,6 +235,16 @@ def nul_ranges(end: int, fill_end: int, expected: tuple[int, int],
         else:
             merged.append((start, finish))
     return merged
+
+
+def expected_part(end: int, fill_end: int, expected: tuple[int, int]) -> tuple[int, int] | None:
+    """The part of the fill end..fill_end where our own writes left NULs (see nul_ranges), or None."""
+    first, stop = max(end, expected[0]), min(fill_end, expected[1])
+    return (first, stop) if first < stop else None
+
+
+def _nothing() -> None:
+    """A write's finish() with nothing left to do."""
 
 
 def nuls_after(expected: tuple[int, int], offset: int, end: int, fill_end: int) -> tuple[int, int]:

@@ -90,7 +90,7 @@ def acked(token, reply: tuple, rtt_ms: float, exactly: bool = True) -> Reply:
     return Reply(token, (*reply, ("ack", ACK), ("round_trip_ms", rtt_ms), ("delivered_exactly", exactly)))
 
 
-ACK_ACTIONS = [RefreshGuard(), Log("info", f"guest acknowledged: {ACK}")]
+ACK_ACTIONS = [Log("info", f"guest acknowledged: {ACK}"), RefreshGuard(reply_only=True)]  # after the reply
 READY_5 = (HostRung(0, "ready 5", 1.0), OURS, ready_actions(5))
 
 
@@ -126,23 +126,23 @@ SCENARIOS = {
         (WriteRequested("b", "plan-b", MEMBER, True, 2), OURS, [Queue("b", 1)]),
         (WriteRequested("c", "plan-c", MEMBER, False, 2), OURS, [WriteNow("c", "plan-c")]),  # not waited: not queued
         (Written("c", seq(2), CRC, False, 5.0, 10.2), OURS, [Reply("c", seq(2))]),
-        (HostRung(1, ACK, 10.5), OURS, [*ACK_ACTIONS, acked("a", seq(1), 500.0), WriteNow("b", "plan-b")]),
+        (HostRung(1, ACK, 10.5), OURS, [acked("a", seq(1), 500.0), *ACK_ACTIONS, WriteNow("b", "plan-b")]),
         (Written("b", seq(3), CRC, True, 5.0, 11.0), OURS, [ScheduleTimeout("b", 5.0)]),
         (TimedOut("a"), OURS, []),  # answered already: its deadline does nothing to the write in flight now
-        (HostRung(1, ACK, 11.25), OURS, [*ACK_ACTIONS, acked("b", seq(3), 250.0)]),
+        (HostRung(1, ACK, 11.25), OURS, [acked("b", seq(3), 250.0), *ACK_ACTIONS]),
         (TimedOut("b"), OURS, []),
     ]),
     "an ack whose checksum differs says the message was not delivered exactly": (builtin, [
         READY_5,
         (WriteRequested("a", "plan-a", MEMBER, True, 2), OURS, [WriteNow("a", "plan-a")]),
         (Written("a", seq(1), CRC ^ 1, True, 5.0, 10.0), OURS, [ScheduleTimeout("a", 5.0)]),
-        (HostRung(1, ACK, 10.0), OURS, [*ACK_ACTIONS, acked("a", seq(1), 0.0, exactly=False)]),
+        (HostRung(1, ACK, 10.0), OURS, [acked("a", seq(1), 0.0, exactly=False), *ACK_ACTIONS]),
     ]),
     "a forged ack with no write waiting answers nobody": (builtin, [
         (HostRung(1, ACK, 1.0), BOOTING, [Log("debug", f"host rung on vector 1 (reply area: {ACK!r})")]),
         READY_5,
         # counted, the guard's copy refreshed, no reply, and only a debug line: anyone may forge one
-        (HostRung(1, ACK, 2.0), OURS, [RefreshGuard(), Log("debug", f"guest acknowledged: {ACK}")]),
+        (HostRung(1, ACK, 2.0), OURS, [Log("debug", f"guest acknowledged: {ACK}"), RefreshGuard(reply_only=True)]),
         (HostRung(0, ACK, 3.0), OURS, [Log("debug", f"host rung on vector 0 (reply area: {ACK!r})")]),
         (HostRung(1, "ready 5", 4.0), OURS, [Log("debug", "host rung on vector 1 (reply area: 'ready 5')")]),
     ]),
@@ -161,7 +161,7 @@ SCENARIOS = {
                                     "as seq 1)", seq(1)), WriteNow("b", "plan-b")]),
         (TimedOut("a"), OURS, []),
         (Written("b", seq(2), CRC, True, 2.0, 13.0), OURS, [ScheduleTimeout("b", 2.0)]),
-        (HostRung(1, ACK, 13.5), OURS, [*ACK_ACTIONS, acked("b", seq(2), 500.0)]),
+        (HostRung(1, ACK, 13.5), OURS, [acked("b", seq(2), 500.0), *ACK_ACTIONS]),
     ]),
     "a queued write that fails when its turn comes is answered, and the next starts": (builtin, [
         READY_5, *in_flight("a"),

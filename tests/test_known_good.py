@@ -122,6 +122,34 @@ def test_a_refresh_of_a_region_that_is_not_intact_changes_nothing(memfd):
     assert copy.data[:4] == b"kept" and list(copy.pages) == [1] + [0] * (PAGES - 1)
 
 
+def test_a_refresh_of_the_reply_area_takes_those_bytes_only(memfd):
+    """An ack rewrites only the guest's reply area: only it is read into the copy, and its page mapped again."""
+    copy = KnownGood(bytes(SIZE))
+    os.pwrite(memfd, bytes(SIZE), 0)
+    full = blocks_of(memfd)
+    os.pwrite(memfd, b"ack 1 5 0000abcd", SIZE - 256)
+    os.pwrite(memfd, b"peer", 123_456)  # elsewhere: not the ack's, not taken
+    assert copy.refresh_range(memfd, SIZE - 256, SIZE, full)
+    assert bytes(copy.data[SIZE - 256:SIZE - 240]) == b"ack 1 5 0000abcd" and not any(copy.data[:SIZE - 256])
+    assert copy.pages[PAGES - 1] == 1 and not any(copy.pages[:PAGES - 1])
+    os.pwrite(memfd, bytes(256), SIZE - 256)
+    assert copy.refresh_range(memfd, SIZE - 256, SIZE, full)
+    assert not any(copy.data[SIZE - 256:]) and copy.pages[PAGES - 1] == 0, "the page map follows a cleared area"
+
+
+@pytest.mark.parametrize("damage", ["hole in the area", "hole elsewhere", "shrunk"])
+def test_a_refresh_of_the_reply_area_of_a_region_not_intact_changes_nothing(memfd, damage):
+    copy = KnownGood(bytes(SIZE))
+    os.pwrite(memfd, b"\1" * SIZE, 0)
+    full = blocks_of(memfd)
+    if damage == "shrunk":
+        os.ftruncate(memfd, SIZE - PAGE)
+    else:
+        punch_hole(memfd, SIZE - PAGE if damage == "hole in the area" else PAGE * 3, PAGE)
+    assert not copy.refresh_range(memfd, SIZE - 256, SIZE, full)
+    assert not any(copy.data) and not any(copy.pages)
+
+
 def test_after_a_truncation_only_the_non_zero_pages_are_written_and_the_holes_filled_after(memfd):
     contents = bytearray(SIZE)
     contents[:11] = b"the message"

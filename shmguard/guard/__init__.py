@@ -117,10 +117,10 @@ class Guard:
         """The supervisor's hook after an audited write (data, then zero_fill NULs): it survives every repair."""
         self.contents.known_good.remember(offset, data, zero_fill)
 
-    def refresh(self) -> bool:
-        """The supervisor's hook after its guest reported: take the region, if intact, as the known-good copy
-        (at most once per interval, never while a tampering may still be writing; see Contents.refresh)."""
-        return self.contents.refresh()
+    def refresh(self, area: tuple[int, int] | None = None) -> bool:
+        """The supervisor's hook after its guest reported: take the region (or only area), if intact, as the
+        known-good copy (at most once per interval, never while a tampering may still be writing; Contents.refresh)."""
+        return self.contents.refresh(area)
 
     # --- the check ---------------------------------------------------------------------------------------
 

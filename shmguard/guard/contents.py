@@ -104,9 +104,10 @@ class Contents:
             return any(next_extent(fd, page, os.SEEK_DATA, size) != page for page in range(first, end, PAGE))
         return first_hole(fd, size, first) < end
 
-    def refresh(self) -> bool:
+    def refresh(self, area: tuple[int, int] | None = None) -> bool:
         """The supervisor's hook after its guest reported (it wrote through its mapping, which makes no inotify
-        event): take the region as it is now, if it is intact, as the copy a repair puts back.
+        event): take the region as it is now, if it is intact, as the copy a repair puts back. area (start, end):
+        only those bytes (an ack rewrites only the guest's reply area), read at once, outside a tampering's window.
 
         A refresh reads the whole region, so there is at most one per REFRESH_INTERVAL_NS: one asked for sooner
         is done once, at the end of the interval (a flood of acknowledgements or of in-place writes costs one
@@ -116,6 +117,11 @@ class Contents:
         if self.incidents.unresolved(CONTENT_KINDS):
             return False  # an alerted or failed resize or hole stands: the region is not the known-good copy
         now = time.monotonic_ns()
+        if area is not None and now >= self.tampered_until_ns:
+            if self.known_good.refresh_range(self.target.fd, *area, self.full_blocks):
+                return True
+            self.follow_up.schedule()
+            return False
         due = max(self._last_refresh_ns + REFRESH_INTERVAL_NS, self.tampered_until_ns)
         if now < due:
             if not self._refresh_scheduled:

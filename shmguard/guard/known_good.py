@@ -149,6 +149,24 @@ class KnownGood:
                 self._map(start, stop)
         return True
 
+    def refresh_range(self, fd: int, start: int, end: int, full_blocks: int) -> bool:
+        """Take only bytes start..end of the file (an ack rewrote only the guest's reply area), if the file is intact
+        there before and after the read: its size, st_blocks exactly full, and every page of the range holding
+        data. The rest of the copy is left as it is; only the range's pages are mapped again."""
+        def intact() -> bool:
+            st = os.fstat(fd)
+            return st.st_size == self.size and st.st_blocks == full_blocks and all(
+                next_extent(fd, page, os.SEEK_DATA, self.size) == page
+                for page in range(start - start % PAGE, end, PAGE))
+        if not 0 <= start < end <= self.size or not intact():
+            return False
+        chunk = self._read_chunk(fd, start, end - start)
+        if chunk is None or not intact():
+            return False
+        self.view[start:end] = chunk
+        self._map(start, end)
+        return True
+
     # --- repair ------------------------------------------------------------------------------------------
 
     def put_back(self, fd: int) -> None:
