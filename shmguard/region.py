@@ -146,7 +146,7 @@ class Region:
             return _nothing
         first, stop = expected
         for at in {first, stop - 1}:  # the terminator and the last byte, now: a reader looks at both at once
-            if not self._reads_nuls(at, at + 1):
+            if (self.mapping[at] if self.backend == "memfd" else not self._reads_nuls(at, at + 1)):
                 put(at, _ZEROS[:1])
 
         def finish() -> None:

@@ -101,6 +101,24 @@ def test_random_remembers_keep_the_copy_and_its_map_true(seed):
         assert_map_covers(copy)  # writes up to 16 pages are looked at: exact
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_remembers_at_page_edges_keep_the_map_exact(seed):
+    """Data and fills that start or end on a page boundary, or one byte either side of it."""
+    rng = random.Random(seed)
+    model, copy = bytearray(SIZE), KnownGood(bytes(SIZE))
+    edge = [0, 1, PAGE - 1, PAGE, PAGE + 1, 2 * PAGE]
+    for _ in range(80):
+        offset = min(SIZE - 1, rng.randrange(PAGES) * PAGE + rng.choice([0, 0, 1, PAGE - 1]))
+        data = bytes(rng.choice([0, rng.randrange(1, 256)]) for _ in range(min(rng.choice(edge), SIZE - offset)))
+        end = offset + len(data)
+        fill = min(SIZE - end, rng.choice(edge) + (-end % PAGE if rng.random() < 0.5 else 0))
+        copy.remember(offset, data, fill)
+        model[offset:end] = data
+        model[end:end + fill] = bytes(fill)
+        assert copy.data == model
+        assert_map_covers(copy)
+
+
 def test_a_refresh_takes_the_file_only_where_it_changed_and_maps_those_pages(memfd):
     copy = KnownGood(bytes(SIZE))
     os.pwrite(memfd, bytes(SIZE), 0)

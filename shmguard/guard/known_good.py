@@ -82,25 +82,30 @@ class KnownGood:
     # --- updates -----------------------------------------------------------------------------------------
 
     def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
-        """An audited write: data at offset, then zero_fill NULs. Only the marked pages of the fill are zeroed."""
+        """An audited write: data at offset, then zero_fill NULs. Only the marked pages of the fill are zeroed; each
+        page the write leaves partly written is looked at once, after the fill."""
         end, fill_end = offset + len(data), offset + len(data) + zero_fill
         self.view[offset:end] = data
+        if zero_fill:
+            for start, stop in list(self.nonzero_runs(end, fill_end)):
+                for at in range(start, stop, CHUNK):
+                    length = min(CHUNK, stop - at)
+                    self.view[at:at + length] = _ZERO_CHUNK[:length]
+            whole_first, whole_stop = -(-end // PAGE), fill_end // PAGE  # the pages the fill covers whole: zeros
+            if whole_stop > whole_first:
+                self.pages[whole_first:whole_stop] = bytes(whole_stop - whole_first)
+        looked = range(0)
         if data and len(data) <= SMALL_WRITE:
             self._map(offset, end)
+            looked = range(offset // PAGE, -(-end // PAGE))
         elif data:  # marked without looking (a page that is zeros after all only costs a repair one more write)
             self.pages[offset // PAGE:-(-end // PAGE)] = b"\x01" * (-(-end // PAGE) - offset // PAGE)
         if not zero_fill:
             return
-        for start, stop in list(self.nonzero_runs(end, fill_end)):
-            for at in range(start, stop, CHUNK):
-                length = min(CHUNK, stop - at)
-                self.view[at:at + length] = _ZERO_CHUNK[:length]
-        whole_first, whole_stop = -(-end // PAGE), fill_end // PAGE  # the pages the fill covers whole: zeros
-        if whole_stop > whole_first:
-            self.pages[whole_first:whole_stop] = bytes(whole_stop - whole_first)
-        if end % PAGE:
+        if end % PAGE and end // PAGE not in looked:
             self._map(end, end + 1)  # the page the data ends in
-        if fill_end % PAGE:
+            looked = range(end // PAGE, end // PAGE + 1)
+        if fill_end % PAGE and (fill_end - 1) // PAGE not in looked:
             self._map(fill_end - 1, fill_end)  # the page the fill ends in
 
     def matches(self, fd: int, size: int) -> bool:
