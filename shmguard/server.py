@@ -31,7 +31,9 @@ from .protocol import MESSAGE, REFUSED_VERSION, SharedFd, ring_eventfd, send_mes
 from .shares import Share
 
 log = logging.getLogger("shmguard.server")
-EventSink = Callable[..., None]
+EventSink = Callable[..., "dict | None"]  # on_event(action, *, sync, **fields): the record written, if any
+# when_durable(seq, done, failed): done() once audit record seq is on disk, or failed(why) (Recorder.when_durable)
+WhenDurable = Callable[[int, Callable[[], None], Callable[[str], None]], None]
 
 
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), the terminating NUL included
@@ -50,6 +52,18 @@ class Connection:
 
 ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
 COALESCE = 64  # plain words (no fd) that go out in one send
+
+
+@dataclass(eq=False)
+class HeldJoin:
+    """A join recorded but not yet known to be on disk: its id, slot and eventfds are taken, nobody has heard of it
+    (its socket is not even watched), and it is greeted once its record is durable, or refused if it never is."""
+
+    sock: socket.socket
+    cred: PeerCred
+    actor: Actor
+    vectors: list[SharedFd]
+    seq: int
 
 
 def actor_of(cred: PeerCred) -> Actor:
@@ -103,6 +117,12 @@ class IvshmemServer:
         # The peers' own open file description: flags a peer sets on it (O_APPEND) never reach our I/O.
         self.shm = SharedFd(reopen(shm_fd))
         self.on_event = on_event or (lambda action, **fields: None)
+        # Group commit (set by the supervisor): a join's greeting waits here until its record is on disk, and
+        # records of what has happened (leaves, refusals) go unsynced into the turn's one fsync. None: every record
+        # is durable on return, and a join is greeted at once.
+        self.when_durable: WhenDurable | None = None
+        self._held: dict[int, HeldJoin] = {}  # joins waiting for their record's fsync, by id, in order
+        self._admitting: int | None = None  # the join being admitted (greeted at once if its record is durable)
         shares = shares or SharesPolicy()
         reserved = frozenset(shares.reserved_for)
         slots = Share("peer slots", policy.max_peers, shares.peers_per_uid,
@@ -146,7 +166,9 @@ class IvshmemServer:
 
     def _admit(self, sock: socket.socket) -> None:
         """A join is complete (recorded, greeted, announced) or not visible to anyone: each step that can fail
-        comes before the first one anybody sees, and a refusal gives back everything taken."""
+        comes before the first one anybody sees, and a refusal gives back everything taken. With group commit the
+        greeting (and with it the region's fd) waits for the join's record to be on disk: the loop goes on serving
+        meanwhile, and the turn's one fsync releases every join it recorded."""
         sock.setblocking(False)
         cred = PeerCred.of(sock, named=True)  # named from /proc once: every record and line of it says the same
         actor = actor_of(cred)
@@ -161,7 +183,8 @@ class IvshmemServer:
                 reason = f"cannot create eventfds: {exc.strerror}"
         if reason is None:
             try:  # recorded before anyone hears of it: an audit log that cannot take it refuses the join
-                self.on_event("peer-join", actor=actor, detail={"peer": peer_id})
+                record = self.on_event("peer-join", actor=actor, detail={"peer": peer_id},
+                                       sync=self.when_durable is None)
             except ShmguardError as exc:
                 reason = f"the join cannot be recorded ({exc})"
                 release_all(vectors)
@@ -170,9 +193,39 @@ class IvshmemServer:
                 self.table.cancel(peer_id)
             self._refuse(sock, cred, reason, actor)
             return
-        self.peer_log.say("joins", logging.INFO, "peer %d joined: pid=%d uid=%d exe=%s", peer_id, cred.pid, cred.uid,
-                          actor.exe)
-        self._join(peer_id, vectors, sock, actor)
+        seq = record["seq"] if record else 0
+        self._held[peer_id] = HeldJoin(sock, cred, actor, vectors, seq)
+        if self.when_durable is None or not seq:
+            self._greet(peer_id)
+            return
+        self._admitting = peer_id
+        try:
+            self.when_durable(seq, lambda: self._greet(peer_id), lambda why: self._not_durable(peer_id, why))
+        finally:
+            self._admitting = None
+
+    def _greet(self, peer_id: int) -> None:
+        """The join's record is on disk: greet, then announce. A join that waited for the fsync looks at the region
+        again first: a greeting never carries a region that is not its policy size (QEMU aborts on one)."""
+        if peer_id != self._admitting and not self.region_intact():
+            self._cancel_held(peer_id, "the region is not its policy size right now (tampered with, being "
+                                       "repaired); join again")
+            return
+        held = self._held.pop(peer_id)
+        self.peer_log.say("joins", logging.INFO, "peer %d joined: pid=%d uid=%d exe=%s", peer_id, held.cred.pid,
+                          held.cred.uid, held.actor.exe)
+        self._join(peer_id, held.vectors, held.sock, held.actor)
+
+    def _not_durable(self, peer_id: int, why: str) -> None:
+        """The fsync that was to put the join's record on disk failed: the peer is refused, nobody heard of it."""
+        self._cancel_held(peer_id, f"its join record (seq {self._held[peer_id].seq}) could not be made durable: "
+                                   f"{why}")
+
+    def _cancel_held(self, peer_id: int, reason: str) -> None:
+        held = self._held.pop(peer_id)
+        self.table.cancel(peer_id)
+        release_all(held.vectors)
+        self._refuse(held.sock, held.cred, reason, held.actor)
 
     def _refuse(self, sock: socket.socket, cred: PeerCred, reason: str, actor: Actor) -> None:
         """A refused QEMU must fail, not spin: it reads its greeting synchronously and loops forever on EOF, but
@@ -253,9 +306,10 @@ class IvshmemServer:
         self._settle()
 
     def _record(self, action: str, **fields) -> None:
-        """Records that cannot veto what they record (a leave, a refusal): a failing log must not stop them."""
+        """Records that cannot veto what they record (a leave, a refusal): a failing log must not stop them. Under
+        group commit nothing waits for them: they are written at once and made durable by the turn's fsync."""
         try:
-            self.on_event(action, **fields)
+            self.on_event(action, sync=self.when_durable is None, **fields)
         except ShmguardError:
             pass  # the sink has said so once already
 
@@ -423,7 +477,10 @@ class IvshmemServer:
         return next(peer for peer in self.peers.values() if not peer.remote)
 
     def close(self, linger: float = 1.0) -> None:
-        """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes."""
+        """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes.
+        A join still waiting for its record's fsync (the loop's last flush releases them first) is refused."""
+        for peer_id in list(self._held):
+            self._cancel_held(peer_id, "the server is shutting down")
         actions = self.table.shutdown()
         self._carry_out([action for action in actions if isinstance(action, Send)])
         self._unsent.clear()
