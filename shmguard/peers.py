@@ -35,8 +35,7 @@ class Send(NamedTuple):
     fd: Handle | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class Gone:
+class Gone(NamedTuple):
     """`peer` has left the table: its connection goes, its vectors go, its leave is recorded."""
 
     peer: Peer
@@ -208,11 +207,15 @@ class PeerTable:
         return actions
 
     def _remote(self, but: Peer | None = None) -> list[Peer]:
-        return [peer for peer in self.peers.values() if peer.remote and peer is not but]
+        return [peer for peer in self.peers.values() if peer.cred is not None and peer is not but]
 
     def _oldest_join(self) -> int | None:
-        """The oldest remote peer's join; the supervisor's own peer never trips over a reused id."""
-        return min((peer.joined for peer in self._remote()), default=None)
+        """The oldest remote peer's join; the supervisor's own peer never trips over a reused id. The table is in
+        join order, so it is the first remote peer's."""
+        for peer in self.peers.values():
+            if peer.cred is not None:
+                return peer.joined
+        return None
 
     def describe_shares(self) -> dict:
         return {"peer_slots": self.slots.describe(), "peer_ids": self.ids.share.describe()}

@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import stat
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection
@@ -27,7 +28,7 @@ from .loop import EventLoop
 from .paths import file_kind, make_directory, trusted_owners
 from .peers import Action, Gone, Peer, PeerIds, PeerTable, Send
 from .policy import ServerPolicy, SharesPolicy
-from .protocol import MESSAGE, REFUSED_VERSION, SharedFd, ring_eventfd, send_message
+from .protocol import MESSAGE, REFUSED_VERSION, SharedFd, ring_eventfd
 from .shares import Share
 
 log = logging.getLogger("shmguard.server")
@@ -39,19 +40,23 @@ WhenDurable = Callable[[int, Callable[[], None], Callable[[str], None]], None]
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), the terminating NUL included
 
 
-@dataclass(eq=False)
 class Connection:
-    """A remote peer's socket and its send queue: bytes and fds the table's sends left to go."""
+    """A remote peer's socket and its send queue: bytes and fds the table's sends left to go. (A plain class with
+    slots: one is made per join.)"""
 
-    peer_id: int
-    sock: socket.socket
-    actor: Actor | None = None  # who it is in the audit log, named once when it connected
-    queue: deque[tuple[bytes, SharedFd | None]] = field(default_factory=deque)
-    writing: bool = False  # is the loop watching the socket for room (a flush stopped at EAGAIN)?
+    __slots__ = ("peer_id", "sock", "actor", "queue", "writing")
+
+    def __init__(self, peer_id: int, sock: socket.socket, actor: Actor | None = None):
+        self.peer_id, self.sock = peer_id, sock
+        self.actor = actor  # who it is in the audit log, named once when it connected
+        self.queue: deque[tuple[bytes, SharedFd | None]] = deque()
+        self.writing = False  # is the loop watching the socket for room (a flush stopped at EAGAIN)?
 
 
 ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
 COALESCE = 64  # plain words (no fd) that go out in one send
+_FD = struct.Struct("i")  # an fd in SCM_RIGHTS
+_NOSIGNAL = socket.MSG_NOSIGNAL  # a peer gone is EPIPE, not a SIGPIPE to ignore
 
 
 @dataclass(eq=False)
@@ -90,12 +95,14 @@ class PeerLog:
             self.flush()
             self.said.clear()
             self.since = now
-        if self.said[kind] < self.BURST:
-            self.said[kind] += 1
+        said = self.said.get(kind, 0)
+        if said < self.BURST:
+            self.said[kind] = said + 1
             self.log.log(level, message, *args)
         else:
             self.held[kind] += 1
-            self.log.debug(message, *args)
+            if self.log.isEnabledFor(logging.DEBUG):  # past the burst, a join costs no formatting at all
+                self.log.debug(message, *args)
 
     def flush(self) -> None:
         if self.held:
@@ -317,11 +324,13 @@ class IvshmemServer:
 
     def _carry_out(self, actions: list[Action]) -> None:
         """Queue each send on its connection and close each connection gone; sending is _settle's."""
+        connections, unsent, pack = self.connections, self._unsent, MESSAGE.pack
         for action in actions:
-            if isinstance(action, Send):
-                connection = self.connections[action.to]
-                connection.queue.append((MESSAGE.pack(action.value), action.fd.acquire() if action.fd else None))
-                self._unsent[connection] = None
+            if type(action) is Send:
+                connection = connections[action.to]
+                fd = action.fd
+                connection.queue.append((pack(action.value), None if fd is None else fd.acquire()))
+                unsent[connection] = None
             else:
                 self._close_gone(action.peer, action.reason)
 
@@ -373,13 +382,16 @@ class IvshmemServer:
         while queue:
             data, fd = queue[0]
             words = 1
-            if fd is None:  # plain words in a row go out in one send: an fd never travels with another's bytes
-                while words < min(len(queue), COALESCE) and queue[words][1] is None:
-                    words += 1
-                if words > 1:
-                    data = b"".join(queue[n][0] for n in range(words))
             try:
-                sent = send_message(sock, data, fd.fd if fd else None)
+                if fd is not None:  # an fd travels with its own word's first byte, never with another's bytes
+                    sent = sock.sendmsg((data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd.fd)),), _NOSIGNAL)
+                else:  # plain words in a row go out in one send
+                    limit = min(len(queue), COALESCE)
+                    while words < limit and queue[words][1] is None:
+                        words += 1
+                    if words > 1:
+                        data = b"".join([queue[n][0] for n in range(words)])
+                    sent = sock.send(data, _NOSIGNAL)
             except BlockingIOError:
                 if not connection.writing:
                     connection.writing = True
@@ -568,7 +580,7 @@ class BoundSocket:
         out_of_fds = False
         while len(accepted) < ACCEPT_BATCH:
             try:
-                accepted.append(self.sock.accept()[0])
+                accepted.append(_accepted(self.sock))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -619,6 +631,12 @@ class BoundSocket:
     def close(self) -> None:
         self.sock.close()
         os.close(self.reserve_fd)
+
+
+def _accepted(listener: socket.socket) -> socket.socket:
+    """listener.accept()'s socket, without converting the listener's family and type to enums on every join."""
+    fd, _ = listener._accept()
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
 
 
 SOCKET_DIRECTORY_MODE = 0o755  # a socket directory shmguard creates (/run/shmguard): searchable, ours alone to write
