@@ -34,10 +34,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cached_property
 from json.encoder import c_make_encoder
 from json.encoder import encode_basestring_ascii as _string  # a str as canonical JSON writes it
 from pathlib import Path
@@ -86,6 +85,21 @@ _HEX64 = re.compile("[0-9a-f]{64}")
 # ---------------------------------------------------------------------------------------------------- records
 
 
+class _made_once:  # noqa: N801 - a decorator, named as functools.cached_property is
+    """functools.cached_property without its lock (Python 3.11 takes one on every first access): the value goes
+    into the instance's __dict__, which takes precedence from then on. For values that are the same however often
+    they are made."""
+
+    def __init__(self, make: Callable[[Any], Any]):
+        self.make, self.name = make, make.__name__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.make(instance)
+        return value
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who asked for an action: a peer or control client, identified by SO_PEERCRED."""
@@ -103,7 +117,7 @@ class Actor:
         """The record's `actor` field."""
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe}
 
-    @cached_property
+    @_made_once
     def json(self) -> str:
         """The `actor` field as canonical JSON, made once per actor: a peer's join and leave, a control
         connection's every write, all say the same."""
