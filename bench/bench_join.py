@@ -278,7 +278,15 @@ def start_raw_idle_peers(path: str, count: int) -> int:
         peers = []
         for _ in range(count):
             peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            peer.connect(path)
+            deadline = time.monotonic() + 10
+            while True:  # the C server's socket file appears at bind(), before it listens
+                try:
+                    peer.connect(path)
+                    break
+                except ConnectionRefusedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             peers.append(peer)
         os.write(ready_write, b"!")
         poller = select.poll()

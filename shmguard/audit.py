@@ -32,9 +32,12 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import c_make_encoder
 from json.encoder import encode_basestring_ascii as _string  # a str as canonical JSON writes it
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -61,6 +64,7 @@ ACTIONS: tuple[str, ...] = (
     "reload",
     "take-over",
 )
+_ACTION_SET = frozenset(ACTIONS)
 TORN_TAIL = "torn-tail"
 ZERO_HASH = "0" * 64
 FILE_MODE = 0o640
@@ -75,10 +79,25 @@ _RING_FIELDS = ("held_until_ready", "peer", "vector")
 _SCALARS = (str, int, bool, type(None))  # exact types: a detail of these alone needs no JSON round trip
 log = logging.getLogger("shmguard")
 _ACTOR_FIELDS = ("exe", "gid", "pid", "uid")
-_HEX = frozenset("0123456789abcdef")
+_HEX64 = re.compile("[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------------------------------------------- records
+
+
+class _made_once:  # noqa: N801 - a decorator, named as functools.cached_property is
+    """functools.cached_property without its lock (Python 3.11 takes one on every first access): the value goes
+    into the instance's __dict__, which takes precedence from then on. For values that are the same however often
+    they are made."""
+
+    def __init__(self, make: Callable[[Any], Any]):
+        self.make, self.name = make, make.__name__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.make(instance)
+        return value
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,18 @@ class Actor:
     def from_pid(cls, pid: int, uid: int, gid: int) -> Actor:
         return cls(pid=pid, uid=uid, gid=gid, exe=executable_of(pid))
 
+    def plain(self) -> dict:
+        """The record's `actor` field."""
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe}
+
+    @_made_once
+    def json(self) -> str:
+        """The `actor` field as canonical JSON, made once per actor: a peer's join and leave, a control
+        connection's every write, all say the same."""
+        if type(self.exe) is str and type(self.gid) is type(self.pid) is type(self.uid) is int:
+            return f'{{"exe":{_string(self.exe)},"gid":{self.gid},"pid":{self.pid},"uid":{self.uid}}}'
+        return canonical_json(self.plain())
+
 
 def executable_of(pid: int) -> str:
     """The process's executable; informational only, since the pid may be gone (or reused) already.
@@ -106,13 +137,19 @@ def executable_of(pid: int) -> str:
 
 # One encoder for every record: json.dumps would build a new one per call when given options.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+# Its C core, made once (JSONEncoder.encode makes one per call): the same output, without the circular-reference
+# check, so a cyclic value is a RecursionError (turned into ValueError where a caller's value is encoded).
+_C_CANONICAL = c_make_encoder and c_make_encoder(None, _CANONICAL.default, _string, None, ":", ",", True, False,
+                                                 False)
 
 
 def canonical_json(value: Any) -> str:
     """The one serialisation that is hashed and written; NaN and infinities are not JSON, so they are refused.
 
     Same output as json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)."""
-    return _CANONICAL.encode(value)
+    if _C_CANONICAL is None:
+        return _CANONICAL.encode(value)
+    return "".join(_C_CANONICAL(value, 0))
 
 
 def record_hash(record: dict) -> str:
@@ -126,7 +163,7 @@ def _is_count(value: Any) -> bool:
 
 
 def _is_hex64(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
 
 
 def _encode(record: dict) -> bytes:
@@ -142,29 +179,37 @@ def _joined(low: str, high: str) -> str:
     return low[:-1] + "," + high[1:]
 
 
-def _sealed_line(record: dict) -> tuple[str, bytes]:
+def _sealed_line(record: dict, actor_json: str | None = None) -> tuple[str, bytes]:
     """(hash, line) of a record without its hash, serialised once and hashed once: the same bytes as
     record_hash() and _encode() of the record with its hash (canonical JSON sorts keys, and `hash` sits between
-    `detail` and the rest). verify() checks every line against canonical_json itself."""
-    low, high = _halves(record)
+    `detail` and the rest). verify() checks every line against canonical_json itself.
+
+    actor_json: the record's actor as canonical JSON already (Actor.json). A record as AuditLog writes it is then
+    formatted field by field, in the sorted order, with only its detail through the encoder; anything else is
+    encoded whole, in the two halves around `hash`."""
+    if actor_json is not None and _PLAIN <= record.keys() <= _ALL:
+        head = (f'{{"action":{_string(record["action"])},"actor":{actor_json},'
+                f'"detail":{canonical_json(record["detail"])}')
+        if record.keys() == _PLAIN:  # most records: no optional field
+            tail = (f'"prev":"{record["prev"]}","result":{_string(record["result"])},"seq":{record["seq"]},'
+                    f'"time":{_string(record["time"])}}}')
+        else:
+            tail = _tail(record)
+        digest = hashlib.sha256(f'{record["prev"]}{head},{tail}'.encode("ascii")).hexdigest()
+        return digest, f'{head},"hash":"{digest}",{tail}\n'.encode("ascii")
+    low = canonical_json({name: value for name, value in record.items() if name < "hash"})
+    high = canonical_json({name: value for name, value in record.items() if name > "hash"})
     digest = hashlib.sha256((record["prev"] + _joined(low, high)).encode("ascii")).hexdigest()
     return digest, (_joined(_joined(low, '{"hash":"' + digest + '"}'), high) + "\n").encode("ascii")
 
 
-_LOW = frozenset(("action", "actor", "detail"))
-_HIGH = frozenset(("length", "offset", "prev", "result", "rings", "seq", "sha256", "time"))
+_PLAIN = frozenset(("action", "actor", "detail", "prev", "result", "seq", "time"))  # in every record
+_ALL = _PLAIN | {"length", "offset", "rings", "sha256"}
 
 
-def _halves(record: dict) -> tuple[str, str]:
-    """Canonical JSON of the fields sorting before `hash` and of those after it. A record as _checked_fields
-    makes it is formatted field by field, with only its detail through the encoder; anything else, whole."""
-    if not (_LOW <= record.keys() and record.keys() - _LOW <= _HIGH and _plain_actor(record["actor"])):
-        return (canonical_json({name: value for name, value in record.items() if name < "hash"}),
-                canonical_json({name: value for name, value in record.items() if name > "hash"}))
-    actor = record["actor"]
-    actor_json = "null" if actor is None else (
-        f'{{"exe":{_string(actor["exe"])},"gid":{actor["gid"]},"pid":{actor["pid"]},"uid":{actor["uid"]}}}')
-    low = f'{{"action":{_string(record["action"])},"actor":{actor_json},"detail":{canonical_json(record["detail"])}}}'
+def _tail(record: dict) -> str:
+    """The fields sorting after `hash`, as canonical JSON without the opening brace, for a record as
+    _checked_fields makes it (counts are ints, sha256 is hex, rings are checked)."""
     parts = [f'"{name}":{record[name]}' for name in ("length", "offset") if name in record]
     parts.append(f'"prev":"{record["prev"]}","result":{_string(record["result"])}')
     if "rings" in record:
@@ -175,16 +220,26 @@ def _halves(record: dict) -> tuple[str, str]:
     if "sha256" in record:
         parts.append(f'"sha256":"{record["sha256"]}"')
     parts.append(f'"time":{_string(record["time"])}')
-    return low, "{" + ",".join(parts) + "}"
+    return ",".join(parts) + "}"
 
 
-def _plain_actor(actor: Any) -> bool:
-    return actor is None or (type(actor["exe"]) is str and all(type(actor[name]) is int for name in
-                                                               ("gid", "pid", "uid")))
+class _Clock:
+    """The record's time stamp, datetime.now(UTC).isoformat(timespec="microseconds") exactly: the date and time
+    of day are formatted once a second, the microseconds each time."""
+
+    def __init__(self) -> None:
+        self.second, self.prefix = -1, ""
+
+    def now(self) -> str:
+        micros = time.time_ns() // 1000
+        second, fraction = divmod(micros, 1_000_000)
+        if second != self.second:
+            self.second = second
+            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self.prefix}.{fraction:06d}+00:00"
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+_now = _Clock().now
 
 
 def _checked_fields(
@@ -198,7 +253,7 @@ def _checked_fields(
     rings: list[dict] | None = None,
 ) -> dict:
     """The caller's part of a record, validated before anything touches the file."""
-    if action not in ACTIONS:
+    if action not in _ACTION_SET:
         raise ValueError(f"unknown audit action {action!r}; expected one of: {', '.join(ACTIONS)}")
     if not isinstance(result, str) or not result:
         raise ValueError(f"audit result must be a non-empty string, not {result!r}")
@@ -209,7 +264,7 @@ def _checked_fields(
     fields: dict[str, Any] = {
         "action": action,
         "result": result,
-        "actor": None if actor is None else {"pid": actor.pid, "uid": actor.uid, "gid": actor.gid, "exe": actor.exe},
+        "actor": None if actor is None else actor.plain(),
         "detail": _json_round_trip(detail or {}),
     }
     if rings is not None:
@@ -220,7 +275,7 @@ def _checked_fields(
         if value is not None:
             if not _is_count(value):
                 raise ValueError(f"audit {name} must be a non-negative integer, not {value!r}")
-            fields[name] = value
+            fields[name] = int(value)  # a subclass of int (an IntEnum) formats otherwise than canonical JSON writes it
     if sha256 is not None:
         if not _is_hex64(sha256):
             raise ValueError(f"audit sha256 must be 64 lowercase hex digits, not {sha256!r}")
@@ -249,11 +304,14 @@ def _is_ring(value: Any) -> bool:
 
 def _json_round_trip(detail: dict) -> dict:
     # The record handed back must equal the one read back later (tuples become lists, int keys strings).
-    if all(type(key) is str and type(value) in _SCALARS for key, value in detail.items()):
+    for key, value in detail.items():
+        if type(key) is not str or type(value) not in _SCALARS:
+            break
+    else:
         return dict(detail)  # already what reading it back gives: no need to serialise it twice
     try:
         return json.loads(canonical_json(detail))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"audit detail is not JSON: {err}") from None
 
 
@@ -635,8 +693,7 @@ class AuditLog:
         self._require_open()
         if self._tail_unknown:
             self._take_up_tail()
-        record = self._write_record(fields, sync=sync)
-        return record
+        return self._write_record(fields, sync=sync, actor_json="null" if actor is None else actor.json)
 
     @property
     def unsynced(self) -> bool:
@@ -680,9 +737,10 @@ class AuditLog:
         if self._fd < 0:
             raise ValueError(f"audit log {self.path} is closed")
 
-    def _write_record(self, fields: dict, prefix: bytes = b"", sync: bool = True) -> dict:
+    def _write_record(self, fields: dict, prefix: bytes = b"", sync: bool = True,
+                      actor_json: str | None = None) -> dict:
         record = {"seq": self.last_seq + 1, "time": _now(), **fields, "prev": self._last_hash}
-        record["hash"], line = _sealed_line(record)
+        record["hash"], line = _sealed_line(record, actor_json)
         if len(line) > MAX_RECORD_BYTES:
             raise ValueError(f"audit record is larger than {MAX_RECORD_BYTES} bytes; shorten its detail")
         self._write_line(prefix + line, sync)

@@ -35,8 +35,7 @@ class Send(NamedTuple):
     fd: Handle | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class Gone:
+class Gone(NamedTuple):
     """`peer` has left the table: its connection goes, its vectors go, its leave is recorded."""
 
     peer: Peer
@@ -208,11 +207,15 @@ class PeerTable:
         return actions
 
     def _remote(self, but: Peer | None = None) -> list[Peer]:
-        return [peer for peer in self.peers.values() if peer.remote and peer is not but]
+        return [peer for peer in self.peers.values() if peer.cred is not None and peer is not but]
 
     def _oldest_join(self) -> int | None:
-        """The oldest remote peer's join; the supervisor's own peer never trips over a reused id."""
-        return min((peer.joined for peer in self._remote()), default=None)
+        """The oldest remote peer's join; the supervisor's own peer never trips over a reused id. The table is in
+        join order, so it is the first remote peer's."""
+        for peer in self.peers.values():
+            if peer.cred is not None:
+                return peer.joined
+        return None
 
     def describe_shares(self) -> dict:
         return {"peer_slots": self.slots.describe(), "peer_ids": self.ids.share.describe()}
@@ -221,14 +224,19 @@ class PeerTable:
 
     def snapshot(self, encode: Encode = _same) -> dict:
         """The whole state as lists, dicts, ints and strings; `encode` turns each handle and credential into
-        plain data (the fds themselves travel separately). Taken between transitions."""
-        if self._reserved:
-            raise AssertionError("a snapshot is taken between transitions, never with a join half done")
+        plain data (the fds themselves travel separately). Taken between transitions; a reserved join (one waiting
+        for its record's fsync) is in it as if cancelled: nobody has heard of it, and its socket is not handed on."""
         peers = [{"id": p.id, "vectors": [encode(v) for v in p.vectors], "joined": p.joined, "uid": p.uid,
                   "cred": None if p.cred is None else encode(p.cred), "announced": p.announced}
                  for p in self.peers.values()]
-        return {"counter": self.counter, "shm": encode(self.shm), "peers": peers, "ids": self.ids.snapshot(),
-                "slots": share_snapshot(self.slots)}
+        ids, slots = self.ids.snapshot(), share_snapshot(self.slots)
+        for peer_id, (uid, cred) in self._reserved.items():  # as cancel() of each, in order, leaves them
+            ids["departed"].insert(0, [peer_id, -1, None])
+            ids["free"] += 1
+            _give_back(ids["share"], uid)
+            if cred is not None:
+                _give_back(slots, uid)
+        return {"counter": self.counter, "shm": encode(self.shm), "peers": peers, "ids": ids, "slots": slots}
 
     @classmethod
     def from_snapshot(cls, data: dict, decode: Encode = _same) -> PeerTable:
@@ -244,6 +252,12 @@ class PeerTable:
 def share_snapshot(share: Share) -> dict:
     return {"name": share.name, "total": share.total, "per_uid": share.per_uid, "reserved": share.reserved,
             "reserved_for": sorted(share.reserved_for), "used": sorted([uid, n] for uid, n in share.used.items())}
+
+
+def _give_back(share: dict, uid: int) -> None:
+    """Share.give(uid) on a share_snapshot."""
+    share["used"] = [[holder, count - (holder == uid)] for holder, count in share["used"]
+                     if count - (holder == uid) > 0]
 
 
 def share_from_snapshot(data: dict) -> Share:

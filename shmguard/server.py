@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import stat
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection
@@ -27,29 +28,47 @@ from .loop import EventLoop
 from .paths import file_kind, make_directory, trusted_owners
 from .peers import Action, Gone, Peer, PeerIds, PeerTable, Send
 from .policy import ServerPolicy, SharesPolicy
-from .protocol import MESSAGE, REFUSED_VERSION, SharedFd, ring_eventfd, send_message
+from .protocol import MESSAGE, REFUSED_VERSION, SharedFd, ring_eventfd
 from .shares import Share
 
 log = logging.getLogger("shmguard.server")
-EventSink = Callable[..., None]
+EventSink = Callable[..., "dict | None"]  # on_event(action, *, sync, **fields): the record written, if any
+# when_durable(seq, done, failed): done() once audit record seq is on disk, or failed(why) (Recorder.when_durable)
+WhenDurable = Callable[[int, Callable[[], None], Callable[[str], None]], None]
 
 
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), the terminating NUL included
 
 
-@dataclass(eq=False)
 class Connection:
-    """A remote peer's socket and its send queue: bytes and fds the table's sends left to go."""
+    """A remote peer's socket and its send queue: bytes and fds the table's sends left to go. (A plain class with
+    slots: one is made per join.)"""
 
-    peer_id: int
-    sock: socket.socket
-    actor: Actor | None = None  # who it is in the audit log, named once when it connected
-    queue: deque[tuple[bytes, SharedFd | None]] = field(default_factory=deque)
-    writing: bool = False  # is the loop watching the socket for room (a flush stopped at EAGAIN)?
+    __slots__ = ("peer_id", "sock", "actor", "queue", "writing")
+
+    def __init__(self, peer_id: int, sock: socket.socket, actor: Actor | None = None):
+        self.peer_id, self.sock = peer_id, sock
+        self.actor = actor  # who it is in the audit log, named once when it connected
+        self.queue: deque[tuple[bytes, SharedFd | None]] = deque()
+        self.writing = False  # is the loop watching the socket for room (a flush stopped at EAGAIN)?
 
 
 ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
 COALESCE = 64  # plain words (no fd) that go out in one send
+_FD = struct.Struct("i")  # an fd in SCM_RIGHTS
+_NOSIGNAL = socket.MSG_NOSIGNAL  # a peer gone is EPIPE, not a SIGPIPE to ignore
+
+
+@dataclass(eq=False)
+class HeldJoin:
+    """A join recorded but not yet known to be on disk: its id, slot and eventfds are taken, nobody has heard of it
+    (its socket is not even watched), and it is greeted once its record is durable, or refused if it never is."""
+
+    sock: socket.socket
+    cred: PeerCred
+    actor: Actor
+    vectors: list[SharedFd]
+    seq: int
 
 
 def actor_of(cred: PeerCred) -> Actor:
@@ -76,12 +95,14 @@ class PeerLog:
             self.flush()
             self.said.clear()
             self.since = now
-        if self.said[kind] < self.BURST:
-            self.said[kind] += 1
+        said = self.said.get(kind, 0)
+        if said < self.BURST:
+            self.said[kind] = said + 1
             self.log.log(level, message, *args)
         else:
             self.held[kind] += 1
-            self.log.debug(message, *args)
+            if self.log.isEnabledFor(logging.DEBUG):  # past the burst, a join costs no formatting at all
+                self.log.debug(message, *args)
 
     def flush(self) -> None:
         if self.held:
@@ -103,6 +124,12 @@ class IvshmemServer:
         # The peers' own open file description: flags a peer sets on it (O_APPEND) never reach our I/O.
         self.shm = SharedFd(reopen(shm_fd))
         self.on_event = on_event or (lambda action, **fields: None)
+        # Group commit (set by the supervisor): a join's greeting waits here until its record is on disk, and
+        # records of what has happened (leaves, refusals) go unsynced into the turn's one fsync. None: every record
+        # is durable on return, and a join is greeted at once.
+        self.when_durable: WhenDurable | None = None
+        self._held: dict[int, HeldJoin] = {}  # joins waiting for their record's fsync, by id, in order
+        self._admitting: int | None = None  # the join being admitted (greeted at once if its record is durable)
         shares = shares or SharesPolicy()
         reserved = frozenset(shares.reserved_for)
         slots = Share("peer slots", policy.max_peers, shares.peers_per_uid,
@@ -146,7 +173,9 @@ class IvshmemServer:
 
     def _admit(self, sock: socket.socket) -> None:
         """A join is complete (recorded, greeted, announced) or not visible to anyone: each step that can fail
-        comes before the first one anybody sees, and a refusal gives back everything taken."""
+        comes before the first one anybody sees, and a refusal gives back everything taken. With group commit the
+        greeting (and with it the region's fd) waits for the join's record to be on disk: the loop goes on serving
+        meanwhile, and the turn's one fsync releases every join it recorded."""
         sock.setblocking(False)
         cred = PeerCred.of(sock, named=True)  # named from /proc once: every record and line of it says the same
         actor = actor_of(cred)
@@ -161,7 +190,8 @@ class IvshmemServer:
                 reason = f"cannot create eventfds: {exc.strerror}"
         if reason is None:
             try:  # recorded before anyone hears of it: an audit log that cannot take it refuses the join
-                self.on_event("peer-join", actor=actor, detail={"peer": peer_id})
+                record = self.on_event("peer-join", actor=actor, detail={"peer": peer_id},
+                                       sync=self.when_durable is None)
             except ShmguardError as exc:
                 reason = f"the join cannot be recorded ({exc})"
                 release_all(vectors)
@@ -170,9 +200,39 @@ class IvshmemServer:
                 self.table.cancel(peer_id)
             self._refuse(sock, cred, reason, actor)
             return
-        self.peer_log.say("joins", logging.INFO, "peer %d joined: pid=%d uid=%d exe=%s", peer_id, cred.pid, cred.uid,
-                          actor.exe)
-        self._join(peer_id, vectors, sock, actor)
+        seq = record["seq"] if record else 0
+        self._held[peer_id] = HeldJoin(sock, cred, actor, vectors, seq)
+        if self.when_durable is None or not seq:
+            self._greet(peer_id)
+            return
+        self._admitting = peer_id
+        try:
+            self.when_durable(seq, lambda: self._greet(peer_id), lambda why: self._not_durable(peer_id, why))
+        finally:
+            self._admitting = None
+
+    def _greet(self, peer_id: int) -> None:
+        """The join's record is on disk: greet, then announce. A join that waited for the fsync looks at the region
+        again first: a greeting never carries a region that is not its policy size (QEMU aborts on one)."""
+        if peer_id != self._admitting and not self.region_intact():
+            self._cancel_held(peer_id, "the region is not its policy size right now (tampered with, being "
+                                       "repaired); join again")
+            return
+        held = self._held.pop(peer_id)
+        self.peer_log.say("joins", logging.INFO, "peer %d joined: pid=%d uid=%d exe=%s", peer_id, held.cred.pid,
+                          held.cred.uid, held.actor.exe)
+        self._join(peer_id, held.vectors, held.sock, held.actor)
+
+    def _not_durable(self, peer_id: int, why: str) -> None:
+        """The fsync that was to put the join's record on disk failed: the peer is refused, nobody heard of it."""
+        self._cancel_held(peer_id, f"its join record (seq {self._held[peer_id].seq}) could not be made durable: "
+                                   f"{why}")
+
+    def _cancel_held(self, peer_id: int, reason: str) -> None:
+        held = self._held.pop(peer_id)
+        self.table.cancel(peer_id)
+        release_all(held.vectors)
+        self._refuse(held.sock, held.cred, reason, held.actor)
 
     def _refuse(self, sock: socket.socket, cred: PeerCred, reason: str, actor: Actor) -> None:
         """A refused QEMU must fail, not spin: it reads its greeting synchronously and loops forever on EOF, but
@@ -253,9 +313,10 @@ class IvshmemServer:
         self._settle()
 
     def _record(self, action: str, **fields) -> None:
-        """Records that cannot veto what they record (a leave, a refusal): a failing log must not stop them."""
+        """Records that cannot veto what they record (a leave, a refusal): a failing log must not stop them. Under
+        group commit nothing waits for them: they are written at once and made durable by the turn's fsync."""
         try:
-            self.on_event(action, **fields)
+            self.on_event(action, sync=self.when_durable is None, **fields)
         except ShmguardError:
             pass  # the sink has said so once already
 
@@ -263,11 +324,13 @@ class IvshmemServer:
 
     def _carry_out(self, actions: list[Action]) -> None:
         """Queue each send on its connection and close each connection gone; sending is _settle's."""
+        connections, unsent, pack = self.connections, self._unsent, MESSAGE.pack
         for action in actions:
-            if isinstance(action, Send):
-                connection = self.connections[action.to]
-                connection.queue.append((MESSAGE.pack(action.value), action.fd.acquire() if action.fd else None))
-                self._unsent[connection] = None
+            if type(action) is Send:
+                connection = connections[action.to]
+                fd = action.fd
+                connection.queue.append((pack(action.value), None if fd is None else fd.acquire()))
+                unsent[connection] = None
             else:
                 self._close_gone(action.peer, action.reason)
 
@@ -319,13 +382,16 @@ class IvshmemServer:
         while queue:
             data, fd = queue[0]
             words = 1
-            if fd is None:  # plain words in a row go out in one send: an fd never travels with another's bytes
-                while words < min(len(queue), COALESCE) and queue[words][1] is None:
-                    words += 1
-                if words > 1:
-                    data = b"".join(queue[n][0] for n in range(words))
             try:
-                sent = send_message(sock, data, fd.fd if fd else None)
+                if fd is not None:  # an fd travels with its own word's first byte, never with another's bytes
+                    sent = sock.sendmsg((data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd.fd)),), _NOSIGNAL)
+                else:  # plain words in a row go out in one send
+                    limit = min(len(queue), COALESCE)
+                    while words < limit and queue[words][1] is None:
+                        words += 1
+                    if words > 1:
+                        data = b"".join([queue[n][0] for n in range(words)])
+                    sent = sock.send(data, _NOSIGNAL)
             except BlockingIOError:
                 if not connection.writing:
                     connection.writing = True
@@ -423,7 +489,10 @@ class IvshmemServer:
         return next(peer for peer in self.peers.values() if not peer.remote)
 
     def close(self, linger: float = 1.0) -> None:
-        """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes."""
+        """Orderly shutdown: every peer hears every other leave (waiting up to `linger` s), then the socket goes.
+        A join still waiting for its record's fsync (the loop's last flush releases them first) is refused."""
+        for peer_id in list(self._held):
+            self._cancel_held(peer_id, "the server is shutting down")
         actions = self.table.shutdown()
         self._carry_out([action for action in actions if isinstance(action, Send)])
         self._unsent.clear()
@@ -511,7 +580,7 @@ class BoundSocket:
         out_of_fds = False
         while len(accepted) < ACCEPT_BATCH:
             try:
-                accepted.append(self.sock.accept()[0])
+                accepted.append(_accepted(self.sock))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -562,6 +631,12 @@ class BoundSocket:
     def close(self) -> None:
         self.sock.close()
         os.close(self.reserve_fd)
+
+
+def _accepted(listener: socket.socket) -> socket.socket:
+    """listener.accept()'s socket, without converting the listener's family and type to enums on every join."""
+    fd, _ = listener._accept()
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
 
 
 SOCKET_DIRECTORY_MODE = 0o755  # a socket directory shmguard creates (/run/shmguard): searchable, ours alone to write

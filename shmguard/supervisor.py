@@ -201,6 +201,7 @@ class Supervisor:
         self.control.on_refused = lambda cred, op, reason: self.note(
             "refused", actor=cred, result="refused", detail={"op": op, "reason": reason})
         self.control.when_durable = self.recorder.when_durable  # a reply that tells of a record waits for its fsync
+        self.server.when_durable = self.recorder.when_durable  # and so does a greeting: a join's record first
         self.loop.before_wait(self.recorder.flush)  # group commit: one fsync per turn of the loop
         self.add_stop_hook(lambda: self.control.close(keep_socket=self.succession.keeping_fds()))
         if adopt is not None:

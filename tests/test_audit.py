@@ -142,6 +142,36 @@ def test_any_json_detail_round_trips_and_verifies(details: list[dict]) -> None:
         assert verify(path).ok
 
 
+texts = st.text(max_size=12)  # any code point: the line escapes what is not printable ASCII
+counts = st.integers(min_value=0, max_value=2**64)
+rings = st.lists(st.fixed_dictionaries({"peer": counts, "vector": counts, "held_until_ready": st.booleans()}),
+                 max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.fixed_dictionaries(
+    {"action": st.sampled_from([a for a in ACTIONS if a != "torn-tail"]), "result": texts.filter(bool),
+     "actor": st.none() | st.builds(Actor, pid=st.integers(), uid=counts, gid=counts, exe=texts),
+     "detail": st.dictionaries(texts, st.none() | st.booleans() | st.integers() | texts, max_size=3)},
+    optional={"offset": counts, "length": counts, "sha256": st.just(SHA), "rings": rings}),
+    min_size=1, max_size=4))
+def test_every_record_is_written_exactly_as_canonical_json_says(records: list[dict]) -> None:
+    """The writer formats a record field by field: each line must be the canonical JSON of what it returned, and
+    the hash must be record_hash's, for any field it may hold."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "audit.log"
+        with AuditLog.open(path, durable=False) as log:
+            written = []
+            for fields in records:
+                if "rings" in fields and fields["action"] != "write":
+                    fields = {**fields, "action": "write"}
+                written.append(log.append(fields.pop("action"), **fields))
+        lines = lines_of(path)
+        assert lines == [(canonical_json(record) + "\n").encode("ascii") for record in written]
+        assert list(read_records(path)) == written
+        assert verify(path).ok
+
+
 # ------------------------------------------------------------------------------------------- refused appends
 
 

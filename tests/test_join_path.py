@@ -1,15 +1,21 @@
-"""The join path of the ivshmem server: every join and leave is in the audit log, the peer is named once, and a
-peer that joins in a loop costs no log line per join (issue 11's joins row, bench/bench_join.py)."""
+"""The join path of the ivshmem server: every join and leave is in the audit log, the peer is named once, a peer
+that joins in a loop costs no log line per join, and with a durable log the joins of one turn of the loop share one
+fsync, which comes before any of them is greeted (issue 11's joins row, bench/bench_join.py)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import re
+import signal
 import time
 
 import pytest
+from test_group_commit import disk_that_fills, fd_of, fill, trace_lines, traced
 
 from helpers import RunningSupervisor, policy_file
 from rawpeer import RawPeer
+from shmguard import audit
 from shmguard.server import PeerLog
 
 PR_SET_NAME, PR_GET_NAME = 15, 16
@@ -71,3 +77,80 @@ def test_a_peer_is_named_when_it_joins_and_its_leave_says_the_same(supervisor):
     leave = records_settle(supervisor, "peer-leave", 1)[0]
     assert "joiner-named" in join["actor"]["exe"] or join["actor"]["exe"].startswith("/"), join
     assert leave["actor"] == join["actor"]
+
+
+def read_greeting(peer: RawPeer) -> list[tuple[int, str | None]]:
+    """The whole greeting at 1 vector: up to and with the peer's own vector (the others' vectors come before it)."""
+    messages = peer.read(2)
+    own_id = messages[1][0]
+    while messages[-1] != (own_id, "eventfd"):
+        messages += peer.read(1)
+    return messages
+
+
+BATCH = 20
+
+
+def test_the_joins_of_one_turn_share_one_fsync_and_none_is_greeted_before_it(tmp_path):
+    supervisor = RunningSupervisor(policy_file(tmp_path, audit={"durable": True}, server={"vectors": 1}))
+    try:
+        pid = supervisor.proc.pid
+        log_fd = fd_of(pid, supervisor.audit)
+        out = tmp_path / "trace"
+        with traced(pid, "write,fsync,fdatasync,sendto,sendmsg", out):
+            os.kill(pid, signal.SIGSTOP)  # the connections wait in the backlog: one turn of the loop takes them all
+            try:
+                peers = [RawPeer(supervisor.socket) for _ in range(BATCH)]
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            greetings = [read_greeting(peer) for peer in peers]
+        assert all(greeting[:3] == [(0, None), (greeting[1][0], None), (-1, "shm")] for greeting in greetings)
+        lines = trace_lines(out)
+        joins = [n for n, line in enumerate(lines) if re.search(rf"\bwrite\({log_fd}, ", line) and "peer-join" in line]
+        syncs = [n for n, line in enumerate(lines) if re.search(r"\b(fsync|fdatasync)\(", line)]
+        sends = [n for n, line in enumerate(lines) if re.search(r"\b(sendmsg|sendto)\(", line)]
+        assert len(joins) == BATCH and sends and syncs, "\n".join(lines)
+        assert joins[-1] < syncs[0] < sends[0], "every join recorded, then one fsync, then the first greeting"
+        assert len([n for n in syncs if n < sends[0]]) == 1, f"{BATCH} joins in one turn share one fsync"
+        for peer in peers:
+            peer.close()
+        assert len(records_settle(supervisor, "peer-leave", BATCH)) == BATCH
+    finally:
+        supervisor.stop()
+    assert audit.verify(supervisor.audit).ok
+
+
+def test_a_join_whose_record_cannot_be_made_durable_is_refused_and_never_sees_the_region(tmp_path):
+    with disk_that_fills(tmp_path) as (mnt, filler):
+        log_path = mnt / "log" / "audit.log"
+        supervisor = RunningSupervisor(policy_file(tmp_path, audit={"durable": True, "path": str(log_path)},
+                                                   server={"vectors": 1}))
+        try:
+            peer = RawPeer(supervisor.socket)
+            assert read_greeting(peer)[2] == (-1, "shm")
+            peer.close()
+            fill(filler)
+            # The loop device reports the failed write-back at the next fsync or the one after: join until refused.
+            for _ in range(30):
+                peer = RawPeer(supervisor.socket)
+                first = peer.read(1)
+                if first == [(-1, None)]:
+                    break
+                read_greeting_rest(peer)
+                peer.close()
+            assert first == [(-1, None)], "with the disk under the log full a join's fsync fails, and it is refused"
+            assert peer.closed_by_server() and not peer.fds, "refused before anything else: no region, no eventfd"
+            peer.close()
+            status = supervisor.client().status()
+            assert status["audit"]["writable"] is False
+            assert status["audit"]["trouble"]["missed"].get("not-synced", 0) >= 1
+            assert "could not be made durable" in supervisor.log()
+        finally:
+            supervisor.stop()
+
+
+def read_greeting_rest(peer: RawPeer) -> None:
+    """The rest of a greeting whose first word was read already."""
+    own_id = peer.read(1)[0][0]
+    while peer.read(1)[0] != (own_id, "eventfd"):
+        pass
