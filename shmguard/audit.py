@@ -709,11 +709,19 @@ class AuditLog:
             try:
                 os.fsync(self._fd)
             except OSError as err:
-                # After a failed fsync the kernel may have dropped the pages: look at the tail again, and never
-                # count these records as durable (a later fsync that succeeds says nothing of them).
-                self._tail_unknown = True
-                raise ShmguardError(f"cannot sync audit log {self.path} to disk: {err.strerror or err}") from None
+                raise self.sync_failed(err.errno) from None
         self.synced_seq = self.last_seq
+
+    def synced_up_to(self, seq: int) -> None:
+        """An fsync started when `seq` was the last record has returned: every record up to it is on disk."""
+        self.synced_seq = max(self.synced_seq, seq)
+
+    def sync_failed(self, error: int) -> ShmguardError:
+        """An fsync of the log failed with `error`: the error to raise or report."""
+        # The kernel may have dropped the pages: look at the tail again, and never count these records as durable
+        # (a later fsync that succeeds says nothing of them).
+        self._tail_unknown = True
+        return ShmguardError(f"cannot sync audit log {self.path} to disk: {os.strerror(error)}")
 
     def fileno(self) -> int:
         return self._fd

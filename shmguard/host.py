@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from . import layout
 from .control import WriteRequest
 from .control_server import Request
-from .early_sync import EarlySync
 from .errors import ControlError, RegionError, ShmguardError
 from .guard import Guard
 from .guest_session import (
@@ -87,8 +86,6 @@ class HostPeer:
         self._requests: dict[int, Request] = {}  # the control requests the guest session knows by token
         self._tokens = itertools.count()
         self._looked: Peers | None = None  # the peers as looked at for the request or ring being handled
-        audit = recorder.audit
-        self.early_sync = EarlySync(lambda: audit.fileno() if audit.durable else -1)
         for vector, fd in enumerate(peer.vectors):
             loop.add_reader(fd.fd, lambda v=vector, f=fd.fd: self._on_host_rung(v, f))
 
@@ -166,8 +163,6 @@ class HostPeer:
             record = self.recorder.stage("write", actor=request.actor, offset=plan.offset, length=len(plan.data),
                                          sha256=sha, detail={"padding": plan.padding},
                                          rings=[_ring_record(ring) for ring in rang])
-            if plan.targets:  # the disk starts on the record now, while the region is written and the guest reads
-                self.early_sync.start_sync()
             # before: a hole this write would fill again (and hide) is repaired from the copy first. With rings,
             # the padding our earlier writes left as NULs is looked at after them (finish), while the guest reads.
             finish = self.region.write(plan.offset, plan.data, zero_fill=plan.padding, before=self.guard.before_write,

@@ -5,11 +5,13 @@ record refuses them; leaves, refusals and incidents have happened already (`note
 and are counted. The failure is said once in the log and in `status`; every new record tries the log again,
 and the first that succeeds is preceded by an `audit-gap` record of what is missing.
 
-Group commit: `stage` and `note` write their record without an fsync; the event loop calls `flush` once before it
-waits again, and that one fsync makes every record of the turn durable. Whoever must not be told of a record
-before it is on disk (a write's reply, a peer's greeting) asks `when_durable(seq, done, failed)`: `done` runs once
-the record is on disk (at once if it is already, or the log is not durable), `failed(why)` if the fsync failed,
-never both. `record` stays durable on return, for callers that go on at once.
+Group commit: `stage` and `note` write their record without an fsync; the event loop calls `commit` once before it
+waits again, and that one fsync makes every record of the turn durable. The fsync runs in the kernel (native AIO,
+linux/aio.py) while the loop goes on serving; its completion is an event of the loop, and the records written
+meanwhile wait for the next one. Whoever must not be told of a record before it is on disk (a write's reply, a
+peer's greeting) asks `when_durable(seq, done, failed)`: `done` runs once the record is on disk (at once if it is
+already, or the log is not durable), `failed(why)` if the fsync failed, never both. `flush` is the same in line
+(it waits), for a stop or a hand-over; `record` stays durable on return, for callers that go on at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from datetime import UTC, datetime
 from .audit import Actor, AuditLog
 from .errors import ShmguardError
 from .linux import sdnotify
+from .linux.aio import AsyncFsync
 from .linux.sockets import PeerCred
 
 log = logging.getLogger("shmguard")
@@ -48,6 +51,27 @@ class Recorder:
         self.trouble: AuditTrouble | None = None
         self._waiting: list[tuple[int, Done, Failed]] = []  # (seq, done, failed) until the next flush
         self._lost: tuple[int, str] | None = None  # records up to this seq failed their fsync, and why
+        self._fsync: AsyncFsync | None = None  # the fsync in the background, once attached to a loop
+        self._target = 0  # the last record the fsync in flight covers
+        self._failed_at = 0  # the last record when an fsync last failed: no new one before a new record
+
+    def attach(self, loop) -> None:
+        """Commit in the background from here on: the loop's `commit` starts the fsync, its completion answers."""
+        if not self.audit.durable or self._fsync is not None:
+            return
+        try:
+            self._fsync = AsyncFsync()
+        except OSError as exc:  # a kernel or seccomp filter without native AIO: the fsync in line, as before
+            log.info("audit log: each turn's fsync in line (no native AIO: %s)", exc.strerror or exc)
+            return
+        loop.add_reader(self._fsync.fileno(), self._on_synced)
+
+    def close(self) -> None:
+        """The commit in flight finished in line, and what was recorded since too."""
+        self.flush()
+        if self._fsync is not None:
+            self._fsync.close()
+            self._fsync = None
 
     def record(self, action: str, *, actor: PeerCred | Actor | None = None, result: str = "ok", sync: bool = True,
                **fields) -> dict:
@@ -82,16 +106,50 @@ class Recorder:
         else:
             self._waiting.append((seq, done, failed))
 
+    def commit(self) -> bool:
+        """The loop's hook before it waits: start the fsync of what this turn recorded, unless one is in flight
+        (its completion starts the next). Returns True if the loop must come back at once, not wait."""
+        if self._fsync is None:
+            return self.flush()
+        if self._fsync.in_flight:
+            return False
+        if self.audit.unsynced and self.audit.last_seq > self._failed_at:
+            self._target = self.audit.last_seq
+            try:
+                self._fsync.start(self.audit.fileno())
+            except OSError:
+                return self.flush()  # the kernel refused this one: in line, this once
+            return False
+        self._answer_waiting()
+        return bool(self._waiting)
+
+    def _on_synced(self) -> None:
+        if self._fsync is not None and self._fsync.in_flight and (error := self._fsync.result()) is not None:
+            self._synced(error)
+
+    def _synced(self, error: int) -> None:
+        if error:
+            self._lose(self.audit.sync_failed(error))
+        else:
+            self.audit.synced_up_to(self._target)
+        self._answer_waiting()
+
+    def _lose(self, exc: ShmguardError) -> None:
+        unsynced = self.audit.last_seq - self.audit.synced_seq
+        self._lost = (self.audit.last_seq, str(exc))
+        self._failed_at = self.audit.last_seq
+        self._failed("not-synced", str(exc), unsynced)
+
     def flush(self) -> bool:
-        """One fsync for what this turn of the loop recorded, then the replies and greetings that waited for it.
+        """One fsync in line for what was recorded, then the replies and greetings that waited for it.
         Returns True if they recorded more meanwhile (the loop must come back at once, not wait)."""
+        if self._fsync is not None and self._fsync.in_flight:
+            self._synced(self._fsync.result(wait=True))
         if self.audit.unsynced:
             try:
                 self.audit.flush()
             except ShmguardError as exc:
-                unsynced = self.audit.last_seq - self.audit.synced_seq
-                self._lost = (self.audit.last_seq, str(exc))
-                self._failed("not-synced", str(exc), unsynced)
+                self._lose(exc)
                 self._answer_waiting()
                 return False  # no hurry on a failing disk: the next turn of the loop tries again
         self._answer_waiting()

@@ -202,7 +202,8 @@ class Supervisor:
             "refused", actor=cred, result="refused", detail={"op": op, "reason": reason})
         self.control.when_durable = self.recorder.when_durable  # a reply that tells of a record waits for its fsync
         self.server.when_durable = self.recorder.when_durable  # and so does a greeting: a join's record first
-        self.loop.before_wait(self.recorder.flush)  # group commit: one fsync per turn of the loop
+        self.recorder.attach(self.loop)  # group commit: one fsync per turn of the loop, run by the kernel
+        self.loop.before_wait(self.recorder.commit)  # while the loop goes on
         self.add_stop_hook(lambda: self.control.close(keep_socket=self.succession.keeping_fds()))
         if adopt is not None:
             return self.control.adopt(adopt, fd)
@@ -260,6 +261,8 @@ class Supervisor:
     def stop(self) -> None:
         keeping = self.succession.keeping_fds()
         self.stopping = True
+        if self.recorder is not None:
+            self.recorder.flush()  # the commit in flight, in line: its held replies and greetings go out first
         if keeping and self.server is not None:
             self.succession.store.write_now()  # the last state, marked as a clean stop
         for hook in reversed(self._stop_hooks):
@@ -277,6 +280,8 @@ class Supervisor:
                 _unlink_if_ours(self.region.path, self.region.state().inode)
             self.region.close()
             self.region = None
+        if self.recorder is not None:
+            self.recorder.close()
         if self.audit is not None:
             self.audit.close()
             self.audit = None
