@@ -177,6 +177,20 @@ def builtin(tmp_path_factory) -> Iterator[RunningSupervisor]:
     assert supervisor.stop() == 0, supervisor.log()
 
 
+def test_debians_cloud_kernel_still_boots_as_the_fall_back(tmp_path, monkeypatch):
+    """No own kernel in its cache: the supervisor boots Debian's kernel with its modules, says so, and it acks."""
+    monkeypatch.setenv("SHMGUARD_KERNEL_CACHE", str(tmp_path / "no-kernels"))
+    supervisor = RunningSupervisor(policy_file(tmp_path, region={"size": SIZE}), guest=True, timeout=BOOT_TIMEOUT)
+    try:
+        supervisor.wait_for("guest ready", BOOT_TIMEOUT)
+        assert "guest kernel: Debian's linux-image-" in supervisor.log()
+        reply = send(supervisor, b"on the cloud kernel", wait=True, timeout=30)
+        assert reply["ok"], reply
+        assert wait_for_guest_lines(supervisor, 1) == ["received IRQ and full message: on the cloud kernel"]
+    finally:
+        assert supervisor.stop() == 0, supervisor.log()
+
+
 def test_guest_names_its_peer_id_on_the_console_and_in_its_ready_reply(builtin):
     guest = status(builtin)["guest"]
     assert guest["handshake"] and guest["ready"] and guest["peer"] is not None
