@@ -1,6 +1,6 @@
 """Builds the built-in guest: a kernel plus an initrd with /init, the agent and (for Debian's kernel) its VFIO modules.
 
-The kernel is the guest's own, built from Debian's kernel source with guest/kernel/guest.config by
+The kernel is the guest's own, built from Debian's kernel source with guest/kernel.config by
 `shmguard guest build` (shmguard/guest_kernel.py: everything built in, nothing the guest does not use). Where
 that cannot be built, or has not been yet, it is Debian's cloud kernel from the archive (`apt-get download`,
 never installed) and its VFIO modules. The image is cached by kernel + a hash of the guest sources, so a second

@@ -1,4 +1,4 @@
-"""The built-in guest's own kernel: Debian's kernel source (linux-source-6.1) built with guest/kernel/guest.config.
+"""The built-in guest's own kernel: Debian's kernel source (linux-source-6.1) built with guest/kernel.config.
 
 Debian's cloud kernel spends most of its boot under TCG patching its own code (alternatives, jump labels,
 ftrace's NOPs: self-modifying code is slow to emulate), running initcalls for drivers the guest never sees and
@@ -29,7 +29,7 @@ from shmguard.errors import ShmguardError
 SOURCE_PACKAGE = "linux-source-6.1"  # Debian 12's kernel source; its version is the cloud kernel's
 # What the build needs besides gcc and libc6-dev: make, the Kconfig parser's flex and bison, bc for the
 # timeconst header, libelf for objtool (every x86-64 build runs it), xz for the source tarball, patch for
-# guest/kernel/*.patch; scripts/bootstrap installs them.
+# guest/kernel-*.patch; scripts/bootstrap installs them.
 BUILD_PACKAGES = ("make", "flex", "bison", "bc", "libelf-dev", "xz-utils", "patch")
 _BUILD_TOOLS = ("make", "flex", "bison", "bc", "gcc", "xz", "patch")
 _LIBELF_HEADER = Path("/usr/include/gelf.h")
@@ -46,7 +46,7 @@ class BuiltKernel:
 
 
 def config_path(sources: Path) -> Path:
-    return sources / "kernel" / "guest.config"
+    return sources / "kernel.config"
 
 
 def kernel_cache_dir() -> Path:
@@ -94,7 +94,7 @@ def missing_build_tools() -> list[str]:
 def _load(directory: Path) -> BuiltKernel:
     meta = json.loads((directory / "kernel.json").read_text())
     return BuiltKernel(directory / "vmlinux", f"built from {meta['source']} {meta['version']} "
-                                              f"with guest/kernel/ ({meta['config_sha']})")
+                                              f"with guest/kernel.config ({meta['config_sha']})")
 
 
 @contextlib.contextmanager
@@ -105,8 +105,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def patches(sources: Path) -> list[Path]:
-    """guest/kernel/*.patch, applied to the source in name order (`patch -p1`) before it is configured."""
-    return sorted(config_path(sources).parent.glob("*.patch"))
+    """guest/kernel-*.patch, applied to the source in name order (`patch -p1`) before it is configured."""
+    return sorted(sources.glob("kernel-*.patch"))
 
 
 def _config_hash(sources: Path) -> str:
@@ -203,7 +203,7 @@ def _configure(tree: Path, out: Path, fragment: Path) -> None:
     """tinyconfig + the fragment; every option the fragment names must come out as it says."""
     _run(["make", "-s", f"O={out}", "tinyconfig"], tree, "configure the guest kernel (make tinyconfig)")
     _run(["scripts/kconfig/merge_config.sh", "-m", "-O", str(out), str(out / ".config"), str(fragment)], tree,
-         "merge guest/kernel/guest.config into the kernel's config")
+         "merge guest/kernel.config into the kernel's config")
     _run(["make", "-s", f"O={out}", "olddefconfig"], tree, "complete the guest kernel's config (make olddefconfig)")
     wrong = config_mismatches(fragment.read_text(), (out / ".config").read_text())
     if wrong:
