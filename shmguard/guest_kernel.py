@@ -72,7 +72,8 @@ def build_kernel(sources: Path, log: Log, cache: Path | None = None) -> BuiltKer
         if found := cached_kernel(sources, cache):
             return found
         raise ShmguardError(f"apt-cache knows no {SOURCE_PACKAGE} (run apt-get update; this needs Debian 12)")
-    final = cache / f"linux-{version}-{_config_hash(sources)}-{_compiler_key()}"
+    key = _config_hash(sources)  # read once: the sources may change while the build runs
+    final = cache / f"linux-{version}-{key}-{_compiler_key()}"
     if (final / "kernel.json").exists():
         return _load(final)
     missing = missing_build_tools()
@@ -82,7 +83,7 @@ def build_kernel(sources: Path, log: Log, cache: Path | None = None) -> BuiltKer
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / ".lock"):
         if not (final / "kernel.json").exists():  # another build may have finished while this one waited
-            _build(sources, version, final, log)
+            _build(sources, version, key, final, log)
     return _load(final)
 
 
@@ -162,7 +163,7 @@ def _apt_lists_fingerprint() -> list[list]:
     return [[f.name, f.stat().st_mtime_ns, f.stat().st_size] for f in files]
 
 
-def _build(sources: Path, version: str, final: Path, log: Log) -> None:
+def _build(sources: Path, version: str, key: str, final: Path, log: Log) -> None:
     started = time.monotonic()
     log(f"guest: building the guest's kernel from {SOURCE_PACKAGE} {version} with {config_path(sources)} "
         f"(once: a few minutes) in {final.parent}")
@@ -189,11 +190,11 @@ def _build(sources: Path, version: str, final: Path, log: Log) -> None:
         shutil.copy(out / "vmlinux", staging / "vmlinux")
         shutil.copy(out / ".config", staging / "config")
         seconds = time.monotonic() - started
-        meta = {"source": SOURCE_PACKAGE, "version": version, "config_sha": _config_hash(sources),
+        meta = {"source": SOURCE_PACKAGE, "version": version, "config_sha": key,
                 "compiler": _compiler_key(), "build_seconds": round(seconds, 1)}
         (staging / "kernel.json").write_text(json.dumps(meta, indent=1))
         staging.rename(final)
-    for old in final.parent.glob(f"linux-*-{_config_hash(sources)}-*"):  # older versions or compilers of this config
+    for old in final.parent.glob(f"linux-*-{key}-*"):  # older versions or compilers of this config
         if old != final and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     log(f"guest: built the guest's kernel in {seconds:.0f} s")
