@@ -480,15 +480,20 @@ def guest() -> None:
 
 
 @guest.command("build")
-@click.option("--quiet", is_flag=True, help="Print nothing unless something fails.")
+@click.option("--quiet", is_flag=True, help="Print nothing unless something fails (or the own kernel cannot be built).")
 @user_errors
 def guest_build(quiet):
-    """Build (or reuse the cached) guest image; prints its kernel, initrd and command line."""
+    """Build (or reuse the cached) guest image and its own kernel; prints which kernel, the initrd and command line."""
     from .guest import build_guest
 
-    image = build_guest(log=(lambda _line: None) if quiet else lambda line: click.echo(line, err=True))
+    def say(line: str) -> None:  # --quiet still says why the guest's own kernel could not be built
+        if not quiet or line.startswith("guest: cannot"):
+            click.echo(line, err=True)
+
+    image = build_guest(log=say, build=True)
     if not quiet:
-        click.echo(f"kernel  {image.kernel}\ninitrd  {image.initrd}\ncmdline {image.cmdline}")
+        click.echo(f"kernel  {image.kernel}\n        {image.kernel_name}")
+        click.echo(f"initrd  {image.initrd}\ncmdline {image.cmdline}")
 
 
 @guest.command("domain-xml")

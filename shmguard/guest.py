@@ -1,10 +1,14 @@
-"""Builds the built-in guest: Debian's cloud kernel plus an initrd with /init, the VFIO modules and the agent.
+"""Builds the built-in guest: a kernel plus an initrd with /init, the agent and (for Debian's kernel) its VFIO modules.
 
-The kernel comes from Debian's archive (`apt-get download`, never installed). Everything is cached by
-kernel package + a hash of the guest sources, so a second build only checks files.
+The kernel is the guest's own, built from Debian's kernel source with guest/kernel.config by
+`shmguard guest build` (shmguard/guest_kernel.py: everything built in, nothing the guest does not use). Where
+that cannot be built, or has not been yet, it is Debian's cloud kernel from the archive (`apt-get download`,
+never installed) and its VFIO modules. The image is cached by kernel + a hash of the guest sources, so a second
+build only checks files; GuestImage.kernel_name says which kernel it is.
 
 What the boot costs under TCG, and what is done about it (docs/guest.md has the figures):
-- the cloud kernel (linux-image-cloud-amd64) has a fraction of the generic one's drivers and initcalls;
+- the guest's own kernel has no code to patch at boot, no modules and no initcalls but its drivers'; the cloud
+  kernel (linux-image-cloud-amd64) has a fraction of the generic one's drivers and initcalls;
 - it is booted as the decompressed vmlinux through its PVH entry (no decompression under emulation);
 - GUEST_CMDLINE skips what an emulated CPU pays dearly for and the agent never needs;
 - /init is a small static C program (guest/init.c), no shell and no fork; the initrd holds only it, the agent
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shmguard.errors import ShmguardError
+from shmguard.guest_kernel import BuiltKernel, build_kernel, cached_kernel
 
 # guest/ at the top of the repository, installed as shmguard.guest_sources (a directory, never a zip).
 GUEST_SOURCES = Path(str(importlib.resources.files("shmguard.guest_sources")))
@@ -72,6 +77,7 @@ class GuestImage:
     cmdline: str  # without shmguard.host=, which qemu_command adds
     firmware: Path | None = None  # QEMU's -bios; None keeps QEMU's default (SeaBIOS)
     machine: str = "q35"  # QEMU's -M
+    kernel_name: str = ""  # which kernel it is, for the log ("" for a kernel given by the user)
 
 
 def default_cache_dir() -> Path:
@@ -85,18 +91,41 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shmguard" / "guest"
 
 
-def build_guest(cache_dir: Path | None = None, log: Log = print) -> GuestImage:
+def build_guest(cache_dir: Path | None = None, log: Log = print, build: bool = False) -> GuestImage:
+    """The built-in guest's image, from the cache when it is there. build: also build the guest's own kernel if
+    it is not cached (minutes, once: `shmguard guest build`); without it, a supervisor starting boots the cached
+    one or else Debian's cloud kernel, never waiting for a compiler."""
     cache = cache_dir or default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    kernel_dir = _kernel(cache, log)
-    image_dir = cache / f"guest-{kernel_dir.name.removeprefix('kernel-')}-{_sources_hash()}"
-    kernel_meta = json.loads((kernel_dir / "kernel.json").read_text())
-    image = GuestImage(kernel_dir / kernel_meta["kernel"], image_dir / "initrd.cpio", GUEST_CMDLINE,
-                       QBOOT if QBOOT.is_file() else None, LEAN_Q35)
+    own, why_not = _own_kernel(build, log)
+    if own is not None:
+        kernel, modules, kernel_name = own.vmlinux, [], f"the guest's own kernel, {own.description}"
+        image_dir = cache / f"guest-own-{own.vmlinux.parent.name}-{_sources_hash()}"
+        kernel_dir = None
+    else:
+        kernel_dir = _kernel(cache, log)
+        kernel_meta = json.loads((kernel_dir / "kernel.json").read_text())
+        kernel, modules = kernel_dir / kernel_meta["kernel"], kernel_meta["modules"]
+        kernel_name = f"Debian's {kernel_dir.name.removeprefix('kernel-')} ({why_not})"
+        image_dir = cache / f"guest-{kernel_dir.name.removeprefix('kernel-')}-{_sources_hash()}"
+    image = GuestImage(kernel, image_dir / "initrd.cpio", GUEST_CMDLINE, QBOOT if QBOOT.is_file() else None,
+                       LEAN_Q35, kernel_name)
     if not image_dir.exists():
         log(f"guest: building the initrd in {image_dir}")
-        _build_initrd(image_dir, kernel_dir, kernel_meta["modules"])
+        _build_initrd(image_dir, kernel_dir, modules, "guest-own-*" if own else "guest-linux-image-*")
     return image
+
+
+def _own_kernel(build: bool, log: Log) -> tuple[BuiltKernel | None, str]:
+    """The guest's own kernel (built now if build), or None and why it is not booted."""
+    if not build:
+        found = cached_kernel(GUEST_SOURCES)
+        return found, "" if found else "the guest's own kernel is not built: `shmguard guest build` builds it"
+    try:
+        return build_kernel(GUEST_SOURCES, log), ""
+    except ShmguardError as error:
+        log(f"guest: cannot build the guest's own kernel: {error}; booting Debian's cloud kernel instead")
+        return None, f"the guest's own kernel could not be built: {error}"
 
 
 # ---- the kernel: resolve, download, extract, decompress -------------------------------------------
@@ -342,22 +371,23 @@ def _sources_hash() -> str:
 _INSTALL_HINT = "reinstall shmguard (its package carries guest/) and apt-get install gcc libc6-dev lz4"
 
 
-def _build_initrd(image_dir: Path, kernel_dir: Path, modules: list[str]) -> None:
+def _build_initrd(image_dir: Path, kernel_dir: Path | None, modules: list[str], siblings: str) -> None:
+    """/init, the agent and the modules to load (none for the guest's own kernel: no lib/modules at all); older
+    images of the same kind (siblings) go."""
     with tempfile.TemporaryDirectory(dir=image_dir.parent, prefix="build-") as tmp:
         staging = Path(tmp) / "guest"
         staging.mkdir()
         init, agent = staging / "init", staging / "shmguard-agent"
         _compile(GUEST_SOURCES / "init.c", init)
         _compile(GUEST_SOURCES / "agent.c", agent)
-        files = [
-            ("init", 0o755, init.read_bytes()),
-            ("bin/shmguard-agent", 0o755, agent.read_bytes()),
-            ("lib/modules/load-order", 0o644, "".join(f"{m}\n" for m in modules).encode()),
-        ]
-        files += [(f"lib/modules/{m}.ko", 0o644, (kernel_dir / f"{m}.ko").read_bytes()) for m in modules]
+        files = [("init", 0o755, init.read_bytes()), ("bin/shmguard-agent", 0o755, agent.read_bytes())]
+        if modules:
+            assert kernel_dir is not None
+            files.append(("lib/modules/load-order", 0o644, "".join(f"{m}\n" for m in modules).encode()))
+            files += [(f"lib/modules/{m}.ko", 0o644, (kernel_dir / f"{m}.ko").read_bytes()) for m in modules]
         (staging / "initrd.cpio").write_bytes(newc_archive(files))
         init.unlink()  # inside the archive; the agent stays beside it for whoever wants to look at it
-        _publish(staging, image_dir, "guest-*")
+        _publish(staging, image_dir, siblings)
 
 
 def _publish(staging: Path, final: Path, siblings: str) -> None:

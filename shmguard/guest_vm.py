@@ -58,6 +58,8 @@ def guest_command(options: GuestOptions, policy: Policy, host_peer_id: int, slot
                             policy.qemu.memory, options.qemu_args)
     image = build_guest(log=log.info) if options.builtin else GuestImage(
         Path(options.kernel), Path(options.initrd) if options.initrd else None, options.append)
+    if options.builtin:
+        log.info("guest kernel: %s", image.kernel_name)
     accel, reason = choose_accel(kernel=image.kernel)
     log.info("QEMU accelerator: %s (%s)", accel, reason)
     if options.builtin and accel == "tcg" and (hint := tcg_tsc_hint()):
@@ -73,6 +75,7 @@ def slot_command(socket_path: str, vectors: int, host_peer_id: int, guests: int,
     contrib server with a plain peer as the host): the guest's slot and the host's peer id on its command line."""
     image = build_guest(log=log.info)
     image = dataclasses.replace(image, cmdline=f"{image.cmdline} {slot_params(guests, slot)}")
+    log.info("guest kernel: %s", image.kernel_name)
     accel, reason = choose_accel(kernel=image.kernel)
     log.info("QEMU accelerator: %s (%s)", accel, reason)
     if accel == "tcg" and (hint := tcg_tsc_hint()):

@@ -69,8 +69,10 @@ def test_second_build_comes_from_the_cache(guest):
     assert "shmguard.host" not in guest.cmdline and "intel_iommu=on" in guest.cmdline
 
 
-def test_kernel_is_the_cloud_flavour_as_a_pvh_vmlinux(guest):
-    assert guest.kernel.name == "vmlinux" and "-cloud-" in guest.kernel.parent.name
+def test_kernel_is_the_guests_own_as_a_pvh_vmlinux(guest):
+    """bootstrap's setup builds it once; Debian's cloud kernel is only the fall-back (tests/test_guest_kernel.py)."""
+    assert guest.kernel.name == "vmlinux" and guest.kernel_name.startswith("the guest's own kernel, built from "), \
+        guest.kernel_name
     assert has_pvh_note(guest.kernel.read_bytes())
 
 
@@ -89,12 +91,20 @@ def test_guest_programs_compile_without_warnings(tmp_path, source):
     subprocess.run([*command, str(GUEST_SOURCES / source)], check=True, capture_output=True)
 
 
-def test_initrd_holds_init_agent_and_modules_in_load_order_and_no_shell(guest):
+def test_initrd_holds_init_and_agent_and_no_shell_and_no_modules_for_the_own_kernel(guest):
     files = read_newc(guest.initrd.read_bytes())
     assert files["init"][0] & 0o777 == 0o755 and files["init"][1].startswith(b"\x7fELF")  # guest/init.c, static
     assert files["dev/console"][0] == 0o20600  # character device: init's console before devtmpfs
     assert files["bin/shmguard-agent"][1].startswith(b"\x7fELF")
     assert "bin/busybox" not in files and "bin/sh" not in files
+    assert not any(name.startswith("lib/modules/") for name in files)  # VFIO is built in
+    config = (guest.kernel.parent / "config").read_text().splitlines()
+    assert {"CONFIG_VFIO_PCI=y", "CONFIG_VFIO_IOMMU_TYPE1=y", "# CONFIG_MODULES is not set"} <= set(config)
+
+
+def test_initrd_for_debians_kernel_holds_its_modules_in_load_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHMGUARD_KERNEL_CACHE", str(tmp_path))  # no own kernel here: the fall-back's image
+    files = read_newc(build_guest(log=lambda _line: None).initrd.read_bytes())
     order = files["lib/modules/load-order"][1].decode().split()
     assert order.index("vfio") < order.index("vfio_iommu_type1") < order.index("vfio_pci")
     assert all(f"lib/modules/{name}.ko" in files for name in order)
@@ -165,6 +175,20 @@ def builtin(tmp_path_factory) -> Iterator[RunningSupervisor]:
     print(f"supervisor READY=1 to guest ready: {time.monotonic() - started:.2f} s")
     yield supervisor
     assert supervisor.stop() == 0, supervisor.log()
+
+
+def test_debians_cloud_kernel_still_boots_as_the_fall_back(tmp_path, monkeypatch):
+    """No own kernel in its cache: the supervisor boots Debian's kernel with its modules, says so, and it acks."""
+    monkeypatch.setenv("SHMGUARD_KERNEL_CACHE", str(tmp_path / "no-kernels"))
+    supervisor = RunningSupervisor(policy_file(tmp_path, region={"size": SIZE}), guest=True, timeout=BOOT_TIMEOUT)
+    try:
+        supervisor.wait_for("guest ready", BOOT_TIMEOUT)
+        assert "guest kernel: Debian's linux-image-" in supervisor.log()
+        reply = send(supervisor, b"on the cloud kernel", wait=True, timeout=30)
+        assert reply["ok"], reply
+        assert wait_for_guest_lines(supervisor, 1) == ["received IRQ and full message: on the cloud kernel"]
+    finally:
+        assert supervisor.stop() == 0, supervisor.log()
 
 
 def test_guest_names_its_peer_id_on_the_console_and_in_its_ready_reply(builtin):
