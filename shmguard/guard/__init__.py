@@ -69,9 +69,9 @@ class Guard:
         self.contents.start()
         self.names.start(anchor=inherited.get("anchor"))
         self.watches.open()
-        self.attribution.start(target.fd, target.is_file, self.incidents.on_touch, self.contents.opened_by,
+        self.attribution.start(target.fd, target.is_file, self._on_touch, self.contents.opened_by,
                                inherited=inherited.get("attribution"))
-        self.watches.start(target.fd, target.is_file, self._on_events)
+        self.watches.start(target.fd, target.is_file, self._on_events, self._on_wake)
         self.started = True
         self._ensure_watches()
         self.check()  # whatever is already wrong is an incident too
@@ -149,6 +149,23 @@ class Guard:
 
     def _on_events(self, modified: bool, closed: bool, opened: bool) -> None:
         self.check(modified=modified, closed=closed, opened=opened)
+
+    def _on_wake(self) -> bool:
+        """First on every wake by the kernel's watches (inotify or fanotify), before their events are read and
+        before anyone is named: a resized region gets its size and contents back (Contents.restore_size_first);
+        the check that follows records the incident."""
+        try:
+            return self.contents.restore_size_first()
+        except OSError as exc:  # the region could not be looked at; the check looks again
+            log.error("guard: check failed: %s", exc)
+            return False
+
+    def _on_touch(self) -> None:
+        """fanotify has events (it may be ready before inotify): repair first, then the waiting incidents get
+        their offenders; a repair made here is recorded by a check at once (inotify's, or the follow-up)."""
+        if self._on_wake():
+            self.follow_up.schedule()
+        self.incidents.on_touch()
 
     def _ensure_watches(self) -> None:
         """(Re)watch the directories and the current socket inodes; cheap, so done after every check."""

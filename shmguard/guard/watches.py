@@ -40,14 +40,17 @@ class Watches:
         self._dir_names: dict[int, set[str]] = {}  # directory watch -> the entry names that concern us
         self._socket_watches: dict[str, tuple[tuple[int, int], int]] = {}
         self._on_events: OnEvents = lambda modified, closed, opened: None
+        self._on_wake: Callable[[], None] = lambda: None
 
     def open(self) -> None:
         self.inotify = INotify(nonblocking=True)
 
-    def start(self, fd: int, is_file: bool, on_events: OnEvents) -> None:
+    def start(self, fd: int, is_file: bool, on_events: OnEvents, on_wake: Callable[[], None] = lambda: None) -> None:
+        """on_wake: called first, before the events are read (what must not wait for them: a resize's repair).
+        The inotify fd is the loop's first reader: in a batch of ready fds, it is handled before the others."""
         self._region_wd = self.inotify.add_watch(fd_path(fd), REGION_EVENTS if is_file else MEMFD_EVENTS)
-        self._on_events = on_events
-        self.loop.add_reader(self.inotify.fileno(), self._on_inotify)
+        self._on_events, self._on_wake = on_events, on_wake
+        self.loop.add_reader(self.inotify.fileno(), self._on_inotify, first=True)
 
     def close(self) -> None:
         if self.inotify is not None:
@@ -92,6 +95,7 @@ class Watches:
             pass  # the inode is already gone, and the watch with it
 
     def _on_inotify(self) -> None:
+        self._on_wake()
         events = self.inotify.read(timeout=0)
         for event in events:
             if event.mask & F.IGNORED:
