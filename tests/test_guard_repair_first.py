@@ -137,3 +137,24 @@ def test_an_alerted_resize_is_not_repaired_first_and_is_recorded_once(tmp_path):
     finally:
         os.ftruncate(guarded.region.fd, guarded.size)
         guarded.close()
+
+
+def test_a_write_landing_right_after_the_first_repair_is_a_batch_of_its_own_and_undone(tmp_path):
+    """`echo hello >` truncates, then writes: a write landing between the repair and the check that records it
+    must not be folded into the events the repair answers (the check skips the contents of that batch)."""
+    guarded = Guarded(tmp_path)
+    try:
+        fd = os.open(guarded.policy.region.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, 0)
+            assert guarded.guard._on_wake() is True, "repaired first thing, the events queued so far taken"
+            os.pwrite(fd, b"hello", 8 * 4096)  # the tampering's write, after the repair
+            guarded.guard.watches.dispatch(repaired=True)  # the check of the batch the repair answers
+        finally:
+            os.close(fd)
+        guarded.turns_until(2)
+        kinds = [(r["detail"]["kind"], r["result"]) for r in guarded.records]
+        assert kinds == [("shrink", "repaired"), ("contents", "repaired")], kinds
+        assert guarded.whole()
+    finally:
+        guarded.close()

@@ -151,20 +151,20 @@ class Guard:
         self.check(modified=modified, closed=closed, opened=opened)
 
     def _on_wake(self) -> bool:
-        """First on every wake by the kernel's watches (inotify or fanotify), before their events are read and
-        before anyone is named: a resized region gets its size and contents back (Contents.restore_size_first);
-        the check that follows records the incident."""
+        """First on every wake by the kernel's watches (inotify or fanotify), before their events are parsed and
+        before anyone is named: a resized region gets its size and contents back (Contents.restore_size_first),
+        the inotify events queued until then taken just before; the check that follows records the incident."""
         try:
-            return self.contents.restore_size_first()
+            return self.contents.restore_size_first(self.watches.take)
         except OSError as exc:  # the region could not be looked at; the check looks again
             log.error("guard: check failed: %s", exc)
             return False
 
     def _on_touch(self) -> None:
-        """fanotify has events (it may be ready before inotify): repair first, then the waiting incidents get
-        their offenders; a repair made here is recorded by a check at once (inotify's, or the follow-up)."""
+        """fanotify has events (it may be ready before inotify): repair first, then the check on the inotify
+        events taken before the repair (it records the incident), then the waiting incidents get their offenders."""
         if self._on_wake():
-            self.follow_up.schedule()
+            self.watches.dispatch(repaired=True)
         self.incidents.on_touch()
 
     def _ensure_watches(self) -> None:

@@ -159,18 +159,20 @@ class Contents:
 
     # --- the checks --------------------------------------------------------------------------------------
 
-    def restore_size_first(self) -> bool:
-        """The first thing the guard does when woken, before it reads what woke it and before anything else in the
-        loop: a region of the wrong size gets its size and contents back at once (one fstat when it is whole).
-        The check that follows records the incident, names the offender and completes the allocation. Only where
-        the policy repairs resizes, and not while a failed repair of one stands (the check retries that).
-        True if it repaired (the caller makes sure a check follows)."""
+    def restore_size_first(self, before_repair: Callable[[], None] = lambda: None) -> bool:
+        """The first thing the guard does when woken, before it parses what woke it and before anything else in
+        the loop: a region of the wrong size gets its size and contents back at once (one fstat when it is whole).
+        before_repair (the watches' take) runs just before the repair: events queued after it, a write landing
+        after the repair included, are a batch of their own. The check that follows records the incident, names
+        the offender and completes the allocation. Only where the policy repairs resizes, and not while a failed
+        repair of one stands (the check retries that). True if it repaired (a check must follow)."""
         if self.closed or self._resized is not None or self.responses.on_resize != "repair":
             return False
         detected_ns = time.monotonic_ns()
         st = os.fstat(self.target.fd)
         if st.st_size == self.target.size or self.incidents.unresolved(SIZE_KINDS):
             return False
+        before_repair()
         responded = Responded.now("repair", {}, self._restore_size_and_contents, detected_ns)
         self._resized = (st, responded)
         self.tampered_until_ns = detected_ns + TAMPER_WINDOW_NS
