@@ -230,9 +230,16 @@ class Contents:
 
     def _restore_size_and_contents(self) -> dict:
         """After a resize: the size back (no fstat first: the size was seen wrong, and an ftruncate to the right
-        size is right whatever happened since), then the contents (_restore_contents)."""
-        os.ftruncate(self.target.fd, self.target.size)
-        self.known_good.put_back(self.target.fd)
+        size is right whatever happened since), then the contents (_restore_contents). With nothing allocated
+        after the ftruncate (a truncation to 0: all of it reads as zeros) only the copy's non-zero pages are
+        written, known from one fstat: put_back's SEEK_DATA would fail with ENXIO, which costs 20 us cold."""
+        fd, known_good = self.target.fd, self.known_good
+        os.ftruncate(fd, self.target.size)
+        if os.fstat(fd).st_blocks == 0:
+            for start, stop in known_good.nonzero_runs():
+                pwrite_all(fd, known_good.view[start:stop], start)
+        else:
+            known_good.put_back(fd)
         return {}
 
     def _restore_contents(self) -> dict:
