@@ -55,6 +55,7 @@ class Guard:
         self.sockets = Sockets(list(sockets), policy, self.incidents, self._ensure_watches)
         self.watches = Watches(loop, self.attribution)
         self.started = False
+        self._checking = False  # a check is under way (a repair it makes may ask for another: see check)
 
     # --- starting and stopping ---------------------------------------------------------------------------
 
@@ -125,7 +126,23 @@ class Guard:
     # --- the check ---------------------------------------------------------------------------------------
 
     def check(self, modified: bool = False, closed: bool = False, opened: bool = False) -> None:
-        """Compare the truth with the policy and respond to every difference."""
+        """Compare the truth with the policy and respond to every difference.
+
+        Never inside itself: a socket's repair admits the connections waiting in the old listener's backlog,
+        and admitting asks for a check (the region must be whole before a greeting). A check run there would
+        compare the socket's path, which holds the fresh listener already, with the listener the server still
+        names, rebind again, and reset the incidents this check has seen. So a check asked for during one is
+        a follow-up check right after it; the region was looked at first in this one (the contents step)."""
+        if self._checking:
+            self.follow_up.schedule()
+            return
+        self._checking = True
+        try:
+            self._check(modified, closed, opened)
+        finally:
+            self._checking = False
+
+    def _check(self, modified: bool, closed: bool, opened: bool) -> None:
         self.incidents.begin_check()
         self.names.begin_check()
         # The contents first: a repair does not wait for the offender to be named (attribution.collect reads the
