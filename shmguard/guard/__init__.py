@@ -55,6 +55,7 @@ class Guard:
         self.sockets = Sockets(list(sockets), policy, self.incidents, self._ensure_watches)
         self.watches = Watches(loop, self.attribution)
         self.started = False
+        self._checking = False  # a check is under way (a repair it makes may ask for another: see check)
 
     # --- starting and stopping ---------------------------------------------------------------------------
 
@@ -69,9 +70,9 @@ class Guard:
         self.contents.start()
         self.names.start(anchor=inherited.get("anchor"))
         self.watches.open()
-        self.attribution.start(target.fd, target.is_file, self.incidents.on_touch, self.contents.opened_by,
+        self.attribution.start(target.fd, target.is_file, self._on_touch, self.contents.opened_by,
                                inherited=inherited.get("attribution"))
-        self.watches.start(target.fd, target.is_file, self._on_events)
+        self.watches.start(target.fd, target.is_file, self._on_events, self._on_wake)
         self.started = True
         self._ensure_watches()
         self.check()  # whatever is already wrong is an incident too
@@ -125,7 +126,23 @@ class Guard:
     # --- the check ---------------------------------------------------------------------------------------
 
     def check(self, modified: bool = False, closed: bool = False, opened: bool = False) -> None:
-        """Compare the truth with the policy and respond to every difference."""
+        """Compare the truth with the policy and respond to every difference.
+
+        Never inside itself: a socket's repair admits the connections waiting in the old listener's backlog,
+        and admitting asks for a check (the region must be whole before a greeting). A check run there would
+        compare the socket's path, which holds the fresh listener already, with the listener the server still
+        names, rebind again, and reset the incidents this check has seen. So a check asked for during one is
+        a follow-up check right after it; the region was looked at first in this one (the contents step)."""
+        if self._checking:
+            self.follow_up.schedule()
+            return
+        self._checking = True
+        try:
+            self._check(modified, closed, opened)
+        finally:
+            self._checking = False
+
+    def _check(self, modified: bool, closed: bool, opened: bool) -> None:
         self.incidents.begin_check()
         self.names.begin_check()
         # The contents first: a repair does not wait for the offender to be named (attribution.collect reads the
@@ -149,6 +166,23 @@ class Guard:
 
     def _on_events(self, modified: bool, closed: bool, opened: bool) -> None:
         self.check(modified=modified, closed=closed, opened=opened)
+
+    def _on_wake(self) -> bool:
+        """First on every wake by the kernel's watches (inotify or fanotify), before their events are parsed and
+        before anyone is named: a resized region gets its size and contents back (Contents.restore_size_first),
+        the inotify events queued until then taken just before; the check that follows records the incident."""
+        try:
+            return self.contents.restore_size_first(self.watches.take)
+        except OSError as exc:  # the region could not be looked at; the check looks again
+            log.error("guard: check failed: %s", exc)
+            return False
+
+    def _on_touch(self) -> None:
+        """fanotify has events (it may be ready before inotify): repair first, then the check on the inotify
+        events taken before the repair (it records the incident), then the waiting incidents get their offenders."""
+        if self._on_wake():
+            self.watches.dispatch(repaired=True)
+        self.incidents.on_touch()
 
     def _ensure_watches(self) -> None:
         """(Re)watch the directories and the current socket inodes; cheap, so done after every check."""

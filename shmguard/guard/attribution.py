@@ -67,7 +67,7 @@ class Attribution:
             self.description = f"unavailable (fanotify_mark: {exc.strerror})"
             return
         self.witnesses = Witnesses(fanotify)
-        self.loop.add_reader(fanotify.fd, on_touch)
+        self.loop.add_reader(fanotify.fd, on_touch, first=True)  # on_touch repairs a resize before it names anyone
         self.description = "fanotify"
         self._start_openers(fd)
 
@@ -85,7 +85,7 @@ class Attribution:
     def _adopt(self, state: dict, on_touch: Callable[[], None]) -> None:
         fanotify = Fanotify(state["fanotify_fd"])
         self.witnesses = Witnesses(fanotify)
-        self.loop.add_reader(fanotify.fd, on_touch)
+        self.loop.add_reader(fanotify.fd, on_touch, first=True)
         self.description = state["description"]
         if state.get("openers") is not None:
             self.openers = OpenerWitness(state["openers"]["pid"], state["openers"]["fd"],

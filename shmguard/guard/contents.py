@@ -17,7 +17,7 @@ from ..linux.opener_witness import Opener
 from ..policy import GuardPolicy
 from ..region import pwrite_all
 from .entries import FollowUp, Target, region_state
-from .incidents import Incidents
+from .incidents import Incidents, Responded
 from .known_good import PAGE, Allocation, KnownGood, first_hole, next_extent  # noqa: F401 - PAGE: its unit
 
 TAMPER_WINDOW_NS = 1_000_000_000  # after a resize or hole, writes until the writer's close are undone too
@@ -26,6 +26,7 @@ REFRESH_INTERVAL_NS = 50_000_000  # at most one read of the whole region per int
 # Incidents that mean the region's contents cannot be trusted: no known-good copy is taken while one is unresolved.
 PAGE_LOOKS = 32  # a write touching up to this many pages is checked for holes page by page (SEEK_DATA each)
 CONTENT_KINDS = frozenset({"shrink", "grow", "hole", "preallocation", "contents"})
+SIZE_KINDS = frozenset({"shrink", "grow"})
 
 
 def allocate(fd: int, size: int) -> None:
@@ -76,6 +77,7 @@ class Contents:
         self._hole_stride = -(-target.size // HOLE_SEEK_BYTES)  # every scan fstats; every this many, SEEK_HOLE too
         self._last_refresh_ns = 0
         self._refresh_scheduled = False
+        self._resized: tuple[os.stat_result, Responded] | None = None  # put back at once, for the check to report
 
     @property
     def intact(self) -> Allocation:
@@ -163,15 +165,36 @@ class Contents:
 
     # --- the checks --------------------------------------------------------------------------------------
 
+    def restore_size_first(self, before_repair: Callable[[], None] = lambda: None) -> bool:
+        """The first thing the guard does when woken, before it parses what woke it and before anything else in
+        the loop: a region of the wrong size gets its size and contents back at once (one fstat when it is whole).
+        before_repair (the watches' take) runs just before the repair: events queued after it, a write landing
+        after the repair included, are a batch of their own. The check that follows records the incident, names
+        the offender and completes the allocation. Only where the policy repairs resizes, and not while a failed
+        repair of one stands (the check retries that). True if it repaired (a check must follow)."""
+        if self.closed or self._resized is not None or self.responses.on_resize != "repair":
+            return False
+        detected_ns = time.monotonic_ns()
+        st = os.fstat(self.target.fd)
+        if st.st_size == self.target.size or self.incidents.unresolved(SIZE_KINDS):
+            return False
+        before_repair()
+        responded = Responded.now("repair", {}, self._restore_size_and_contents, detected_ns)
+        self._resized = (st, responded)
+        self.tampered_until_ns = detected_ns + TAMPER_WINDOW_NS
+        return True
+
     def check(self, modified: bool, closed: bool) -> None:
         fd, size, path = self.target.fd, self.target.size, self.target.path
+        resized, self._resized = self._resized, None
+        if resized is not None:  # size and contents were put back first thing: record it, complete the allocation
+            self._report_resize(*resized)
         st = os.fstat(fd)
         content_response = "alert" if self.responses.on_resize == "alert" else "repair"
         if st.st_size != size:
-            kind = "shrink" if st.st_size < size else "grow"
-            self.incidents.report(kind, path, {"region": region_state(st)}, self.responses.on_resize,
-                                  self._restore_contents, self._complete_allocation)
-            self.tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
+            self._report_resize(st)
+        elif resized is not None:
+            pass  # the allocation was completed with the incident, as after a resize found by this check
         elif self._check_allocation(st, content_response):
             self.tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
         elif modified and time.monotonic_ns() < self.tampered_until_ns:
@@ -183,6 +206,12 @@ class Contents:
             self.refresh()  # an in-place write (a member's `dd conv=notrunc`) survives repairs
         if closed:
             self.tampered_until_ns = 0  # the writer is done: its next write is an in-place write again
+
+    def _report_resize(self, st: os.stat_result, responded: Responded | None = None) -> None:
+        kind = "shrink" if st.st_size < self.target.size else "grow"
+        self.incidents.report(kind, self.target.path, {"region": region_state(st)}, self.responses.on_resize,
+                              self._restore_size_and_contents, self._complete_allocation, responded)
+        self.tampered_until_ns = time.monotonic_ns() + TAMPER_WINDOW_NS
 
     def _check_allocation(self, st: os.stat_result, response: str) -> bool:
         """Pages past the end (fallocate KEEP_SIZE, which would hide a hole from st_blocks) and holes inside
@@ -205,10 +234,24 @@ class Contents:
         free_past_eof(self.target.fd, self.target.size)
         return {"region": region_state(os.fstat(self.target.fd))}
 
+    def _restore_size_and_contents(self) -> dict:
+        """After a resize: the size back (no fstat first: the size was seen wrong, and an ftruncate to the right
+        size is right whatever happened since), then the contents (_restore_contents). With nothing allocated
+        after the ftruncate (a truncation to 0: all of it reads as zeros) only the copy's non-zero pages are
+        written, known from one fstat: put_back's SEEK_DATA would fail with ENXIO, which costs 20 us cold."""
+        fd, known_good = self.target.fd, self.known_good
+        os.ftruncate(fd, self.target.size)
+        if os.fstat(fd).st_blocks == 0:
+            for start, stop in known_good.nonzero_runs():
+                pwrite_all(fd, known_good.view[start:stop], start)
+        else:
+            known_good.put_back(fd)
+        return {}
+
     def _restore_contents(self) -> dict:
-        """Size and contents back, and nothing else: the pages a truncation or a punch left as holes already read
-        as zeros, so only the copy's non-zero pages (and whatever holds data) are written. _complete_allocation
-        follows, once the incident has its time."""
+        """Contents back, and nothing else: the pages a truncation or a punch left as holes already read as zeros,
+        so only the copy's non-zero pages (and whatever holds data) are written. _complete_allocation follows,
+        once the incident has its time."""
         fd = self.target.fd
         if os.fstat(fd).st_size != self.target.size:
             os.ftruncate(fd, self.target.size)

@@ -46,6 +46,23 @@ class Incident:
     detail: dict
 
 
+@dataclass(frozen=True)
+class Responded:
+    """A response carried out before its incident is reported (Contents.restore_size_first: size and contents put
+    back first thing on a wake, before the check that reports it): what respond() returned, when the guard looked
+    and when it was done."""
+
+    result: str
+    after: dict
+    detected_ns: int
+    done_ns: int
+
+    @classmethod
+    def now(cls, response: str, before: dict, repair: Callable[[], dict] | None, detected_ns: int) -> Responded:
+        result, after = respond(response, before, repair)
+        return cls(result, after, detected_ns, time.monotonic_ns())
+
+
 def listed(name: str, items: list) -> dict:
     """A list for an incident's detail: its first LIST_LIMIT entries, and how many there are."""
     return {name: items[:LIST_LIMIT], f"{name}_count": len(items)}
@@ -129,16 +146,19 @@ class Incidents:
         return any(kind in kinds for kind, _ in self._outstanding)
 
     def report(self, kind: str, path: str, before: dict, response: str, repair: Callable[[], dict] | None,
-               complete: Callable[[], dict] | None = None) -> None:
+               complete: Callable[[], dict] | None = None, responded: Responded | None = None) -> None:
         """complete: the rest of a repair that the incident's time does not include (what a reader of the region
-        no longer waits for); its result is the state after."""
+        no longer waits for); its result is the state after. responded: the response was carried out already
+        (repair is then not called again)."""
         key = (kind, path)
         self._seen.add(key)
         signature = json.dumps(before, sort_keys=True, default=str)
-        if self._outstanding.get(key) == signature:
+        if responded is None and self._outstanding.get(key) == signature:
             return  # already recorded, still unresolved: one record, not one per event
-        result, after = respond(response, before, repair)
-        done_ns = time.monotonic_ns()
+        if responded is None:
+            responded = Responded.now(response, before, repair, self._detected_ns)
+        result, after, detected_ns, done_ns = (responded.result, responded.after, responded.detected_ns,
+                                               responded.done_ns)
         if result == "repaired" and complete is not None:
             try:
                 after = {**after, **complete()}
@@ -148,8 +168,8 @@ class Incidents:
             self._outstanding[key] = signature
         incident = Incident(kind, result, OFFENCES.get(kind, FAN_MODIFY | FAN_ATTRIB), done_ns + ATTRIBUTION_WAIT_NS, {
             "kind": kind, "path": path, "before": before, "after": after, "response": response,
-            "repair_ms": round((done_ns - self._detected_ns) / 1e6, 3),
-            "detected_ns": self._detected_ns, "done_ns": done_ns, "found_by": "scan" if self.by_scan else "event",
+            "repair_ms": round((done_ns - detected_ns) / 1e6, 3),
+            "detected_ns": detected_ns, "done_ns": done_ns, "found_by": "scan" if self.by_scan else "event",
         })
         offender = self.attribution.claim(incident.mask)
         if offender is None and self.attribution.witnesses is not None:

@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from inotify_simple import INotify
+from inotify_simple import INotify, parse_events
 from inotify_simple import flags as F
 
 from ..linux.procfs import fd_path
@@ -40,14 +40,19 @@ class Watches:
         self._dir_names: dict[int, set[str]] = {}  # directory watch -> the entry names that concern us
         self._socket_watches: dict[str, tuple[tuple[int, int], int]] = {}
         self._on_events: OnEvents = lambda modified, closed, opened: None
+        self._on_wake: Callable[[], bool] = lambda: False
+        self._taken = b""  # events read (take) and not yet handled (dispatch)
 
     def open(self) -> None:
         self.inotify = INotify(nonblocking=True)
 
-    def start(self, fd: int, is_file: bool, on_events: OnEvents) -> None:
+    def start(self, fd: int, is_file: bool, on_events: OnEvents, on_wake: Callable[[], bool] = lambda: False) -> None:
+        """on_wake: called first, before the events are parsed (what must not wait for them: a resize's repair);
+        True if it repaired, having called take() just before (see _on_inotify). The inotify fd is the loop's
+        first reader: in a batch of ready fds, it is handled before the others."""
         self._region_wd = self.inotify.add_watch(fd_path(fd), REGION_EVENTS if is_file else MEMFD_EVENTS)
-        self._on_events = on_events
-        self.loop.add_reader(self.inotify.fileno(), self._on_inotify)
+        self._on_events, self._on_wake = on_events, on_wake
+        self.loop.add_reader(self.inotify.fileno(), self._on_inotify, first=True)
 
     def close(self) -> None:
         if self.inotify is not None:
@@ -91,17 +96,33 @@ class Watches:
         except OSError:
             pass  # the inode is already gone, and the watch with it
 
+    def take(self) -> None:
+        """Read the events queued now, unparsed (one read; a repair that follows must not wait for more). What
+        happens after it is a new event, and so a new check: a write landing after a repair is never taken into
+        the batch that the repair answers (Contents.check undoes it in the tampering's second)."""
+        try:
+            self._taken += os.read(self.inotify.fileno(), 65536)
+        except BlockingIOError:
+            pass
+
     def _on_inotify(self) -> None:
-        events = self.inotify.read(timeout=0)
+        repaired = self._on_wake()  # it took the events queued before its repair; no more go into this batch
+        if not repaired:
+            self.take()
+        self.dispatch(repaired)
+
+    def dispatch(self, repaired: bool = False) -> None:
+        """Handle the events taken: one check if any concern us, or if a repair was made (it is recorded by it)."""
+        events, self._taken = parse_events(self._taken), b""
         for event in events:
             if event.mask & F.IGNORED:
                 self._dir_names.pop(event.wd, None)
         relevant = [event for event in events if self._concerns_us(event)]
-        if not relevant:
+        if not relevant and not repaired:
             return
         on_region = [event.mask for event in relevant if event.wd == self._region_wd]
-        self._on_events(any(mask & F.MODIFY for mask in on_region), any(mask & F.CLOSE_WRITE for mask in on_region),
-                        any(mask & F.OPEN for mask in on_region))
+        self._on_events(repaired or any(mask & F.MODIFY for mask in on_region),
+                        any(mask & F.CLOSE_WRITE for mask in on_region), any(mask & F.OPEN for mask in on_region))
 
     def _concerns_us(self, event) -> bool:
         if event.mask & (F.Q_OVERFLOW | F.IGNORED):
