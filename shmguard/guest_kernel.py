@@ -4,8 +4,8 @@ Debian's cloud kernel spends most of its boot under TCG patching its own code (a
 ftrace's NOPs: self-modifying code is slow to emulate), running initcalls for drivers the guest never sees and
 loading the VFIO modules. A kernel configured for the guest alone has none of that (docs/guest.md has the
 figures). It is built once per source version, config and compiler, with `shmguard guest build`, and cached
-outside the checkout; `build_kernel` returns None-free answers: the cached kernel, or a ShmguardError saying why
-there is none (then shmguard/guest.py boots Debian's cloud kernel instead, and says so).
+outside the checkout; `build_kernel` returns the cached kernel or raises a ShmguardError saying why there is none
+(then shmguard/guest.py boots Debian's cloud kernel instead, and says so).
 """
 
 from __future__ import annotations
