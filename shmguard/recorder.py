@@ -52,7 +52,8 @@ class Recorder:
         self._waiting: list[tuple[int, Done, Failed]] = []  # (seq, done, failed) until the next flush
         self._lost: tuple[int, str] | None = None  # records up to this seq failed their fsync, and why
         self._fsync: AsyncFsync | None = None  # the fsync in the background, once attached to a loop
-        self._target = 0  # the last record the fsync in flight covers
+        self._started_to = 0  # the last record the newest fsync in flight covers
+        self._outcomes: dict[int, int | None] = {}  # target -> errno once its fsync completed, None before
         self._failed_at = 0  # the last record when an fsync last failed: no new one before a new record
 
     def attach(self, loop) -> None:
@@ -107,32 +108,48 @@ class Recorder:
             self._waiting.append((seq, done, failed))
 
     def commit(self) -> bool:
-        """The loop's hook before it waits: start the fsync of what this turn recorded, unless one is in flight
-        (its completion starts the next). Returns True if the loop must come back at once, not wait."""
+        """The loop's hook before it waits: start an fsync of what was recorded since the newest one in flight
+        began (a few run at once; with every slot taken, a completion starts it). Returns True if the loop must
+        come back at once, not wait."""
         if self._fsync is None:
             return self.flush()
-        if self._fsync.in_flight:
-            return False
-        if self.audit.unsynced and self.audit.last_seq > self._failed_at:
-            self._target = self.audit.last_seq
+        last = self.audit.last_seq
+        if self.audit.unsynced and last > max(self._failed_at, self._started_to):
+            if self._fsync.full:
+                return False  # a completion starts it
             try:
-                self._fsync.start(self.audit.fileno())
+                self._fsync.start(self.audit.fileno(), last)
             except OSError:
                 return self.flush()  # the kernel refused this one: in line, this once
+            self._started_to = last
+            self._outcomes[last] = None
+            return False
+        if self._fsync.in_flight:
             return False
         self._answer_waiting()
         return bool(self._waiting)
 
     def _on_synced(self) -> None:
-        if self._fsync is not None and self._fsync.in_flight and (error := self._fsync.result()) is not None:
-            self._synced(error)
+        if self._fsync is not None:
+            self._synced(self._fsync.completed())
 
-    def _synced(self, error: int) -> None:
-        if error:
-            self._lose(self.audit.sync_failed(error))
-        else:
-            self.audit.synced_up_to(self._target)
-        self._answer_waiting()
+    def _synced(self, results: list[tuple[int, int]]) -> None:
+        """(last record it covers, errno) of each fsync that completed, taken in the order they were started: the
+        kernel reports a write-back error to one fsync of the description only, so a later one's success says
+        nothing until every earlier one has said how it ended. A success puts every record up to its target on
+        disk; a failure vouches for none written so far."""
+        for target, error in results:
+            self._outcomes[target] = error
+        settled = False
+        while self._outcomes and self._outcomes[first := min(self._outcomes)] is not None:
+            error = self._outcomes.pop(first)
+            if error:
+                self._lose(self.audit.sync_failed(error))
+            else:
+                self.audit.synced_up_to(first)
+            settled = True
+        if settled:
+            self._answer_waiting()
 
     def _lose(self, exc: ShmguardError) -> None:
         unsynced = self.audit.last_seq - self.audit.synced_seq
@@ -144,7 +161,7 @@ class Recorder:
         """One fsync in line for what was recorded, then the replies and greetings that waited for it.
         Returns True if they recorded more meanwhile (the loop must come back at once, not wait)."""
         if self._fsync is not None and self._fsync.in_flight:
-            self._synced(self._fsync.result(wait=True))
+            self._synced(self._fsync.completed(wait=True))
         if self.audit.unsynced:
             try:
                 self.audit.flush()

@@ -26,14 +26,18 @@ def test_an_fsync_completes_on_its_eventfd_and_says_it_succeeded(tmp_path):
     fd = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     fsync = AsyncFsync()
     try:
-        for _ in range(3):  # one slot, used again and again
+        for round in range(3):  # the slots, used again and again
             os.write(fd, b"a record\n")
-            fsync.start(fd)
-            assert fsync.in_flight
+            for token in range(4):
+                fsync.start(fd, token + 10 * round)
+            assert fsync.in_flight == 4 and fsync.full
             with pytest.raises(RuntimeError):
-                fsync.start(fd)  # one in flight at a time
-            wait_readable(fsync.fileno())
-            assert fsync.result() == 0 and not fsync.in_flight
+                fsync.start(fd, 99)  # no fifth
+            done = []
+            while len(done) < 4:
+                wait_readable(fsync.fileno())
+                done += fsync.completed()
+            assert sorted(done) == [(token + 10 * round, 0) for token in range(4)] and not fsync.in_flight
         os.close(fd)  # our own duplicate was closed with the completion: the file is not held open
         assert not any(os.path.realpath(f"/proc/self/fd/{n}") == str(tmp_path / "file")
                        for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}"))
@@ -46,7 +50,7 @@ def test_an_fd_the_kernel_cannot_fsync_is_refused_at_once_and_nothing_is_in_flig
     fsync = AsyncFsync()
     try:
         with pytest.raises(OSError) as refused:
-            fsync.start(read_end)
+            fsync.start(read_end, 1)
         assert refused.value.errno == errno.EINVAL and not fsync.in_flight
     finally:
         fsync.close()
@@ -65,11 +69,11 @@ def test_a_failed_write_back_is_the_fsyncs_result(tmp_path):
             results = []
             for number in range(60):  # the loop device reports it at this fsync or one after
                 os.write(fd, b"record %d %s\n" % (number, b"x" * 4096))
-                fsync.start(fd)
-                results.append(fsync.result(wait=True))
-                if results[-1]:
+                fsync.start(fd, number)
+                results += fsync.completed(wait=True)
+                if results[-1][1]:
                     break
-            assert results[-1] in (errno.EIO, errno.ENOSPC), results
+            assert results[-1][1] in (errno.EIO, errno.ENOSPC), results
         finally:
             fsync.close()
             os.close(fd)
@@ -93,13 +97,13 @@ def test_a_record_is_durable_only_after_the_fsync_that_began_after_it(tmp_path):
     try:
         first = recorder.stage("write", detail={"n": 1})["seq"]
         recorder.when_durable(first, lambda: told.append(("done", first)), lambda why: told.append((why, first)))
-        assert recorder.commit() is False and recorder._fsync.in_flight, "the fsync runs while the loop waits"
+        assert recorder.commit() is False and recorder._fsync.in_flight == 1, "the fsync runs while the loop waits"
         second = recorder.stage("write", detail={"n": 2})["seq"]  # written while the first fsync is in flight
         recorder.when_durable(second, lambda: told.append(("done", second)), lambda why: told.append((why, second)))
         assert told == [] and log.synced_seq < first
         turn_until(loop, lambda: told[:1] == [("done", first)])
         assert log.synced_seq >= first
-        turn_until(loop, lambda: len(told) == 2)  # the next fsync, begun when the first completed
+        turn_until(loop, lambda: len(told) == 2)  # the next fsync, begun by the next turn's commit
         assert told == [("done", first), ("done", second)] and log.synced_seq == second
         assert not recorder._fsync.in_flight
     finally:
@@ -155,3 +159,25 @@ def test_a_failed_background_fsync_fails_what_it_could_not_vouch_for_and_does_no
             recorder.close()
             log.close()
             loop.close()
+
+
+def test_a_later_fsyncs_success_waits_for_every_earlier_one_and_an_earlier_failure_takes_all(tmp_path):
+    """The kernel reports a write-back error to one fsync of a file description only: if the later of two in
+    flight completes first with success, the earlier may still fail. Completions out of order cannot be made to
+    happen on demand, so this feeds the recorder the completions (the one fake here, named so)."""
+    log = AuditLog.open(tmp_path / "audit.log", durable=True)
+    recorder = Recorder(log)
+    told: dict[int, str] = {}
+    try:
+        seqs = [recorder.stage("write", detail={"n": n})["seq"] for n in range(3)]
+        for seq in seqs:
+            recorder.when_durable(seq, lambda s=seq: told.setdefault(s, "done"),
+                                  lambda why, s=seq: told.setdefault(s, why))
+        recorder._outcomes = {seqs[0]: None, seqs[2]: None}  # two fsyncs in flight: up to the first, up to the last
+        recorder._synced([(seqs[2], 0)])  # FAKE completion: the later one first, and a success
+        assert told == {} and log.synced_seq < seqs[0], "nothing is told while an earlier fsync may still fail"
+        recorder._synced([(seqs[0], errno.EIO)])  # FAKE completion: the earlier one failed
+        assert set(told) == set(seqs) and all("cannot sync audit log" in why for why in told.values()), told
+        assert recorder.describe()["writable"] is False
+    finally:
+        log.close()

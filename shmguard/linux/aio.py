@@ -1,8 +1,9 @@
 """An fsync the kernel runs while the event loop goes on: Linux native AIO's IOCB_CMD_FSYNC (Linux 4.18), its
 completion signalled on an eventfd the loop watches. No thread: the kernel's own workqueue does the waiting.
 
-One fsync in flight at a time is all the audit log's group commit needs (records written meanwhile wait for the
-next one), so this is a context of one slot, not a general AIO binding.
+A few fsyncs in flight at once are all the audit log's group commit needs (a new one starts for the records
+written since the last began, so a join need not wait for the fsync before its own), so this is a context of a
+few slots, not a general AIO binding.
 """
 
 from __future__ import annotations
@@ -36,70 +37,84 @@ _syscall = libc.function("syscall", [ctypes.c_long, ctypes.c_long, ctypes.c_long
 
 
 class AsyncFsync:
-    """fsync(fd) started now, finished later: `start(fd)`, then `fileno()` turns readable and `result()` says how
-    it ended (0, or the errno the fsync would have raised). Raises OSError at creation where the kernel (or a
-    seccomp filter) refuses native AIO: the caller then fsyncs in line."""
+    """fsync(fd) started now, finished later, up to `slots` at once: `start(fd, token)`, then `fileno()` turns
+    readable and `completed()` says which ended and how (token, 0 or the errno the fsync would have raised).
+    Raises OSError at creation where the kernel (or a seccomp filter) refuses native AIO: the caller then fsyncs
+    in line."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int = 4) -> None:
         numbers = _SYSCALLS.get(platform.machine())
         if numbers is None:
             raise OSError(0, f"native AIO's system call numbers are not known on {platform.machine()}")
         self._setup, self._destroy, self._getevents, self._submit = numbers
         self._context = ctypes.c_ulong(0)
-        self._call(self._setup, 1, ctypes.addressof(self._context), what="io_setup")
+        self._call(self._setup, slots, ctypes.addressof(self._context), what="io_setup")
         self._done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._iocb = _Iocb()
-        self._pointer = ctypes.c_void_p(ctypes.addressof(self._iocb))  # io_submit takes an array of iocb pointers
-        self._fd = -1  # our duplicate of the fd being synced: a close by its owner meanwhile cannot reuse it
-        self.in_flight = False
+        self._iocbs = [_Iocb() for _ in range(slots)]
+        self._free = list(range(slots))
+        # Our duplicate of the fd each slot syncs (the same open file description, so its write-back errors are
+        # reported to us), and the caller's token: a close by the fd's owner meanwhile cannot reuse the number.
+        self._busy: dict[int, tuple[int, int]] = {}
+        self._pointer = ctypes.c_void_p()  # io_submit takes an array of iocb pointers: ours has one
+        self._events = (_IoEvent * slots)()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._busy)
+
+    @property
+    def full(self) -> bool:
+        return not self._free
 
     def fileno(self) -> int:
-        """Readable once the fsync in flight has completed."""
+        """Readable once an fsync in flight has completed."""
         return self._done
 
-    def start(self, fd: int) -> None:
-        if self.in_flight:
-            raise RuntimeError("an fsync is already in flight")
-        self._fd = os.dup(fd)  # the same open file description, so its write-back errors are reported to us
-        ctypes.memset(ctypes.addressof(self._iocb), 0, ctypes.sizeof(self._iocb))
-        self._iocb.aio_lio_opcode, self._iocb.aio_fildes = IOCB_CMD_FSYNC, self._fd
-        self._iocb.aio_flags, self._iocb.aio_resfd = IOCB_FLAG_RESFD, self._done
+    def start(self, fd: int, token: int) -> None:
+        if not self._free:
+            raise RuntimeError("every slot has an fsync in flight")
+        slot = self._free.pop()
+        iocb = self._iocbs[slot]
+        own = os.dup(fd)
+        ctypes.memset(ctypes.addressof(iocb), 0, ctypes.sizeof(iocb))
+        iocb.aio_data, iocb.aio_lio_opcode, iocb.aio_fildes = slot, IOCB_CMD_FSYNC, own
+        iocb.aio_flags, iocb.aio_resfd = IOCB_FLAG_RESFD, self._done
+        self._pointer.value = ctypes.addressof(iocb)
         try:
             self._call(self._submit, self._context.value, 1, ctypes.addressof(self._pointer), what="io_submit")
         except OSError:
-            self._close_fd()
+            os.close(own)
+            self._free.append(slot)
             raise
-        self.in_flight = True
+        self._busy[slot] = (own, token)
 
-    def result(self, wait: bool = False) -> int | None:
-        """0 or the fsync's errno once it completed; None while it has not (always an answer with wait=True)."""
-        if not self.in_flight:
-            raise RuntimeError("no fsync in flight")
-        event = _IoEvent()
-        got = self._call(self._getevents, self._context.value, 1 if wait else 0, 1, ctypes.addressof(event), 0,
-                         what="io_getevents")
-        if got == 0:
-            return None
+    def completed(self, wait: bool = False) -> list[tuple[int, int]]:
+        """(token, 0 or the fsync's errno) of each fsync that has completed; with wait=True, of every one in
+        flight, waiting for them."""
         try:
-            os.eventfd_read(self._done)  # the completion's count, reset for the next one
+            os.eventfd_read(self._done)  # reset first: a completion after the reaping below sets it again
         except BlockingIOError:
             pass
-        self.in_flight = False
-        self._close_fd()
-        return -event.res if event.res < 0 else 0
+        results = []
+        while self._busy:
+            want = len(self._busy) if wait else 0
+            got = self._call(self._getevents, self._context.value, want, len(self._busy),
+                             ctypes.addressof(self._events), 0, what="io_getevents")
+            for event in self._events[:got]:
+                own, token = self._busy.pop(event.data)
+                os.close(own)
+                self._free.append(event.data)
+                results.append((token, -event.res if event.res < 0 else 0))
+            if not wait or got == 0:
+                break
+        return results
 
     def close(self) -> None:
-        if self.in_flight:
-            self.result(wait=True)  # the kernel holds our iocb's file until it completes
+        self.completed(wait=True)  # the kernel holds each iocb's file until it completes
         if self._done >= 0:
             self._call(self._destroy, self._context.value, what="io_destroy")
             os.close(self._done)
             self._done = -1
-
-    def _close_fd(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     @staticmethod
     def _call(number: int, *args: int, what: str) -> int:
