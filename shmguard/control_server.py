@@ -125,6 +125,7 @@ class Connection:
     held: deque[HeldReply] = field(default_factory=deque)  # replies waiting for the audit log's flush, in order
     held_bytes: int = 0
     named: Actor | None = None  # the caller as its audit records name it, looked up once
+    flush_due: bool = False  # a send of the outbox is scheduled for the end of this turn of the loop
 
     @property
     def fd(self) -> int:
@@ -173,11 +174,21 @@ class Connection:
             self._queue(first.line if first.error is None else _encode(held_failure(first)))
 
     def _queue(self, line: bytes) -> None:
+        """Queue a reply; it is sent with the others queued in the same turn of the loop, in one send: a batch of
+        pipelined requests (or of replies a flush of the audit log released) is answered with one syscall, not
+        one each. The send comes after the callbacks of this turn, before the loop waits again."""
+        now = time.monotonic()
         self.outbox += line
         self.queued += len(line)
-        self.replies.append((self.queued, time.monotonic()))
+        self.replies.append((self.queued, now))
         if not self.pending:
-            self.last_active = time.monotonic()
+            self.last_active = now
+        if not self.flush_due:
+            self.flush_due = True
+            self.server.loop.call_later(0, self._due_flush)
+
+    def _due_flush(self) -> None:
+        self.flush_due = False
         self.flush()
 
     def flush(self) -> None:
@@ -264,6 +275,11 @@ class Connection:
 
     def close(self) -> None:
         if not self.closed:
+            if self.outbox:  # the replies queued this turn (a refusal's, say) go out as far as the socket takes them
+                try:
+                    self.sock.send(self.outbox)
+                except OSError:
+                    pass
             self.closed = True
             self.server.loop.remove_reader(self.fd)
             self.server.loop.remove_writer(self.fd)
@@ -532,6 +548,9 @@ class ControlServer:
         whose reload this is is answered by the successor, once it serves."""
         connections = []
         for index, connection in enumerate(sorted(self.connections, key=lambda c: c.fd)):
+            if connection.closed:
+                continue
+            connection.flush()  # the replies queued this turn go now, as far as the socket takes them
             if connection.closed:
                 continue
             awaiting = reload_request is not None and reload_request.connection is connection
