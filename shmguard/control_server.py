@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from json.encoder import c_make_encoder, encode_basestring_ascii
 
 from .audit import Actor
 from .control import ControlRequest, parse, parse_line, request_echo
@@ -616,7 +617,13 @@ _ENCODER = json.JSONEncoder(sort_keys=True)  # one encoder for every reply (json
 
 
 def _encode(message: dict) -> bytes:
-    return _ENCODER.encode(message).encode() + b"\n"
+    """json.dumps(message, sort_keys=True) and a newline: what _ENCODER.encode runs for a dict (json's C encoder, a
+    fresh one for its own record of what it is inside), without the Python layers around it."""
+    if c_make_encoder is None:
+        return _ENCODER.encode(message).encode() + b"\n"
+    encode = c_make_encoder({}, _ENCODER.default, encode_basestring_ascii, None, _ENCODER.key_separator,
+                            _ENCODER.item_separator, True, False, True)
+    return "".join(encode(message, 0)).encode() + b"\n"
 
 
 def _clip(text: str) -> str:

@@ -9,8 +9,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import layout
@@ -93,21 +92,20 @@ class HostPeer:
     def id(self) -> int:
         return self.peer.id
 
-    @contextmanager
-    def _looking_once(self) -> Iterator[None]:
-        """peers() looked at once for what is handled inside (a request, a ring of the host), not per question."""
+    def _looking_once(self, handle: Callable[[Request], None] | Callable[[int], None], arg) -> None:
+        """handle(arg) with peers() looked at once for what it handles (a request, a ring of the host), not per
+        question (a plain try, not a context manager: it runs for every request)."""
         if self._looked is not None:
-            yield  # inside another: its look holds
+            handle(arg)  # inside another: its look holds
             return
         self._looked = self.peers()
         try:
-            yield
+            handle(arg)
         finally:
             self._looked = None
 
     def handle_write(self, request: Request) -> None:
-        with self._looking_once():
-            self._handle_write(request)
+        self._looking_once(self._handle_write, request)
 
     def _handle_write(self, request: Request) -> None:
         """Check everything first: a refused write leaves the region and the log exactly as they were."""
@@ -182,8 +180,7 @@ class HostPeer:
                        plan.timeout, started)
 
     def handle_ring(self, request: Request) -> None:
-        with self._looking_once():
-            self._handle_ring(request)
+        self._looking_once(self._handle_ring, request)
 
     def _handle_ring(self, request: Request) -> None:
         targets = self.ring_targets(request.message.target)
@@ -361,8 +358,7 @@ class HostPeer:
     def _on_host_rung(self, vector: int, fd: int) -> None:
         if eventfd.drain(fd) is None:  # a peer drained it between epoll and now; never a blocking read
             return
-        with self._looking_once():
-            self._host_rung(vector)
+        self._looking_once(self._host_rung, vector)
 
     def _host_rung(self, vector: int) -> None:
         if self.guests is not None and self.guest.exchange is not None:  # rings coalesce: read every slot
