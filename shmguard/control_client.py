@@ -329,6 +329,9 @@ class Pipeline:
         self._ids = 0
         self._timeout = connection.timeout
         connection.settimeout(0)
+        self._poller = select.poll()  # one for the connection, its interest in POLLOUT changed only when it must
+        self._polling_out = False
+        self._poller.register(connection.fileno(), select.POLLIN)
 
     def send(self, key, body: dict) -> None:
         """Send a request, first waiting while the window is full."""
@@ -340,7 +343,14 @@ class Pipeline:
         self._sizes[self._ids] = len(line)
         self._pending_bytes += len(line)
         self._out += line
-        self._pump(block=False)
+        if len(self._out) == len(line):  # nothing was waiting for the socket: try it at once, without a poll
+            try:
+                del self._out[:self.connection.send_some(self._out)]
+            except ControlError:  # it hung up: what it said before that says more than EPIPE
+                self._read()
+                raise
+        if self._out:
+            self._pump(block=False)
 
     def finish(self) -> None:
         """Wait for every reply still owed."""
@@ -378,10 +388,11 @@ class Pipeline:
         """Read what has come and send what the socket takes; with block, wait (up to the timeout) for either.
         Whether anything happened."""
         connection = self.connection
-        poller = select.poll()
-        poller.register(connection.fileno(), select.POLLIN | (select.POLLOUT if self._out else 0))
+        if self._polling_out != bool(self._out):
+            self._polling_out = bool(self._out)
+            self._poller.modify(connection.fileno(), select.POLLIN | (select.POLLOUT if self._out else 0))
         timeout = None if self._timeout is None else self._timeout * 1000
-        events = poller.poll(timeout if block else 0)
+        events = self._poller.poll(timeout if block else 0)
         if block and not events:
             raise ControlError(f"{connection.path}: no reply from the supervisor within {self._timeout:g} s")
         for _fd, event in events:
