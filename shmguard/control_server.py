@@ -21,7 +21,9 @@ What the supervisor holds for its control clients is bounded by the policy's [sh
 
 A reply that tells of a record (a write's, a ring's) goes out only once that record is on disk: it is held until
 the audit log's flush at the end of the loop's turn (group commit: the writes of one batch share one fsync), and
-becomes a failure if the flush fails. Replies leave each connection in the order they were given, held or not.
+becomes a failure if the flush fails. Replies leave each connection in the order they were given, held or not;
+those given in one turn of the loop leave together, in one send at the end of the turn (a connection closed in
+the turn still sends what the socket takes of them first).
 """
 
 from __future__ import annotations
