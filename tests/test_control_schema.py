@@ -108,3 +108,35 @@ def test_a_refusal_keeps_the_supervisors_line_and_reply_when_pickled():
     refused = pickle.loads(pickle.dumps(ControlRefused(reply)))
     assert str(refused) == reply["error"] and refused.reply == reply
     assert json.loads(json.dumps(refused.reply)) == reply
+
+
+@pytest.mark.parametrize("line", [
+    b'{"op": "write", "data": "aGk=", "id": 7}', b'{"op":"write","x":NaN,"y":-Infinity}', b'{"op": "a"}  \t',
+    b'{"op": "a"} x', b'{"op": "\xff"}', b'{"op": "\\ud800"}', b'{"op": "a", "op": "b"}', b'{' * 5000,
+    b'{"a":' * 5000 + b'1' + b'}' * 5000, b'{"op": "a"', b'{\x00"op": 1}', b'\xef\xbb\xbf{"op": "a"}',
+    '{"op": "é"}'.encode("utf-16"), b' {"op": "a"}', b'{"op": 1e999}', b'{"op": "a", "n": 12345678901234567890}',
+])
+def test_a_line_parses_as_json_loads_has_it(line):
+    """parse_line's fast path for the common line: the object json.loads makes, or json.loads' own refusal."""
+    try:
+        expected = json.loads(line)
+    except RecursionError:
+        expected = "nested too deeply"
+    except ValueError as exc:
+        expected = f"not JSON: {exc}"
+    else:
+        if not isinstance(expected, dict) or not isinstance(expected.get("op"), str):
+            expected = OBJECT
+    got = parse_line(line)
+    assert repr(got) == repr(expected)
+
+
+@pytest.mark.parametrize("message", [
+    {"ok": True, "seq": 5, "sha256": "ab" * 32, "offset": 0, "length": 11, "rang": [], "id": 3},
+    {"ok": False, "error": "é\n\"\u2028", "rang": [{"peer": 1, "vector": 0, "held_until_ready": False}],
+     "f": 1.5, "n": None, "nan": float("nan"), "big": 1 << 70},
+])
+def test_a_reply_is_encoded_as_json_dumps_has_it(message):
+    from shmguard.control_server import _encode
+
+    assert _encode(message) == json.dumps(message, sort_keys=True).encode() + b"\n"
