@@ -584,9 +584,9 @@ class BoundSocket:
         out_of_fds = False
         while len(accepted) < ACCEPT_BATCH:
             try:
-                accepted.append(_accepted(self.sock))
-            except BlockingIOError:
-                break
+                if (sock := accept_nonblocking(self.sock)) is None:
+                    break  # nobody else is waiting
+                accepted.append(sock)
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EINTR):
                     continue
@@ -635,11 +635,6 @@ class BoundSocket:
     def close(self) -> None:
         self.sock.close()
         os.close(self.reserve_fd)
-
-
-def _accepted(listener: socket.socket) -> socket.socket:
-    """The next connection, non-blocking and close-on-exec from accept4 on (sockets.accept_nonblocking)."""
-    return accept_nonblocking(listener)
 
 
 SOCKET_DIRECTORY_MODE = 0o755  # a socket directory shmguard creates (/run/shmguard): searchable, ours alone to write

@@ -21,13 +21,15 @@ _ACCEPT_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # tells socket() the fd is non-blocking already
 
 
-def accept_nonblocking(listener: socket.socket) -> socket.socket:
+def accept_nonblocking(listener: socket.socket) -> socket.socket | None:
     """The next connection waiting on a UNIX stream listener, as a socket that is non-blocking and close-on-exec
-    from accept4(2) on: no ioctl to make it so, and no peer address (listener.accept() asks for both). Raises
-    OSError as accept() does (BlockingIOError: nobody is waiting)."""
+    from accept4(2) on: no ioctl to make it so, and no peer address (listener.accept() asks for both). None if
+    nobody is waiting (EAGAIN: no exception for the usual end of a batch); any other failure raises OSError."""
     fd = _accept4(listener.fileno(), None, None, _ACCEPT_FLAGS)
     if fd < 0:
         error = ctypes.get_errno()
+        if error == errno.EAGAIN:
+            return None
         raise OSError(error, os.strerror(error))
     return socket.socket(socket.AF_UNIX, _STREAM_NONBLOCK, 0, fd)
 
