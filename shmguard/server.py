@@ -23,7 +23,7 @@ from .errors import ShmguardError
 from .limits import PEER_IDS
 from .linux import procfs
 from .linux.files import reopen
-from .linux.sockets import PeerCred
+from .linux.sockets import PeerCred, accept_nonblocking
 from .loop import EventLoop
 from .paths import file_kind, make_directory, trusted_owners
 from .peers import Action, Gone, Peer, PeerIds, PeerTable, Send
@@ -176,8 +176,12 @@ class IvshmemServer:
         comes before the first one anybody sees, and a refusal gives back everything taken. With group commit the
         greeting (and with it the region's fd) waits for the join's record to be on disk: the loop goes on serving
         meanwhile, and the turn's one fsync releases every join it recorded."""
-        sock.setblocking(False)
-        cred = PeerCred.of(sock, named=True)  # named from /proc once: every record and line of it says the same
+        # Named from /proc once: every record and line of it says the same. Its groups are asked for only where
+        # they decide (a policy that admits it by uid or gid never looks at them); the socket is non-blocking from
+        # accept4 on.
+        cred = PeerCred.of(sock, named=True, groups=False)
+        if not self.policy.peers.admits(cred.uid, cred.gid):
+            cred = cred.with_groups(sock)
         actor = actor_of(cred)
         peer_id = None
         reason = self._refusal(cred)
@@ -580,9 +584,9 @@ class BoundSocket:
         out_of_fds = False
         while len(accepted) < ACCEPT_BATCH:
             try:
-                accepted.append(_accepted(self.sock))
-            except BlockingIOError:
-                break
+                if (sock := accept_nonblocking(self.sock)) is None:
+                    break  # nobody else is waiting
+                accepted.append(sock)
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EINTR):
                     continue
@@ -631,12 +635,6 @@ class BoundSocket:
     def close(self) -> None:
         self.sock.close()
         os.close(self.reserve_fd)
-
-
-def _accepted(listener: socket.socket) -> socket.socket:
-    """listener.accept()'s socket, without converting the listener's family and type to enums on every join."""
-    fd, _ = listener._accept()
-    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
 
 
 SOCKET_DIRECTORY_MODE = 0o755  # a socket directory shmguard creates (/run/shmguard): searchable, ours alone to write

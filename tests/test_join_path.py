@@ -5,9 +5,11 @@ fsync, which comes before any of them is greeted (issue 11's joins row, bench/be
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import re
 import signal
+import socket
 import time
 
 import pytest
@@ -16,6 +18,7 @@ from test_group_commit import SYNC_CALLS, disk_that_fills, fd_of, fill, sync_end
 from helpers import RunningSupervisor, policy_file
 from rawpeer import RawPeer
 from shmguard import audit
+from shmguard.linux.sockets import accept_nonblocking, peer_credentials
 from shmguard.server import PeerLog
 
 PR_SET_NAME, PR_GET_NAME = 15, 16
@@ -157,3 +160,25 @@ def read_greeting_rest(peer: RawPeer) -> None:
     own_id = peer.read(1)[0][0]
     while peer.read(1)[0] != (own_id, "eventfd"):
         pass
+
+
+def test_a_connection_is_accepted_non_blocking_and_close_on_exec_and_an_empty_backlog_is_none(tmp_path):
+    """The server's accept (accept4 with the flags: no ioctl, no address) gives what listener.accept() and
+    setblocking(False) gave, and the usual end of an accept batch is None, not an exception."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen()
+    with listener, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        assert accept_nonblocking(listener) is None
+        client.connect(str(tmp_path / "s"))
+        accepted = accept_nonblocking(listener)
+        assert accepted is not None
+        with accepted:
+            assert accepted.family == socket.AF_UNIX and accepted.type == socket.SOCK_STREAM
+            assert fcntl.fcntl(accepted.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK  # the fd itself, not just Python
+            assert fcntl.fcntl(accepted.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            assert accepted.gettimeout() == 0.0
+            with pytest.raises(BlockingIOError):
+                accepted.recv(1)
+            assert peer_credentials(accepted)[0] == os.getpid()
+        assert accept_nonblocking(listener) is None
