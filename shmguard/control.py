@@ -93,7 +93,7 @@ class StatusRequest:
 
 @dataclass(frozen=True)
 class ReloadRequest:
-    """Read the policy again (no supervisor serves it yet: it answers "unknown op")."""
+    """Read the policy again and take over in place (`shmguard reload`; root and the supervisor's uid only)."""
 
     OP: ClassVar[str] = "reload"
 

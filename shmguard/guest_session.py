@@ -372,6 +372,11 @@ class GuestSession:
                 return []
         raise AssertionError(f"not an event of the guest session: {event!r}")
 
+    def heeds_leaves(self) -> bool:
+        """Would a PeerLeft change anything? Not before a guest is ready, with no exchange between guests: the
+        server's churn of peers then costs the session nothing (not even a look at the peers)."""
+        return self.ready or self.exchange is not None
+
     def _on_host_rung(self, vector: int, reply: str, now: float, peers: Peers) -> list[Action]:
         ready_id, ack = layout.parse_ready(reply), layout.parse_ack(reply)
         if vector == layout.READY_VECTOR and ready_id is not None and ready_id in peers.connected:

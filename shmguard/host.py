@@ -244,8 +244,8 @@ class HostPeer:
                 "held_until_ready": self.guest.holds(peer_id, peers)}
 
     def feed(self, event: Event) -> None:
-        if type(event) is PeerLeft and not self.guest.ready and self.guest.exchange is None:
-            return  # GuestSession.handle: a leave then changes nothing, and the peers need not be looked at for it
+        if type(event) is PeerLeft and not self.guest.heeds_leaves():
+            return  # then the peers need not be looked at for it
         self._carry_out(self.guest.handle(event, self.peers()))
         if isinstance(event, (PeerLeft, TimedOut)) and self.guest.exchange is not None:
             self._carry_out(self.guest.exchange.handle(event, self.slot_peers()))
