@@ -24,14 +24,43 @@ from .errors import ControlError
 from .policy import SharesPolicy
 from .shares import Share
 
+
+class _Value:
+    """The __eq__, __hash__ and __repr__ that @dataclass(frozen=True) writes for each class (the same results), written
+    once here: generating them class by class was most of this module's import time, paid by every supervisor's
+    start (issue 11). The classes below are still frozen dataclasses: fields(), replace() and match work as before."""
+
+    __slots__ = ()
+    _names: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return tuple(getattr(self, name) for name in self._names) == tuple(getattr(other, name) for name in self._names)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, name) for name in self._names))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._names)
+        return f"{self.__class__.__qualname__}({shown})"
+
+
+def _value(cls: type) -> type:
+    """@dataclass(frozen=True) with _Value's __eq__, __hash__ and __repr__."""
+    cls = dataclass(frozen=True, repr=False, eq=False)(cls)
+    cls._names = tuple(cls.__dataclass_fields__)
+    return cls
+
+
 PENDING_GUEST = -1  # the peer id of "our guest", while its QEMU has not connected yet
 Token = Hashable  # the supervisor's name for a control request, answered through Reply or Fail
 QEMU_GONE_BEFORE_TURN = "QEMU exited before this write's turn came; nothing was written"
 QEMU_GONE_BEFORE_ACK = "QEMU exited before the guest acknowledged"
 
 
-@dataclass(frozen=True)
-class Peers:
+@_value
+class Peers(_Value):
     """What the supervisor sees when it feeds an event: the peers, and the QEMU it started (if any)."""
 
     connected: tuple[int, ...] = ()  # peer ids other than the host's, in the order they joined
@@ -43,16 +72,16 @@ class Peers:
 # --- events --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RingRequested:
+@_value
+class RingRequested(_Value):
     """A ring already recorded (see `holds` for what its record says): ring it now or hold it until ready."""
 
     peer: int  # PENDING_GUEST for the guest whose QEMU has not connected yet
     vector: int
 
 
-@dataclass(frozen=True)
-class WriteRequested:
+@_value
+class WriteRequested(_Value):
     token: Token
     plan: Any  # opaque: handed back in WriteNow
     uid: int
@@ -60,8 +89,8 @@ class WriteRequested:
     size: int  # bytes of data, counted against the queue's byte share
 
 
-@dataclass(frozen=True)
-class Written:
+@_value
+class Written(_Value):
     """A WriteNow carried out: recorded, written and rung; `reply` are the fields of its answer."""
 
     token: Token
@@ -72,33 +101,33 @@ class Written:
     now: float  # when the clock of the round trip started: before the ring
 
 
-@dataclass(frozen=True)
-class WriteFailed:
+@_value
+class WriteFailed(_Value):
     """A WriteNow that could not be carried out (the log or the region failed after it was queued)."""
 
     token: Token
     error: str
 
 
-@dataclass(frozen=True)
-class HostRung:
+@_value
+class HostRung(_Value):
     vector: int
     reply: str  # the reply area's text, made printable
     now: float
 
 
-@dataclass(frozen=True)
-class TimedOut:
+@_value
+class TimedOut(_Value):
     token: Token
 
 
-@dataclass(frozen=True)
-class QemuExited:
+@_value
+class QemuExited(_Value):
     pass
 
 
-@dataclass(frozen=True)
-class PeerLeft:
+@_value
+class PeerLeft(_Value):
     peer: int
 
 
@@ -108,73 +137,73 @@ Event = RingRequested | WriteRequested | Written | WriteFailed | HostRung | Time
 # --- actions -------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ring:
+@_value
+class Ring(_Value):
     peer: int
     vector: int
     held: bool = False  # a held ring delivered at ready: a peer gone since is logged, not raised
 
 
-@dataclass(frozen=True)
-class Hold:
+@_value
+class Hold(_Value):
     peer: int
     vector: int
 
 
-@dataclass(frozen=True)
-class WriteNow:
+@_value
+class WriteNow(_Value):
     token: Token
     plan: Any
 
 
-@dataclass(frozen=True)
-class Queue:
+@_value
+class Queue(_Value):
     token: Token
     waiting: int  # writes in the queue, this one included
 
 
-@dataclass(frozen=True)
-class Reply:
+@_value
+class Reply(_Value):
     token: Token
     fields: tuple[tuple[str, Any], ...]
 
 
-@dataclass(frozen=True)
-class Fail:
+@_value
+class Fail(_Value):
     token: Token
     error: str
     fields: tuple[tuple[str, Any], ...] = ()
 
 
-@dataclass(frozen=True)
-class RefreshGuard:
+@_value
+class RefreshGuard(_Value):
     """The guest wrote through its mapping, which makes no inotify event: the guard's copy must follow. reply_only:
     an ack, which writes only the guest's reply area (layout.py), so only that area is taken again."""
 
     reply_only: bool = False
 
 
-@dataclass(frozen=True)
-class Record:
+@_value
+class Record(_Value):
     """A note of what has happened already: a log that cannot take it does not stop it."""
 
     action: str
     detail: tuple[tuple[str, Any], ...]
 
 
-@dataclass(frozen=True)
-class Log:
+@_value
+class Log(_Value):
     level: str  # "debug", "info", "warning"
     message: str
 
 
-@dataclass(frozen=True)
-class Notify:
+@_value
+class Notify(_Value):
     status: str  # for systemd's STATUS=
 
 
-@dataclass(frozen=True)
-class ScheduleTimeout:
+@_value
+class ScheduleTimeout(_Value):
     token: Token
     seconds: float
 
@@ -185,8 +214,8 @@ Action = Ring | Hold | WriteNow | Queue | Reply | Fail | RefreshGuard | Record |
 # --- state ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AckWaiter:
+@_value
+class AckWaiter(_Value):
     """The write whose acknowledgement is awaited."""
 
     token: Token
@@ -196,8 +225,8 @@ class AckWaiter:
     started: float
 
 
-@dataclass(frozen=True)
-class QueuedWrite:
+@_value
+class QueuedWrite(_Value):
     token: Token
     plan: Any
     uid: int
@@ -245,8 +274,8 @@ class WriteQueue:
         return len(self.entries)
 
 
-@dataclass(frozen=True)
-class GuestSessionState:
+@_value
+class GuestSessionState(_Value):
     """Everything the session knows, as plain data: what a successor takes over."""
 
     serving_only: bool  # no QEMU of ours: a guest that says "ready" turns the handshake on
@@ -485,8 +514,8 @@ def _rang_only(waiter: AckWaiter, peer: int) -> bool:
 # one guest's would; a guest that leaves is forgotten and the others are told with a new peers line.
 
 
-@dataclass(frozen=True)
-class SlotPeers:
+@_value
+class SlotPeers(_Value):
     """What the supervisor sees: the connected peers, and per slot the peer of the QEMU it runs for that slot
     (PENDING_GUEST while it has not connected; None when none runs: then whoever says ready there takes it)."""
 
@@ -494,8 +523,8 @@ class SlotPeers:
     owners: tuple[int | None, ...] = ()
 
 
-@dataclass(frozen=True)
-class SendRequested:
+@_value
+class SendRequested(_Value):
     token: Token
     from_slot: int
     to_slot: int
@@ -504,16 +533,16 @@ class SendRequested:
     now: float
 
 
-@dataclass(frozen=True)
-class SendFailed:
+@_value
+class SendFailed(_Value):
     """The command could not be written (the log or the region failed)."""
 
     token: Token
     error: str
 
 
-@dataclass(frozen=True)
-class SlotsRead:
+@_value
+class SlotsRead(_Value):
     """The host was rung: every slot's reply and report line, as read."""
 
     replies: tuple[str, ...]
@@ -521,23 +550,23 @@ class SlotsRead:
     now: float
 
 
-@dataclass(frozen=True)
-class Nudged:
+@_value
+class Nudged(_Value):
     """A send's nudge is due (ScheduleNudge); the host has just read every slot again."""
 
     token: Token
 
 
-@dataclass(frozen=True)
-class ScheduleNudge:
+@_value
+class ScheduleNudge(_Value):
     """Feed Nudged(token) after `seconds`, reading the slots first: an interrupt can be lost under load."""
 
     token: Token
     seconds: float
 
 
-@dataclass(frozen=True)
-class WriteCommand:
+@_value
+class WriteCommand(_Value):
     """Write data into `slot`'s command area (audited, for the request `token`) and ring `peer` on GUEST_VECTOR."""
 
     token: Token
@@ -546,8 +575,8 @@ class WriteCommand:
     data: bytes
 
 
-@dataclass(frozen=True)
-class WritePeers:
+@_value
+class WritePeers(_Value):
     """Write data into `slot`'s peers line (audited) and ring `peer` on GUEST_VECTOR."""
 
     slot: int
@@ -555,16 +584,16 @@ class WritePeers:
     data: bytes
 
 
-@dataclass(frozen=True)
-class PassOn:
+@_value
+class PassOn(_Value):
     """A slot's reply line, for the GuestSession as a HostRung on `vector`."""
 
     vector: int
     reply: str
 
 
-@dataclass(frozen=True)
-class SendWaiter:
+@_value
+class SendWaiter(_Value):
     token: Token
     command: int
     to_slot: int
@@ -575,8 +604,8 @@ class SendWaiter:
     started: float
 
 
-@dataclass(frozen=True)
-class SlotState:
+@_value
+class SlotState(_Value):
     peer: int | None = None  # the guest that said "ready <id>" in this slot and has not left
     reply: str = ""  # the last reply and report line read from it
     report: str = ""
@@ -584,8 +613,8 @@ class SlotState:
     sent: int = 0  # sends it reported as acknowledged
 
 
-@dataclass(frozen=True)
-class ExchangeState:
+@_value
+class ExchangeState(_Value):
     slots: tuple[SlotState, ...]
     commands: int = 0  # the last command number written
     generation: int = 0  # of the peers lines
