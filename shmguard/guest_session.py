@@ -23,35 +23,7 @@ from . import layout
 from .errors import ControlError
 from .policy import SharesPolicy
 from .shares import Share
-
-
-class _Value:
-    """The __eq__, __hash__ and __repr__ that @dataclass(frozen=True) writes for each class (the same results), written
-    once here: generating them class by class was most of this module's import time, paid by every supervisor's
-    start (issue 11). The classes below are still frozen dataclasses: fields(), replace() and match work as before."""
-
-    __slots__ = ()
-    _names: tuple[str, ...] = ()
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return tuple(getattr(self, name) for name in self._names) == tuple(getattr(other, name) for name in self._names)
-
-    def __hash__(self) -> int:
-        return hash(tuple(getattr(self, name) for name in self._names))
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._names)
-        return f"{self.__class__.__qualname__}({shown})"
-
-
-def _value(cls: type) -> type:
-    """@dataclass(frozen=True) with _Value's __eq__, __hash__ and __repr__."""
-    cls = dataclass(frozen=True, repr=False, eq=False)(cls)
-    cls._names = tuple(cls.__dataclass_fields__)
-    return cls
-
+from .values import Value, value
 
 PENDING_GUEST = -1  # the peer id of "our guest", while its QEMU has not connected yet
 Token = Hashable  # the supervisor's name for a control request, answered through Reply or Fail
@@ -59,8 +31,8 @@ QEMU_GONE_BEFORE_TURN = "QEMU exited before this write's turn came; nothing was 
 QEMU_GONE_BEFORE_ACK = "QEMU exited before the guest acknowledged"
 
 
-@_value
-class Peers(_Value):
+@value
+class Peers(Value):
     """What the supervisor sees when it feeds an event: the peers, and the QEMU it started (if any)."""
 
     connected: tuple[int, ...] = ()  # peer ids other than the host's, in the order they joined
@@ -72,16 +44,16 @@ class Peers(_Value):
 # --- events --------------------------------------------------------------------------------------------------
 
 
-@_value
-class RingRequested(_Value):
+@value
+class RingRequested(Value):
     """A ring already recorded (see `holds` for what its record says): ring it now or hold it until ready."""
 
     peer: int  # PENDING_GUEST for the guest whose QEMU has not connected yet
     vector: int
 
 
-@_value
-class WriteRequested(_Value):
+@value
+class WriteRequested(Value):
     token: Token
     plan: Any  # opaque: handed back in WriteNow
     uid: int
@@ -89,8 +61,8 @@ class WriteRequested(_Value):
     size: int  # bytes of data, counted against the queue's byte share
 
 
-@_value
-class Written(_Value):
+@value
+class Written(Value):
     """A WriteNow carried out: recorded, written and rung; `reply` are the fields of its answer."""
 
     token: Token
@@ -101,33 +73,33 @@ class Written(_Value):
     now: float  # when the clock of the round trip started: before the ring
 
 
-@_value
-class WriteFailed(_Value):
+@value
+class WriteFailed(Value):
     """A WriteNow that could not be carried out (the log or the region failed after it was queued)."""
 
     token: Token
     error: str
 
 
-@_value
-class HostRung(_Value):
+@value
+class HostRung(Value):
     vector: int
     reply: str  # the reply area's text, made printable
     now: float
 
 
-@_value
-class TimedOut(_Value):
+@value
+class TimedOut(Value):
     token: Token
 
 
-@_value
-class QemuExited(_Value):
+@value
+class QemuExited(Value):
     pass
 
 
-@_value
-class PeerLeft(_Value):
+@value
+class PeerLeft(Value):
     peer: int
 
 
@@ -137,73 +109,73 @@ Event = RingRequested | WriteRequested | Written | WriteFailed | HostRung | Time
 # --- actions -------------------------------------------------------------------------------------------------
 
 
-@_value
-class Ring(_Value):
+@value
+class Ring(Value):
     peer: int
     vector: int
     held: bool = False  # a held ring delivered at ready: a peer gone since is logged, not raised
 
 
-@_value
-class Hold(_Value):
+@value
+class Hold(Value):
     peer: int
     vector: int
 
 
-@_value
-class WriteNow(_Value):
+@value
+class WriteNow(Value):
     token: Token
     plan: Any
 
 
-@_value
-class Queue(_Value):
+@value
+class Queue(Value):
     token: Token
     waiting: int  # writes in the queue, this one included
 
 
-@_value
-class Reply(_Value):
+@value
+class Reply(Value):
     token: Token
     fields: tuple[tuple[str, Any], ...]
 
 
-@_value
-class Fail(_Value):
+@value
+class Fail(Value):
     token: Token
     error: str
     fields: tuple[tuple[str, Any], ...] = ()
 
 
-@_value
-class RefreshGuard(_Value):
+@value
+class RefreshGuard(Value):
     """The guest wrote through its mapping, which makes no inotify event: the guard's copy must follow. reply_only:
     an ack, which writes only the guest's reply area (layout.py), so only that area is taken again."""
 
     reply_only: bool = False
 
 
-@_value
-class Record(_Value):
+@value
+class Record(Value):
     """A note of what has happened already: a log that cannot take it does not stop it."""
 
     action: str
     detail: tuple[tuple[str, Any], ...]
 
 
-@_value
-class Log(_Value):
+@value
+class Log(Value):
     level: str  # "debug", "info", "warning"
     message: str
 
 
-@_value
-class Notify(_Value):
+@value
+class Notify(Value):
     status: str  # for systemd's STATUS=
 
 
-@_value
-class ScheduleTimeout(_Value):
+@value
+class ScheduleTimeout(Value):
     token: Token
     seconds: float
 
@@ -214,8 +186,8 @@ Action = Ring | Hold | WriteNow | Queue | Reply | Fail | RefreshGuard | Record |
 # --- state ---------------------------------------------------------------------------------------------------
 
 
-@_value
-class AckWaiter(_Value):
+@value
+class AckWaiter(Value):
     """The write whose acknowledgement is awaited."""
 
     token: Token
@@ -225,8 +197,8 @@ class AckWaiter(_Value):
     started: float
 
 
-@_value
-class QueuedWrite(_Value):
+@value
+class QueuedWrite(Value):
     token: Token
     plan: Any
     uid: int
@@ -274,8 +246,8 @@ class WriteQueue:
         return len(self.entries)
 
 
-@_value
-class GuestSessionState(_Value):
+@value
+class GuestSessionState(Value):
     """Everything the session knows, as plain data: what a successor takes over."""
 
     serving_only: bool  # no QEMU of ours: a guest that says "ready" turns the handshake on
@@ -514,8 +486,8 @@ def _rang_only(waiter: AckWaiter, peer: int) -> bool:
 # one guest's would; a guest that leaves is forgotten and the others are told with a new peers line.
 
 
-@_value
-class SlotPeers(_Value):
+@value
+class SlotPeers(Value):
     """What the supervisor sees: the connected peers, and per slot the peer of the QEMU it runs for that slot
     (PENDING_GUEST while it has not connected; None when none runs: then whoever says ready there takes it)."""
 
@@ -523,8 +495,8 @@ class SlotPeers(_Value):
     owners: tuple[int | None, ...] = ()
 
 
-@_value
-class SendRequested(_Value):
+@value
+class SendRequested(Value):
     token: Token
     from_slot: int
     to_slot: int
@@ -533,16 +505,16 @@ class SendRequested(_Value):
     now: float
 
 
-@_value
-class SendFailed(_Value):
+@value
+class SendFailed(Value):
     """The command could not be written (the log or the region failed)."""
 
     token: Token
     error: str
 
 
-@_value
-class SlotsRead(_Value):
+@value
+class SlotsRead(Value):
     """The host was rung: every slot's reply and report line, as read."""
 
     replies: tuple[str, ...]
@@ -550,23 +522,23 @@ class SlotsRead(_Value):
     now: float
 
 
-@_value
-class Nudged(_Value):
+@value
+class Nudged(Value):
     """A send's nudge is due (ScheduleNudge); the host has just read every slot again."""
 
     token: Token
 
 
-@_value
-class ScheduleNudge(_Value):
+@value
+class ScheduleNudge(Value):
     """Feed Nudged(token) after `seconds`, reading the slots first: an interrupt can be lost under load."""
 
     token: Token
     seconds: float
 
 
-@_value
-class WriteCommand(_Value):
+@value
+class WriteCommand(Value):
     """Write data into `slot`'s command area (audited, for the request `token`) and ring `peer` on GUEST_VECTOR."""
 
     token: Token
@@ -575,8 +547,8 @@ class WriteCommand(_Value):
     data: bytes
 
 
-@_value
-class WritePeers(_Value):
+@value
+class WritePeers(Value):
     """Write data into `slot`'s peers line (audited) and ring `peer` on GUEST_VECTOR."""
 
     slot: int
@@ -584,16 +556,16 @@ class WritePeers(_Value):
     data: bytes
 
 
-@_value
-class PassOn(_Value):
+@value
+class PassOn(Value):
     """A slot's reply line, for the GuestSession as a HostRung on `vector`."""
 
     vector: int
     reply: str
 
 
-@_value
-class SendWaiter(_Value):
+@value
+class SendWaiter(Value):
     token: Token
     command: int
     to_slot: int
@@ -604,8 +576,8 @@ class SendWaiter(_Value):
     started: float
 
 
-@_value
-class SlotState(_Value):
+@value
+class SlotState(Value):
     peer: int | None = None  # the guest that said "ready <id>" in this slot and has not left
     reply: str = ""  # the last reply and report line read from it
     report: str = ""
@@ -613,8 +585,8 @@ class SlotState(_Value):
     sent: int = 0  # sends it reported as acknowledged
 
 
-@_value
-class ExchangeState(_Value):
+@value
+class ExchangeState(Value):
     slots: tuple[SlotState, ...]
     commands: int = 0  # the last command number written
     generation: int = 0  # of the peers lines
