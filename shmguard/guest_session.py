@@ -23,6 +23,7 @@ from . import layout
 from .errors import ControlError
 from .policy import SharesPolicy
 from .shares import Share
+from .values import Value, value
 
 PENDING_GUEST = -1  # the peer id of "our guest", while its QEMU has not connected yet
 Token = Hashable  # the supervisor's name for a control request, answered through Reply or Fail
@@ -30,8 +31,8 @@ QEMU_GONE_BEFORE_TURN = "QEMU exited before this write's turn came; nothing was 
 QEMU_GONE_BEFORE_ACK = "QEMU exited before the guest acknowledged"
 
 
-@dataclass(frozen=True)
-class Peers:
+@value
+class Peers(Value):
     """What the supervisor sees when it feeds an event: the peers, and the QEMU it started (if any)."""
 
     connected: tuple[int, ...] = ()  # peer ids other than the host's, in the order they joined
@@ -43,16 +44,16 @@ class Peers:
 # --- events --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RingRequested:
+@value
+class RingRequested(Value):
     """A ring already recorded (see `holds` for what its record says): ring it now or hold it until ready."""
 
     peer: int  # PENDING_GUEST for the guest whose QEMU has not connected yet
     vector: int
 
 
-@dataclass(frozen=True)
-class WriteRequested:
+@value
+class WriteRequested(Value):
     token: Token
     plan: Any  # opaque: handed back in WriteNow
     uid: int
@@ -60,8 +61,8 @@ class WriteRequested:
     size: int  # bytes of data, counted against the queue's byte share
 
 
-@dataclass(frozen=True)
-class Written:
+@value
+class Written(Value):
     """A WriteNow carried out: recorded, written and rung; `reply` are the fields of its answer."""
 
     token: Token
@@ -72,33 +73,33 @@ class Written:
     now: float  # when the clock of the round trip started: before the ring
 
 
-@dataclass(frozen=True)
-class WriteFailed:
+@value
+class WriteFailed(Value):
     """A WriteNow that could not be carried out (the log or the region failed after it was queued)."""
 
     token: Token
     error: str
 
 
-@dataclass(frozen=True)
-class HostRung:
+@value
+class HostRung(Value):
     vector: int
     reply: str  # the reply area's text, made printable
     now: float
 
 
-@dataclass(frozen=True)
-class TimedOut:
+@value
+class TimedOut(Value):
     token: Token
 
 
-@dataclass(frozen=True)
-class QemuExited:
+@value
+class QemuExited(Value):
     pass
 
 
-@dataclass(frozen=True)
-class PeerLeft:
+@value
+class PeerLeft(Value):
     peer: int
 
 
@@ -108,73 +109,73 @@ Event = RingRequested | WriteRequested | Written | WriteFailed | HostRung | Time
 # --- actions -------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ring:
+@value
+class Ring(Value):
     peer: int
     vector: int
     held: bool = False  # a held ring delivered at ready: a peer gone since is logged, not raised
 
 
-@dataclass(frozen=True)
-class Hold:
+@value
+class Hold(Value):
     peer: int
     vector: int
 
 
-@dataclass(frozen=True)
-class WriteNow:
+@value
+class WriteNow(Value):
     token: Token
     plan: Any
 
 
-@dataclass(frozen=True)
-class Queue:
+@value
+class Queue(Value):
     token: Token
     waiting: int  # writes in the queue, this one included
 
 
-@dataclass(frozen=True)
-class Reply:
+@value
+class Reply(Value):
     token: Token
     fields: tuple[tuple[str, Any], ...]
 
 
-@dataclass(frozen=True)
-class Fail:
+@value
+class Fail(Value):
     token: Token
     error: str
     fields: tuple[tuple[str, Any], ...] = ()
 
 
-@dataclass(frozen=True)
-class RefreshGuard:
+@value
+class RefreshGuard(Value):
     """The guest wrote through its mapping, which makes no inotify event: the guard's copy must follow. reply_only:
     an ack, which writes only the guest's reply area (layout.py), so only that area is taken again."""
 
     reply_only: bool = False
 
 
-@dataclass(frozen=True)
-class Record:
+@value
+class Record(Value):
     """A note of what has happened already: a log that cannot take it does not stop it."""
 
     action: str
     detail: tuple[tuple[str, Any], ...]
 
 
-@dataclass(frozen=True)
-class Log:
+@value
+class Log(Value):
     level: str  # "debug", "info", "warning"
     message: str
 
 
-@dataclass(frozen=True)
-class Notify:
+@value
+class Notify(Value):
     status: str  # for systemd's STATUS=
 
 
-@dataclass(frozen=True)
-class ScheduleTimeout:
+@value
+class ScheduleTimeout(Value):
     token: Token
     seconds: float
 
@@ -185,8 +186,8 @@ Action = Ring | Hold | WriteNow | Queue | Reply | Fail | RefreshGuard | Record |
 # --- state ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AckWaiter:
+@value
+class AckWaiter(Value):
     """The write whose acknowledgement is awaited."""
 
     token: Token
@@ -196,8 +197,8 @@ class AckWaiter:
     started: float
 
 
-@dataclass(frozen=True)
-class QueuedWrite:
+@value
+class QueuedWrite(Value):
     token: Token
     plan: Any
     uid: int
@@ -245,8 +246,8 @@ class WriteQueue:
         return len(self.entries)
 
 
-@dataclass(frozen=True)
-class GuestSessionState:
+@value
+class GuestSessionState(Value):
     """Everything the session knows, as plain data: what a successor takes over."""
 
     serving_only: bool  # no QEMU of ours: a guest that says "ready" turns the handshake on
@@ -490,8 +491,8 @@ def _rang_only(waiter: AckWaiter, peer: int) -> bool:
 # one guest's would; a guest that leaves is forgotten and the others are told with a new peers line.
 
 
-@dataclass(frozen=True)
-class SlotPeers:
+@value
+class SlotPeers(Value):
     """What the supervisor sees: the connected peers, and per slot the peer of the QEMU it runs for that slot
     (PENDING_GUEST while it has not connected; None when none runs: then whoever says ready there takes it)."""
 
@@ -499,8 +500,8 @@ class SlotPeers:
     owners: tuple[int | None, ...] = ()
 
 
-@dataclass(frozen=True)
-class SendRequested:
+@value
+class SendRequested(Value):
     token: Token
     from_slot: int
     to_slot: int
@@ -509,16 +510,16 @@ class SendRequested:
     now: float
 
 
-@dataclass(frozen=True)
-class SendFailed:
+@value
+class SendFailed(Value):
     """The command could not be written (the log or the region failed)."""
 
     token: Token
     error: str
 
 
-@dataclass(frozen=True)
-class SlotsRead:
+@value
+class SlotsRead(Value):
     """The host was rung: every slot's reply and report line, as read."""
 
     replies: tuple[str, ...]
@@ -526,23 +527,23 @@ class SlotsRead:
     now: float
 
 
-@dataclass(frozen=True)
-class Nudged:
+@value
+class Nudged(Value):
     """A send's nudge is due (ScheduleNudge); the host has just read every slot again."""
 
     token: Token
 
 
-@dataclass(frozen=True)
-class ScheduleNudge:
+@value
+class ScheduleNudge(Value):
     """Feed Nudged(token) after `seconds`, reading the slots first: an interrupt can be lost under load."""
 
     token: Token
     seconds: float
 
 
-@dataclass(frozen=True)
-class WriteCommand:
+@value
+class WriteCommand(Value):
     """Write data into `slot`'s command area (audited, for the request `token`) and ring `peer` on GUEST_VECTOR."""
 
     token: Token
@@ -551,8 +552,8 @@ class WriteCommand:
     data: bytes
 
 
-@dataclass(frozen=True)
-class WritePeers:
+@value
+class WritePeers(Value):
     """Write data into `slot`'s peers line (audited) and ring `peer` on GUEST_VECTOR."""
 
     slot: int
@@ -560,16 +561,16 @@ class WritePeers:
     data: bytes
 
 
-@dataclass(frozen=True)
-class PassOn:
+@value
+class PassOn(Value):
     """A slot's reply line, for the GuestSession as a HostRung on `vector`."""
 
     vector: int
     reply: str
 
 
-@dataclass(frozen=True)
-class SendWaiter:
+@value
+class SendWaiter(Value):
     token: Token
     command: int
     to_slot: int
@@ -580,8 +581,8 @@ class SendWaiter:
     started: float
 
 
-@dataclass(frozen=True)
-class SlotState:
+@value
+class SlotState(Value):
     peer: int | None = None  # the guest that said "ready <id>" in this slot and has not left
     reply: str = ""  # the last reply and report line read from it
     report: str = ""
@@ -589,8 +590,8 @@ class SlotState:
     sent: int = 0  # sends it reported as acknowledged
 
 
-@dataclass(frozen=True)
-class ExchangeState:
+@value
+class ExchangeState(Value):
     slots: tuple[SlotState, ...]
     commands: int = 0  # the last command number written
     generation: int = 0  # of the peers lines

@@ -13,13 +13,14 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from .errors import PolicyError, ShmguardError
 from .limits import MAX_VECTORS, MIN_SIZE, PEER_IDS
 from .paths import check_directory_chain, file_kind
 from .policy_facts import builtin_dir, resolve_gid, resolve_uid
+from .values import Value, value
 
 # policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip). Its __file__,
 # not importlib.resources, which costs a command that reads a policy more to import than the policy module itself.
@@ -67,8 +68,8 @@ def parse_mode(text: str | int) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class Access:
+@value
+class Access(Value):
     """Who may do something: uids, or processes holding one of the groups (primary or supplementary).
     '*' admits anyone."""
 
@@ -88,8 +89,8 @@ class Access:
         return {"uids": list(self.uids), "gids": list(self.gids)}
 
 
-@dataclass(frozen=True)
-class RegionPolicy:
+@value
+class RegionPolicy(Value):
     backend: str = "memfd"
     path: str = "/dev/shm/ivshmem"
     size: int = 4 << 20
@@ -100,8 +101,8 @@ class RegionPolicy:
     mlock: bool = True
 
 
-@dataclass(frozen=True)
-class ServerPolicy:
+@value
+class ServerPolicy(Value):
     socket: str = "/run/shmguard/ivshmem.sock"
     owner: int = 0
     group: int = 0
@@ -112,8 +113,8 @@ class ServerPolicy:
     peers: Access = field(default_factory=Access)
 
 
-@dataclass(frozen=True)
-class ControlPolicy:
+@value
+class ControlPolicy(Value):
     socket: str = "/run/shmguard/control.sock"
     mode: int = 0o660
     writers: Access = field(default_factory=Access)
@@ -122,8 +123,8 @@ class ControlPolicy:
     idle_seconds: int = 60  # a connection that sends nothing this long is closed: idle ones would lock others out
 
 
-@dataclass(frozen=True)
-class SharesPolicy:
+@value
+class SharesPolicy(Value):
     """Every resource the supervisor holds for others: at most a total, at most a share per uid, and the last
     `*_reserved` of each only for the `reserved_for` users (root, and QEMU's user where it is not root)."""
 
@@ -143,8 +144,8 @@ class SharesPolicy:
     wait_seconds: int = 60  # the longest a write may hold the one in-flight slot waiting for its acknowledgement
 
 
-@dataclass(frozen=True)
-class GuardPolicy:
+@value
+class GuardPolicy(Value):
     on_resize: str = "block"
     on_attributes: str = "repair"
     on_unlink: str = "repair"
@@ -152,14 +153,14 @@ class GuardPolicy:
     scan_ms: int = 100  # how often the region's allocation is looked at: some tampers make no event at all
 
 
-@dataclass(frozen=True)
-class AuditPolicy:
+@value
+class AuditPolicy(Value):
     path: str = "/var/log/shmguard/audit.log"
     durable: bool = True
 
 
-@dataclass(frozen=True)
-class HardeningPolicy:
+@value
+class HardeningPolicy(Value):
     required: bool = True
     no_new_privs: bool = True
     dumpable: bool = False
@@ -168,14 +169,14 @@ class HardeningPolicy:
     group: str = ""
 
 
-@dataclass(frozen=True)
-class QemuPolicy:
+@value
+class QemuPolicy(Value):
     on_exit: str = "stay"  # "stay": keep serving peers; "exit": stop the supervisor
     memory: str = "256M"
 
 
-@dataclass(frozen=True)
-class Policy:
+@value
+class Policy(Value):
     name: str
     source: str
     region: RegionPolicy

@@ -10,9 +10,11 @@ import logging
 import os
 from collections.abc import Callable
 
+import inotify_simple
 from inotify_simple import INotify, parse_events
 from inotify_simple import flags as F
 
+from ..linux import libc
 from ..linux.procfs import fd_path
 from .attribution import Attribution
 from .entries import identity
@@ -44,6 +46,9 @@ class Watches:
         self._taken = b""  # events read (take) and not yet handled (dispatch)
 
     def open(self) -> None:
+        # inotify_simple looks libc up with ctypes.util.find_library, which runs `ldconfig -p` (a fork and an exec on
+        # every start); this process's libc is that library.
+        inotify_simple._libc = inotify_simple._libc or libc._libc
         self.inotify = INotify(nonblocking=True)
 
     def start(self, fd: int, is_file: bool, on_events: OnEvents, on_wake: Callable[[], bool] = lambda: False) -> None:
