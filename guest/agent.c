@@ -462,13 +462,20 @@ static void put32(const struct exchange *x, size_t offset, uint32_t value)
     __sync_synchronize();
 }
 
-/* A line area (SLOT_LINE bytes) rewritten whole, NULs after the text, like write_reply. */
+/* A line area (SLOT_LINE bytes) rewritten whole, NULs after the text. Its last byte is a generation, odd while
+ * the line is rewritten: the host reads every slot whenever any guest rings, so it may read this one half written,
+ * and it takes a line only with the same even generation before and after it. */
 static void put_line(const struct exchange *x, size_t offset, const char *text)
 {
     volatile uint8_t *area = x->dev->mem + offset;
-    size_t len = strnlen(text, SLOT_LINE - 1);
-    for (size_t i = 0; i < SLOT_LINE; i++)
+    size_t len = strnlen(text, SLOT_LINE - 2);
+    uint8_t writing = (uint8_t)(area[SLOT_LINE - 1] | 1);
+    area[SLOT_LINE - 1] = writing;
+    __sync_synchronize();
+    for (size_t i = 0; i < SLOT_LINE - 1; i++)
         area[i] = i < len ? (uint8_t)text[i] : 0;
+    __sync_synchronize();
+    area[SLOT_LINE - 1] = (uint8_t)(writing + 1);
 }
 
 static void copy_line(const struct exchange *x, size_t offset, char *out, size_t size)

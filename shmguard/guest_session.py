@@ -522,8 +522,8 @@ class SendFailed(Value):
 class SlotsRead(Value):
     """The host was rung: every slot's reply and report line, as read."""
 
-    replies: tuple[str, ...]
-    reports: tuple[str, ...]
+    replies: tuple[str | None, ...]  # None: the guest was rewriting it (it rings when done)
+    reports: tuple[str | None, ...]
     now: float
 
 
@@ -648,7 +648,10 @@ class GuestExchange:
             case SlotsRead(replies, reports, now):
                 actions: list = []
                 for k in range(len(self.slots)):
-                    actions += self._on_reply(k, replies[k], peers) + self._on_report(k, reports[k], now)
+                    if replies[k] is not None:
+                        actions += self._on_reply(k, replies[k], peers)
+                    if reports[k] is not None:
+                        actions += self._on_report(k, reports[k], now)
                 return actions
             case PeerLeft(peer):
                 return self._on_left(peer)

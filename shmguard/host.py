@@ -407,9 +407,9 @@ class GuestSlots:
         return [{**entry, "qemu_pid": pids[entry["guest"]] if entry["guest"] < len(pids) else None,
                  "text": self.places.text} for entry in exchange.describe(self.peers().owners)]
 
-    def _line(self, offset: int) -> str:
-        text = self.region.read(offset, layout.SLOT_LINE).split(b"\0", 1)[0].decode("ascii", "replace")
-        return "".join(c if c.isprintable() else "?" for c in text)  # a guest must not forge log lines
+    def _line(self, offset: int) -> str | None:
+        text = layout.whole_line(self.region.read, offset)
+        return None if text is None else "".join(c if c.isprintable() else "?" for c in text)  # no forged log lines
 
 
 def _ring_record(ring: dict) -> dict:

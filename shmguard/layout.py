@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 REPLY_SIZE = 256
@@ -55,6 +56,8 @@ def parse_ack(reply: str) -> Ack | None:
 #   reply     SLOT_LINE: "ready <id>", "ack <n> <length> <crc32>" (the host's message at 0), as for one guest
 #   report    SLOT_LINE: "sent <n> <peer> <seq> <length> <crc32> <round trip us>" or "lost <n> <peer> <why>"
 #   peers     SLOT_LINE: "peers <generation> <id>:<slot> ...": the guests the host knows are there
+#             (reply and report: the area's last byte is the guest's write generation, odd while it rewrites the
+#             line; the host takes a line only with the same even generation before and after reading it)
 #   acks      N x 16 bytes: entry j is written by the guest in slot j when it has printed a message from k:
 #             u32 seq, u32 crc32, u32 length, u32 its peer id (little-endian)
 #   inbox     N x (16 + text): mailbox j holds the message the guest in slot j sent to k: u32 seq, u32 the
@@ -170,6 +173,22 @@ def command_bytes(command: int, peer: int, slot: int, text: bytes) -> bytes:
     """The command area's contents for "send text to peer in slot": header line NUL-padded, then the text."""
     header = f"send {command} {peer} {slot} {len(text)} {zlib.crc32(text):08x}".encode()
     return header.ljust(COMMAND_HEADER, b"\0") + text
+
+
+LINE_READS = 3  # a guest rewrites a line in microseconds; if still torn after these, its ring follows
+
+
+def whole_line(read: Callable[[int, int], bytes], offset: int) -> str | None:
+    """A reply or report line as its guest last wrote it whole, through read(offset, length); None while the guest
+    is rewriting it (it rings when done). The same even generation (the area's last byte) before and after the
+    line, else a read that races the guest could mix the new line's head with the old one's tail."""
+    generation = offset + SLOT_LINE - 1
+    for _ in range(LINE_READS):
+        before = read(generation, 1)[0]
+        raw = read(offset, SLOT_LINE - 1)
+        if not before & 1 and read(generation, 1)[0] == before:
+            return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+    return None
 
 
 def peers_line(generation: int, guests: dict[int, int]) -> bytes:

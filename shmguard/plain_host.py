@@ -64,7 +64,8 @@ class PlainHost:
         return self.client.own_id
 
     def line(self, offset: int) -> str:
-        return self.mem[offset:offset + layout.SLOT_LINE].split(b"\0", 1)[0].decode("ascii", "replace")
+        """The line as its guest last wrote it whole; "" while it is being rewritten (read again at its ring)."""
+        return layout.whole_line(lambda at, length: self.mem[at:at + length], offset) or ""
 
     def wait_ready(self, timeout: float) -> dict[int, int]:
         """Every slot's guest once it has said "ready <id>" (rings coalesce: every slot is read on each)."""

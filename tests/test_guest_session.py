@@ -359,6 +359,17 @@ EXCHANGE_SCENARIOS = {
         (TimedOut("s"), BOTH, []),  # answered already
         (Nudged("s"), BOTH, []),  # so is its nudge
     ],
+    "a line the guest was rewriting when the host read it (None) changes nothing; the whole line then answers": [
+        *SENDING,
+        (said(("ready 5", None), (None, "")), BOTH, []),
+        (said(("ready 5", "ready 6"), (SENT_LINE, ""), now=10.25), BOTH, [
+            RefreshGuard(),
+            Record("guest-report", (("guest", 0), ("command", 1), ("to", 1), ("to_peer", 6), ("report", SENT_LINE),
+                                    ("result", "acknowledged"))),
+            Log("info", f"guest 0 sent to guest 1: {SENT_LINE}"),
+            Reply("s", (*SEND_FIELDS, ("report", SENT_LINE), ("seq", 1), ("length", 2), ("delivered_exactly", True),
+                        ("round_trip_ms", 1.5), ("host_round_trip_ms", 250.0)))]),
+    ],
     "a send unreported when its nudge is due rings its sender again (an interrupt can be lost under load)": [
         *SENDING,
         (Nudged("s"), BOTH, [Log("debug", "guest 0 has not reported command 1 yet: rung again"), Ring(5, 1),

@@ -78,3 +78,32 @@ def test_command_and_peers_lines_are_what_the_agent_parses():
 ])
 def test_reports_are_parsed_strictly(line, report):
     assert parse_report(line) == report
+
+
+def area_with(text: bytes, generation: int) -> bytearray:
+    area = bytearray(layout.SLOT_LINE)
+    area[:len(text)] = text
+    area[-1] = generation
+    return area
+
+
+def test_a_line_is_taken_only_whole_the_same_even_generation_before_and_after_it():
+    """The guest writes a slot line with its last byte odd, then even: the host, which reads every slot whenever any
+    guest rings, must never take a line half rewritten (seen: a report whose crc was the new line's head and the old
+    line's last digit)."""
+    def reader(area):
+        return lambda at, length: bytes(area[at:at + length])
+
+    assert layout.whole_line(reader(area_with(b"sent 3 6 2 17 fe17a234 979", 4)), 0) == "sent 3 6 2 17 fe17a234 979"
+    assert layout.whole_line(reader(area_with(b"sent 3 6 2 17 fe17a23", 5)), 0) is None  # being rewritten
+
+    area = area_with(b"sent 3 6 2 17 fe17a234 979", 4)
+    reads = []
+
+    def racing(at, length):  # the guest rewrites it between the host's reads of the generation and the line
+        reads.append(at)
+        if len(reads) == 2:
+            area[-1] = 6
+        return bytes(area[at:at + length])
+    assert layout.whole_line(racing, 0) == "sent 3 6 2 17 fe17a234 979"  # torn once, taken on the next read
+    assert len(reads) == 6
