@@ -182,6 +182,7 @@ class Guard:
         events taken before the repair (it records the incident), then the waiting incidents get their offenders."""
         if self._on_wake():
             self.watches.dispatch(repaired=True)
+        self.attribution.take_openers()  # whichever fd the loop took first, the open's incident waits for its touch
         self.incidents.on_touch()
 
     def _ensure_watches(self) -> None:

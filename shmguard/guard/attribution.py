@@ -90,7 +90,7 @@ class Attribution:
         if state.get("openers") is not None:
             self.openers = OpenerWitness(state["openers"]["pid"], state["openers"]["fd"],
                                          state["openers"]["execs_watched"])
-            self.loop.add_reader(self.openers.fd, self._on_openers)
+            self.loop.add_reader(self.openers.fd, self.take_openers)
 
     def _start_openers(self, fd: int) -> None:
         """The child that holds each open of the region while it reads who opened it (linux/opener_witness.py)."""
@@ -99,7 +99,7 @@ class Attribution:
         except OSError as exc:
             self.description += f"; openers not held (FAN_OPEN_PERM: {exc.strerror})"
             return
-        self.loop.add_reader(self.openers.fd, self._on_openers)
+        self.loop.add_reader(self.openers.fd, self.take_openers)
         programs = ", ".join(self.openers.execs_watched) or "nowhere (exec events refused)"
         self.description += f"; openers held (FAN_OPEN_PERM, pid {self.openers.pid}); programs from exec events " \
                             f"on the filesystems of {programs}"
@@ -121,7 +121,9 @@ class Attribution:
 
     # --- the opener witness ------------------------------------------------------------------------------
 
-    def _on_openers(self) -> None:
+    def take_openers(self) -> None:
+        """The witness's reports, and the incidents of memfd opens among them (its fd's reader, and the guard's
+        first step when fanotify is ready: an opener's incident is then there for its touch to name)."""
         if self.openers is not None:
             self._collect_openers()
         opened, self._opened = self._opened, []
@@ -137,7 +139,7 @@ class Attribution:
                 self._identities.popitem(last=False)
             if self._memfd:
                 if not self._opened:
-                    self.loop.call_later(0, self._on_openers)  # recorded from the loop, never inside a record
+                    self.loop.call_later(0, self.take_openers)  # recorded from the loop, never inside a record
                 self._opened.append(opener)
         if self.openers.ended:
             log.warning("guard: the opener witness (pid %d) is gone: opens are no longer held, short-lived "
