@@ -336,6 +336,14 @@ BOTH_READY = [
 SENDING = [*BOTH_READY, (SendRequested("s", 0, 1, b"hi", 5.0, 10.0), BOTH, [
     ScheduleTimeout("s", 5.0), ScheduleNudge("s", 1.0), WriteCommand("s", 0, 5, command_bytes(1, 6, 1, b"hi"))])]
 
+REPORTED = [  # the sender's report of SENT_LINE, read at 10.25 s: the send it answers
+    RefreshGuard(),
+    Record("guest-report", (("guest", 0), ("command", 1), ("to", 1), ("to_peer", 6), ("report", SENT_LINE),
+                            ("result", "acknowledged"))),
+    Log("info", f"guest 0 sent to guest 1: {SENT_LINE}"),
+    Reply("s", (*SEND_FIELDS, ("report", SENT_LINE), ("seq", 1), ("length", 2), ("delivered_exactly", True),
+                ("round_trip_ms", 1.5), ("host_round_trip_ms", 250.0)))]
+
 EXCHANGE_SCENARIOS = {
     "guests say ready in their own slots and each is told who is there; the same lines again change nothing": [
         *BOTH_READY,
@@ -349,26 +357,14 @@ EXCHANGE_SCENARIOS = {
             Fail("t", "guest 0 is still sending command 1: try again once it has reported")]),
         (said(("ready 5", "ready 6"), ("", f"sent 1 5 1 2 {HI_CRC:08x} 9")), BOTH, [
             Log("debug", f"guest 1 report: 'sent 1 5 1 2 {HI_CRC:08x} 9'")]),  # not the sender's line
-        (said(("ready 5", "ready 6"), (SENT_LINE, f"sent 1 5 1 2 {HI_CRC:08x} 9"), now=10.25), BOTH, [
-            RefreshGuard(),
-            Record("guest-report", (("guest", 0), ("command", 1), ("to", 1), ("to_peer", 6), ("report", SENT_LINE),
-                                    ("result", "acknowledged"))),
-            Log("info", f"guest 0 sent to guest 1: {SENT_LINE}"),
-            Reply("s", (*SEND_FIELDS, ("report", SENT_LINE), ("seq", 1), ("length", 2), ("delivered_exactly", True),
-                        ("round_trip_ms", 1.5), ("host_round_trip_ms", 250.0)))]),
+        (said(("ready 5", "ready 6"), (SENT_LINE, f"sent 1 5 1 2 {HI_CRC:08x} 9"), now=10.25), BOTH, REPORTED),
         (TimedOut("s"), BOTH, []),  # answered already
         (Nudged("s"), BOTH, []),  # so is its nudge
     ],
     "a line the guest was rewriting when the host read it (None) changes nothing; the whole line then answers": [
         *SENDING,
         (said(("ready 5", None), (None, "")), BOTH, []),
-        (said(("ready 5", "ready 6"), (SENT_LINE, ""), now=10.25), BOTH, [
-            RefreshGuard(),
-            Record("guest-report", (("guest", 0), ("command", 1), ("to", 1), ("to_peer", 6), ("report", SENT_LINE),
-                                    ("result", "acknowledged"))),
-            Log("info", f"guest 0 sent to guest 1: {SENT_LINE}"),
-            Reply("s", (*SEND_FIELDS, ("report", SENT_LINE), ("seq", 1), ("length", 2), ("delivered_exactly", True),
-                        ("round_trip_ms", 1.5), ("host_round_trip_ms", 250.0)))]),
+        (said(("ready 5", "ready 6"), (SENT_LINE, ""), now=10.25), BOTH, REPORTED),
     ],
     "a send unreported when its nudge is due rings its sender again (an interrupt can be lost under load)": [
         *SENDING,
