@@ -61,7 +61,7 @@ class Recorder:
         if not self.audit.durable or self._fsync is not None:
             return
         try:
-            self._fsync = AsyncFsync()
+            self._fsync = AsyncFsync(self.audit.fileno())  # the log keeps one fd for its life
         except OSError as exc:  # a kernel or seccomp filter without native AIO: the fsync in line, as before
             log.info("audit log: each turn's fsync in line (no native AIO: %s)", exc.strerror or exc)
             return
@@ -118,7 +118,7 @@ class Recorder:
             if self._fsync.full:
                 return False  # a completion starts it
             try:
-                self._fsync.start(self.audit.fileno(), last)
+                self._fsync.start(last)
             except OSError:
                 return self.flush()  # the kernel refused this one: in line, this once
             self._started_to = last

@@ -24,33 +24,38 @@ def wait_readable(fd: int, timeout: float = 10.0) -> None:
 
 def test_an_fsync_completes_on_its_eventfd_and_says_it_succeeded(tmp_path):
     fd = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    fsync = AsyncFsync()
+    fsync = AsyncFsync(fd)
     try:
         for round in range(3):  # the slots, used again and again
             os.write(fd, b"a record\n")
             for token in range(4):
-                fsync.start(fd, token + 10 * round)
+                fsync.start(token + 10 * round)
             assert fsync.in_flight == 4 and fsync.full
             with pytest.raises(RuntimeError):
-                fsync.start(fd, 99)  # no fifth
+                fsync.start(99)  # no fifth
             done = []
             while len(done) < 4:
                 wait_readable(fsync.fileno())
                 done += fsync.completed()
             assert sorted(done) == [(token + 10 * round, 0) for token in range(4)] and not fsync.in_flight
-        os.close(fd)  # our own duplicate was closed with the completion: the file is not held open
-        assert not any(os.path.realpath(f"/proc/self/fd/{n}") == str(tmp_path / "file")
-                       for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}"))
+        os.close(fd)  # the owner's close: the fsync's own duplicate still names the file
+        assert held_open(tmp_path / "file")
     finally:
         fsync.close()
+    assert not held_open(tmp_path / "file"), "close() lets go of the duplicate"
+
+
+def held_open(path) -> bool:
+    return any(os.path.realpath(f"/proc/self/fd/{n}") == str(path)
+               for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}"))
 
 
 def test_an_fd_the_kernel_cannot_fsync_is_refused_at_once_and_nothing_is_in_flight():
     read_end, write_end = os.pipe()
-    fsync = AsyncFsync()
+    fsync = AsyncFsync(read_end)
     try:
         with pytest.raises(OSError) as refused:
-            fsync.start(read_end, 1)
+            fsync.start(1)
         assert refused.value.errno == errno.EINVAL and not fsync.in_flight
     finally:
         fsync.close()
@@ -61,7 +66,7 @@ def test_an_fd_the_kernel_cannot_fsync_is_refused_at_once_and_nothing_is_in_flig
 def test_a_failed_write_back_is_the_fsyncs_result(tmp_path):
     with disk_that_fills(tmp_path) as (mnt, filler):
         fd = os.open(mnt / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fsync = AsyncFsync()
+        fsync = AsyncFsync(fd)
         try:
             os.write(fd, b"first\n")
             os.fsync(fd)
@@ -69,7 +74,7 @@ def test_a_failed_write_back_is_the_fsyncs_result(tmp_path):
             results = []
             for number in range(60):  # the loop device reports it at this fsync or one after
                 os.write(fd, b"record %d %s\n" % (number, b"x" * 4096))
-                fsync.start(fd, number)
+                fsync.start(number)
                 results += fsync.completed(wait=True)
                 if results[-1][1]:
                     break

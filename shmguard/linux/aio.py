@@ -37,24 +37,26 @@ _syscall = libc.function("syscall", [ctypes.c_long, ctypes.c_long, ctypes.c_long
 
 
 class AsyncFsync:
-    """fsync(fd) started now, finished later, up to `slots` at once: `start(fd, token)`, then `fileno()` turns
+    """fsync(fd) started now, finished later, up to `slots` at once: `start(token)`, then `fileno()` turns
     readable and `completed()` says which ended and how (token, 0 or the errno the fsync would have raised).
-    Raises OSError at creation where the kernel (or a seccomp filter) refuses native AIO: the caller then fsyncs
-    in line."""
+    Raises OSError at creation where the kernel (or a seccomp filter) refuses native AIO, or where every AIO
+    context of the machine is taken (fs.aio-max-nr, which any local user can fill): the caller then fsyncs in
+    line."""
 
-    def __init__(self, slots: int = 4) -> None:
+    def __init__(self, fd: int, slots: int = 4) -> None:
         numbers = _SYSCALLS.get(platform.machine())
         if numbers is None:
             raise OSError(0, f"native AIO's system call numbers are not known on {platform.machine()}")
         self._setup, self._destroy, self._getevents, self._submit = numbers
         self._context = ctypes.c_ulong(0)
         self._call(self._setup, slots, ctypes.addressof(self._context), what="io_setup")
+        # Our duplicate of the fd: the same open file description, so its write-back errors are reported to us,
+        # and a number its owner's close cannot hand to another file while an fsync is in flight.
+        self._fd = os.dup(fd)
         self._done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._iocbs = [_Iocb() for _ in range(slots)]
         self._free = list(range(slots))
-        # Our duplicate of the fd each slot syncs (the same open file description, so its write-back errors are
-        # reported to us), and the caller's token: a close by the fd's owner meanwhile cannot reuse the number.
-        self._busy: dict[int, tuple[int, int]] = {}
+        self._busy: dict[int, int] = {}  # slot -> the caller's token
         self._pointer = ctypes.c_void_p()  # io_submit takes an array of iocb pointers: ours has one
         self._events = (_IoEvent * slots)()
 
@@ -70,23 +72,21 @@ class AsyncFsync:
         """Readable once an fsync in flight has completed."""
         return self._done
 
-    def start(self, fd: int, token: int) -> None:
+    def start(self, token: int) -> None:
         if not self._free:
             raise RuntimeError("every slot has an fsync in flight")
         slot = self._free.pop()
         iocb = self._iocbs[slot]
-        own = os.dup(fd)
         ctypes.memset(ctypes.addressof(iocb), 0, ctypes.sizeof(iocb))
-        iocb.aio_data, iocb.aio_lio_opcode, iocb.aio_fildes = slot, IOCB_CMD_FSYNC, own
+        iocb.aio_data, iocb.aio_lio_opcode, iocb.aio_fildes = slot, IOCB_CMD_FSYNC, self._fd
         iocb.aio_flags, iocb.aio_resfd = IOCB_FLAG_RESFD, self._done
         self._pointer.value = ctypes.addressof(iocb)
         try:
             self._call(self._submit, self._context.value, 1, ctypes.addressof(self._pointer), what="io_submit")
         except OSError:
-            os.close(own)
             self._free.append(slot)
             raise
-        self._busy[slot] = (own, token)
+        self._busy[slot] = token
 
     def completed(self, wait: bool = False) -> list[tuple[int, int]]:
         """(token, 0 or the fsync's errno) of each fsync that has completed; with wait=True, of every one in
@@ -101,10 +101,8 @@ class AsyncFsync:
             got = self._call(self._getevents, self._context.value, want, len(self._busy),
                              ctypes.addressof(self._events), 0, what="io_getevents")
             for event in self._events[:got]:
-                own, token = self._busy.pop(event.data)
-                os.close(own)
                 self._free.append(event.data)
-                results.append((token, -event.res if event.res < 0 else 0))
+                results.append((self._busy.pop(event.data), -event.res if event.res < 0 else 0))
             if not wait or got == 0:
                 break
         return results
@@ -114,7 +112,8 @@ class AsyncFsync:
         if self._done >= 0:
             self._call(self._destroy, self._context.value, what="io_destroy")
             os.close(self._done)
-            self._done = -1
+            os.close(self._fd)
+            self._done = self._fd = -1
 
     @staticmethod
     def _call(number: int, *args: int, what: str) -> int:
