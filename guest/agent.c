@@ -714,7 +714,14 @@ static void __attribute__((noreturn)) serve_exchange(const struct ivshmem *dev, 
     }
 }
 
-int main(void)
+/* Built alone the agent is a program of its own; the built-in guest links it into /init (guest/init.c), which
+ * calls it as agent_main once the device is vfio-pci's. */
+#ifndef AGENT_MAIN
+#define AGENT_MAIN main
+#endif
+int AGENT_MAIN(void);
+
+int AGENT_MAIN(void)
 {
     struct ivshmem dev = {0};
     long host = host_peer_id();

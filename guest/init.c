@@ -1,7 +1,9 @@
 /*
  * The built-in guest's /init (PID 1): mount /proc, /sys and /dev, load the VFIO modules, hand the ivshmem
- * device to vfio-pci, then become the agent. No shell and no fork: under TCG every process started costs
- * tens of milliseconds. On failure it says why on the console and keeps the VM up (PID 1 never exits).
+ * device to vfio-pci, then go on as the agent. No shell, no fork and no exec: /init is this file and
+ * guest/agent.c linked into one static program (shmguard/guest.py builds it with -DAGENT_MAIN=agent_main), as
+ * under TCG every program started costs tens of milliseconds (a second exec and C library start ~25 ms, and its
+ * pages in the initrd). On failure it says why on the console and keeps the VM up (PID 1 never exits).
  *
  * /lib/modules/load-order lists the modules, dependencies first (shmguard/guest.py writes it); a module's
  * parameters come from the kernel command line as NAME.PARAM=VALUE, as modprobe would pass them. The guest's
@@ -21,9 +23,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define AGENT "/bin/shmguard-agent"
 #define LOAD_ORDER "/lib/modules/load-order"
 #define PCI_DEVICES "/sys/bus/pci/devices"
+
+int agent_main(void); /* guest/agent.c */
 
 static void say(const char *fmt, ...)
 {
@@ -178,8 +181,5 @@ int main(void)
     mount_or_fail("devtmpfs", "/dev");
     load_modules();
     bind_ivshmem();
-    char *argv[] = {AGENT, NULL};
-    char *envp[] = {"PATH=/bin", NULL};
-    execve(AGENT, argv, envp);
-    fail("cannot run " AGENT ": %s", strerror(errno));
+    return agent_main(); /* never returns: the agent serves for as long as the VM runs */
 }

@@ -11,8 +11,9 @@ What the boot costs under TCG, and what is done about it (docs/guest.md has the 
   kernel (linux-image-cloud-amd64) has a fraction of the generic one's drivers and initcalls;
 - it is booted as the decompressed vmlinux through its PVH entry (no decompression under emulation);
 - GUEST_CMDLINE skips what an emulated CPU pays dearly for and the agent never needs;
-- /init is a small static C program (guest/init.c), no shell and no fork; the initrd holds only it, the agent
-  and the modules, uncompressed (copying 1 MB is cheaper than inflating it under TCG);
+- /init is a small static C program (guest/init.c) with the agent (guest/agent.c) linked in: no shell, no fork
+  and no exec; the initrd holds only it and the modules, uncompressed (copying 1 MB is cheaper than inflating it
+  under TCG);
 - QEMU boots it with the qboot firmware where Debian ships it (shmguard/qemu.py).
 """
 
@@ -374,21 +375,20 @@ _INSTALL_HINT = "reinstall shmguard (its package carries guest/) and apt-get ins
 
 
 def _build_initrd(image_dir: Path, kernel_dir: Path | None, modules: list[str], siblings: str) -> None:
-    """/init, the agent and the modules to load (none for the guest's own kernel: no lib/modules at all); older
-    images of the same kind (siblings) go."""
+    """/init with the agent linked in, and the modules to load (none for the guest's own kernel: no lib/modules
+    at all); older images of the same kind (siblings) go."""
     with tempfile.TemporaryDirectory(dir=image_dir.parent, prefix="build-") as tmp:
         staging = Path(tmp) / "guest"
         staging.mkdir()
-        init, agent = staging / "init", staging / "shmguard-agent"
-        _compile(GUEST_SOURCES / "init.c", init)
-        _compile(GUEST_SOURCES / "agent.c", agent)
-        files = [("init", 0o755, init.read_bytes()), ("bin/shmguard-agent", 0o755, agent.read_bytes())]
+        init = staging / "init"
+        # One program: init.c's main goes on as agent.c's agent_main, so the guest starts one program, not two.
+        _compile([GUEST_SOURCES / "init.c", GUEST_SOURCES / "agent.c"], init, ["-DAGENT_MAIN=agent_main"])
+        files = [("init", 0o755, init.read_bytes())]
         if modules:
             assert kernel_dir is not None
             files.append(("lib/modules/load-order", 0o644, "".join(f"{m}\n" for m in modules).encode()))
             files += [(f"lib/modules/{m}.ko", 0o644, (kernel_dir / f"{m}.ko").read_bytes()) for m in modules]
-        (staging / "initrd.cpio").write_bytes(newc_archive(files))
-        init.unlink()  # inside the archive; the agent stays beside it for whoever wants to look at it
+        (staging / "initrd.cpio").write_bytes(newc_archive(files))  # /init stays beside it, for whoever looks
         _publish(staging, image_dir, siblings)
 
 
@@ -405,11 +405,12 @@ def _publish(staging: Path, final: Path, siblings: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _compile(source: Path, output: Path) -> None:
+def _compile(sources: list[Path], output: Path, defines: list[str]) -> None:
+    names = " and ".join(str(source) for source in sources)
     if shutil.which("gcc") is None:
-        raise ShmguardError(f"gcc not found: {source} is compiled with gcc -static; apt-get install gcc libc6-dev")
-    command = ["gcc", "-static", "-O2", "-s", "-Wall", "-Wextra", "-o", str(output), str(source)]
-    _run(command, f"compile {source} with gcc -static (needs gcc and libc6-dev)")
+        raise ShmguardError(f"gcc not found: {names} are compiled with gcc -static; apt-get install gcc libc6-dev")
+    command = ["gcc", "-static", "-O2", "-s", "-Wall", "-Wextra", *defines, "-o", str(output), *map(str, sources)]
+    _run(command, f"compile {names} with gcc -static (needs gcc and libc6-dev)")
 
 
 def newc_archive(files: list[tuple[str, int, bytes]]) -> bytes:
