@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import os
 import sys
 
 import click
@@ -112,35 +110,10 @@ def run(policy_name, size, vectors, socket_path, control_path, audit_log, no_gue
     otherwise), streams the guest's console into the log and reports when the guest is ready.
     SIGHUP (or `shmguard reload`) hands everything over to the installed shmguard in place: peers see nothing.
     """
-    from . import handover, succession
-    from .guest_vm import GuestOptions
-    from .supervisor import Supervisor
+    from .run_command import run as run_supervisor  # `shmguard run` as lean.py runs it, without click
 
-    setup_logging(verbose)
-    policy = load_policy(policy_name).with_overrides(size=size, vectors=vectors, socket=socket_path,
-                                                    control_socket=control_path, audit_log=audit_log)
-    if no_guest and (guest_kernel or guest_initrd or qemu_args):
-        raise ShmguardError("--no-guest boots nothing: drop --guest-kernel, --guest-initrd and --qemu-arg")
-    if guest_initrd and not guest_kernel:
-        raise ShmguardError("--guest-initrd needs --guest-kernel")
-    if guests > 1 and (no_guest or guest_kernel):
-        raise ShmguardError(f"--guests {guests} boots built-in guests: drop --no-guest and --guest-kernel")
-    guest = None if no_guest else GuestOptions(guest_kernel, guest_initrd, guest_append, tuple(qemu_args), guests)
-    if succession.CHECK_ENV in os.environ:  # a running supervisor asks whether this shmguard would take over
-        succession.check_and_exit(policy, guest.builtin if guest else None, int(os.environ[succession.CHECK_ENV]))
-    inherited = handover.inherited()
-    supervisor = Supervisor(policy, guest, fd_store=fd_store or "FDSTORE" in os.environ)
-    try:
-        supervisor.start(inherited)
-    except BaseException:
-        supervisor.stop()
-        raise
-    sys.exit(supervisor.run())
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="shmguard: %(levelname)s: %(message)s")
+    sys.exit(run_supervisor(policy_name, size, vectors, socket_path, control_path, audit_log, no_guest, guests,
+                            guest_kernel, guest_initrd, guest_append, qemu_args, fd_store, verbose))
 
 
 # --- policy ---------------------------------------------------------------------------------------------

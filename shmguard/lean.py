@@ -1,11 +1,12 @@
-"""The `shmguard` command's entry point: `write`, `ring` and `status` without click, everything else through it.
+"""The `shmguard` command's entry point: `write`, `ring`, `status` and `run` without click, everything else through it.
 
-A script writes a message with a new process each time, so what a write imports is paid per message. For those
-three commands this module parses the arguments itself, for the forms it knows exactly as click does (the table
-in tests/test_lean.py holds the two parsers to the same result), and talks to the supervisor through
-control_client with policy_facts: C modules and small shmguard ones, no click, json, socket or tomllib. Anything
-else (--help, an unknown or malformed option, any other command) goes to the click CLI (cli.py) unchanged, so
-help, usage errors and their exit status are click's own. The checks are the same on both paths: who serves the
+A script writes a message with a new process each time, so what a write imports is paid per message, and a boot
+to ready waits for what `run` imports. For those four commands this module parses the arguments itself, for the
+forms it knows exactly as click does (the table in tests/test_lean.py holds the two parsers to the same result).
+The first three talk to the supervisor through control_client with policy_facts: C modules and small shmguard
+ones, no click, json, socket or tomllib; `run` is shmguard/run_command.py. Anything else (--help, an unknown or
+malformed option, a repeated --qemu-arg, any other command) goes to the click CLI (cli.py) unchanged, so help,
+usage errors and their exit status are click's own. The checks are the same on both paths: who serves the
 socket, the sizes (by the supervisor), the reply; a user-caused error is one line and a non-zero exit.
 """
 
@@ -24,6 +25,14 @@ WRITE_FLAGS = {"--stdin": "from_stdin", "--lines": "lines", "--no-wait": "no_wai
 WRITE_DEFAULTS = {"message": None, "file_path": None, "from_stdin": False, "lines": False, "offset": 0, "ring": None,
                   "no_wait": False, "timeout": 60.0, "allow_unterminated": False, "policy_name": "strict",
                   "control_path": None, "as_json": False}
+# `run`: every option but the repeatable --qemu-arg, which goes to click (this parser keeps the last of a repeat).
+RUN_VALUES = {"--policy": "policy_name", "--size": "size", "--vectors": "vectors", "--socket": "socket_path",
+              "--control-socket": "control_path", "--audit-log": "audit_log", "--guests": "guests",
+              "--guest-kernel": "guest_kernel", "--guest-initrd": "guest_initrd", "--guest-append": "guest_append"}
+RUN_FLAGS = {"--no-guest": "no_guest", "--fd-store": "fd_store", "-v": "verbose", "--verbose": "verbose"}
+RUN_DEFAULTS = {"policy_name": "strict", "size": None, "vectors": None, "socket_path": None, "control_path": None,
+                "audit_log": None, "no_guest": False, "guests": 1, "guest_kernel": None, "guest_initrd": None,
+                "guest_append": "console=ttyS0", "qemu_args": (), "fd_store": False, "verbose": False}
 CONTROL_VALUES = {"--policy": "policy_name", "--control-socket": "control_path"}
 CONTROL_DEFAULTS = {"policy_name": "strict", "control_path": None}
 
@@ -70,6 +79,9 @@ def parse(args: list[str]) -> tuple[str, dict] | None:
     if command == "status":
         params = parse_options(rest, CONTROL_VALUES, {"--json": "as_json"}, {**CONTROL_DEFAULTS, "as_json": False}, 0)
         return None if params is None else ("status", params)
+    if command == "run":
+        params = parse_options(rest, RUN_VALUES, RUN_FLAGS, RUN_DEFAULTS, 0)
+        return None if params is None or not _run_converted(params) else ("run", params)
     return None
 
 
@@ -124,6 +136,23 @@ def _converted(params: dict) -> bool:
     return not (file_path and os.path.isdir(file_path))  # click.Path(dir_okay=False)
 
 
+def _run_converted(params: dict) -> bool:
+    """Convert and check `run`'s options as click's types do; False where click would refuse (it says why)."""
+    from .layout import MAX_GUESTS
+
+    try:
+        if params["vectors"] is not None:
+            params["vectors"] = int(params["vectors"])
+        params["guests"] = int(params["guests"])
+    except ValueError:
+        return False
+    if not 1 <= params["guests"] <= MAX_GUESTS:  # click.IntRange(1, MAX_GUESTS)
+        return False
+    # click.Path(exists=True, dir_okay=False): there, not a directory, readable
+    return all(path is None or (os.path.exists(path) and not os.path.isdir(path) and os.access(path, os.R_OK))
+               for path in (params["guest_kernel"], params["guest_initrd"]))
+
+
 # --- the commands ----------------------------------------------------------------------------------------------
 
 
@@ -176,7 +205,13 @@ def status(policy_name, control_path, as_json) -> int:
     return 1 if problems else 0
 
 
-COMMANDS = {"write": write, "ring": ring, "status": status}
+def run(**params) -> int:
+    from .run_command import run as run_supervisor
+
+    return run_supervisor(**params)
+
+
+COMMANDS = {"write": write, "ring": ring, "status": status, "run": run}
 
 
 def message_bytes(message, file_path, from_stdin, lines=False) -> bytes | None:

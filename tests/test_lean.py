@@ -21,7 +21,7 @@ from shmguard.policy_facts import builtin_dir, client_facts, facts_of_record, lo
 
 pytestmark = pytest.mark.pure
 
-COMMANDS = {"write": cli.write, "ring": cli.ring, "status": cli.status}
+COMMANDS = {"write": cli.write, "ring": cli.ring, "status": cli.status, "run": cli.run}
 
 
 def click_params(args: list[str]) -> dict | None:
@@ -64,6 +64,16 @@ PARSED = [
     ["ring", "all", "--control-socket=/tmp/x"],
     ["status"],
     ["status", "--json", "--policy", "standard"],
+    ["run"],
+    ["run", "--policy", "/etc/shmguard/x.toml", "--no-guest", "-v"],
+    ["run", "--policy=compat", "--size", "4M", "--vectors", " 4 ", "--socket", "/tmp/s", "--control-socket=/tmp/c",
+     "--audit-log", "/tmp/a.log", "--fd-store", "--verbose"],
+    ["run", "--guests", "16", "--vectors", "2"],
+    ["run", "--guests=2", "--guests", "1"],
+    ["run", "--guest-kernel", "/etc/hostname", "--guest-initrd=/etc/hostname", "--guest-append", "console=ttyS0 x"],
+    ["run", "--guest-append="],
+    ["run", "--size", "--no-guest"],  # a value is the next argument, whatever it looks like
+    ["run", "--vectors", "1_000"],
 ]
 
 LEFT_TO_CLICK = [
@@ -74,7 +84,14 @@ LEFT_TO_CLICK = [
     ["write", "--timeout", "inf"], ["write", "--timeout", "soon"], ["write", "-f", "/tmp"], ["write", "-hm", "x"],
     ["ring"], ["ring", "a", "b"], ["ring", "--json", "guest"], ["status", "extra"], ["status", "--help"],
     ["status", "--policy"], ["Write", "-m", "x"],
+    ["run", "--help"], ["run", "-h"], ["run", "extra"], ["run", "--vectors", "x"],
+    ["run", "--vectors", "1.5"], ["run", "--vectors="], ["run", "--guests", "0"], ["run", "--guests", "17"],
+    ["run", "--guests", "two"], ["run", "--guest-kernel", "/nonexistent"], ["run", "--guest-kernel", "/tmp"],
+    ["run", "--guest-initrd", ""], ["run", "--no-guest=1"], ["run", "--size"], ["run", "--fd"],
 ]
+# Forms click takes that lean.py leaves to it all the same: the repeatable --qemu-arg, stacked short flags.
+LEFT_TO_CLICK_WHICH_TAKES_THEM = [["run", "--qemu-arg", "-S"], ["run", "--qemu-arg=-S", "--qemu-arg", "-s"],
+                                  ["run", "-vv"]]
 
 
 @pytest.mark.parametrize("args", PARSED)
@@ -87,6 +104,11 @@ def test_what_lean_parses_click_parses_the_same(args):
 @pytest.mark.parametrize("args", LEFT_TO_CLICK)
 def test_what_lean_leaves_to_click(args):
     assert lean.parse(args) is None
+
+
+@pytest.mark.parametrize("args", LEFT_TO_CLICK_WHICH_TAKES_THEM)
+def test_what_lean_leaves_to_click_click_takes(args):
+    assert lean.parse(args) is None and click_params(args) is not None
 
 
 @pytest.mark.parametrize("args", [a for a in LEFT_TO_CLICK if a and a[0] in COMMANDS and "-h" not in a[1:2]
@@ -133,6 +155,12 @@ def test_errors_are_the_same_on_both_paths(tmp_path):
         (["status", "--control-socket", missing, "--json"], 1, "no control socket"),
         (["write", "--offset", "x"], 2, "Invalid value for '--offset'"),
         (["write", "--timeout", "nan", "-m", "x", "--control-socket", missing], 1, "--timeout nan: give a number"),
+        (["run", "--policy", "nonesuch"], 2, "no built-in policy 'nonesuch'"),
+        (["run", "--policy", str(bad_policy), "--no-guest"], 2, "region.size"),
+        (["run", "--guest-initrd", "/etc/hostname"], 1, "--guest-initrd needs --guest-kernel"),
+        (["run", "--no-guest", "--guest-kernel", "/etc/hostname"], 1, "--no-guest boots nothing"),
+        (["run", "--guests", "2", "--no-guest"], 1, "--guests 2 boots built-in guests"),
+        (["run", "--guests", "0"], 2, "Invalid value for '--guests'"),
     ]
     try:
         for args, status, words in table:
@@ -160,6 +188,15 @@ def test_a_write_imports_neither_click_nor_json_nor_tomllib(tmp_path):
                              str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=60)
     assert "no control socket" in result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_run_imports_no_click(tmp_path):
+    code = ("import sys; from shmguard import lean; status = lean.main(sys.argv[1:]); "
+            "print(status, 'click' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, "run", "--policy", str(tmp_path / "absent.toml")],
+                            capture_output=True, text=True, timeout=60)
+    assert "policy file not found" in result.stderr
+    assert result.stdout.split() == ["2", "False"]
 
 
 # --- the record of the built-in policies -------------------------------------------------------------------
