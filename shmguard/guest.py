@@ -55,9 +55,12 @@ SKIPPED_INITCALLS = (
 )
 # mitigations=off saves ~0.3 s of boot under TCG; the guest runs nothing but the agent. cryptomgr.notests skips
 # the crypto self-tests; noapictimer and no_timer_check skip calibrating and checking the local APIC timer
-# (the HPET ticks instead), which an emulated CPU does slowly.
+# (the HPET ticks instead), which an emulated CPU does slowly. pnpacpi=off skips evaluating every ACPI device's
+# resources for the PnP layer (pnpacpi_init, 10-17 ms under TCG): its only device here is the serial port, which
+# the 8250 driver finds at its legacy address all the same, and PCI, the IOMMU and the HPET come from ACPI itself.
 FAST_BOOT_PARAMS = (
-    f"mitigations=off cryptomgr.notests noapictimer no_timer_check initcall_blacklist={','.join(SKIPPED_INITCALLS)}"
+    f"mitigations=off cryptomgr.notests noapictimer no_timer_check pnpacpi=off "
+    f"initcall_blacklist={','.join(SKIPPED_INITCALLS)}"
 )
 GUEST_CMDLINE = (
     f"console=ttyS0 quiet loglevel=3 panic=-1 {FAST_BOOT_PARAMS}"
