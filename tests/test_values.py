@@ -78,3 +78,39 @@ def test_a_field_that_opts_out_is_refused():
         @value
         class Plain:
             peer: int
+
+
+def test_frozen_as_dataclass_writes_it_for_the_class_and_a_plain_subclass():
+    class Plain(Shared):  # not a dataclass: its instances take attributes other than the fields
+        pass
+
+    class Plain2(Shared2):
+        pass
+
+    for ours, theirs in ((Shared(1), Shared2(1)), (Plain(1), Plain2(1))):
+        for name in ("peer", "other"):
+            outcomes = []
+            for item in (ours, theirs):
+                try:
+                    setattr(item, name, 5)
+                    outcomes.append(("set", getattr(item, name)))
+                except dataclasses.FrozenInstanceError as error:
+                    outcomes.append(("refused", str(error)))
+                try:
+                    delattr(item, name)
+                    outcomes.append("deleted")
+                except dataclasses.FrozenInstanceError as error:
+                    outcomes.append(("refused", str(error)))
+            assert outcomes[:2] == outcomes[2:], (type(ours), name)
+    assert not hasattr(Plain(1), "other") and Shared.__setattr__ is Other.__setattr__  # shared, not compiled
+
+
+def test_a_dataclass_made_afterwards_compiles_its_own_frozen_methods():
+    @dataclass(frozen=True)
+    class After:
+        peer: int
+
+    assert After.__setattr__ is not Shared.__setattr__
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        After(1).peer = 2
+
