@@ -32,11 +32,11 @@ import subprocess
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from shmguard.errors import ShmguardError
 from shmguard.guest_kernel import BuiltKernel, build_kernel, cached_kernel
+from shmguard.values import Value, value
 
 # guest/ at the top of the repository, installed as shmguard.guest_sources (a directory, never a zip). Found by its
 # import spec, not importlib.resources, which a supervisor's start would pay for (~5 ms of imports, zipfile's among
@@ -76,8 +76,8 @@ QBOOT = Path("/usr/share/qemu/qboot.rom")
 Log = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class GuestImage:
+@value
+class GuestImage(Value):
     kernel: Path
     initrd: Path | None
     cmdline: str  # without shmguard.host=, which qemu_command adds

@@ -21,10 +21,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from shmguard.errors import ShmguardError
+from shmguard.values import Value, value
 
 SOURCE_PACKAGE = "linux-source-6.1"  # Debian 12's kernel source; its version is the cloud kernel's
 # What the build needs besides gcc and libc6-dev: make, the Kconfig parser's flex and bison, bc for the
@@ -39,8 +39,8 @@ _BUILD_ENV = {"KBUILD_BUILD_TIMESTAMP": "1970-01-01", "KBUILD_BUILD_USER": "shmg
 Log = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class BuiltKernel:
+@value
+class BuiltKernel(Value):
     vmlinux: Path
     description: str  # which kernel this is, for the log and `shmguard guest build`
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import layout
@@ -14,12 +13,13 @@ from .guest import GuestImage, build_guest
 from .loop import EventLoop
 from .policy import Policy
 from .qemu import QemuProcess, choose_accel, qemu_command, tcg_tsc_hint
+from .values import Value, value
 
 log = logging.getLogger("shmguard")
 
 
-@dataclass(frozen=True)
-class GuestOptions:
+@value
+class GuestOptions(Value):
     """Which guest to boot under QEMU; kernel None means the built-in guest."""
 
     kernel: str | None = None
