@@ -81,7 +81,8 @@ def test_guest_boots_with_qboot_and_a_lean_command_line(guest):
     assert guest.firmware == QBOOT
     assert guest.machine == "q35,sata=off,smbus=off,vmport=off,i8042=off,smm=off"
     words = GUEST_CMDLINE.split()
-    assert {"quiet", "cryptomgr.notests", "noapictimer", "no_timer_check", "mitigations=off"} <= set(words)
+    expected = {"quiet", "cryptomgr.notests", "noapictimer", "no_timer_check", "mitigations=off", "pnpacpi=off"}
+    assert expected <= set(words)
     assert any(word.startswith("initcall_blacklist=init_kprobe_trace,") for word in words)
 
 
