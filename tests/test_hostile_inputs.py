@@ -53,6 +53,8 @@ def supervisor(tmp_path):
     (b'{"op": "write", "data": "aGk=", "timeout": Infinity}', "timeout"),
     (b'{"op": "write", "data": "aGk=", "timeout": -1}', "timeout"),
     (b'{"op": "write", "data": "aGk=", "offset": 1e400}', "offset"),
+    (b'{"op": "write", "data": "aGk\xc3\xa9"}', "not valid base64"),  # not ASCII: was left unanswered
+    (b'{"op": "send", "from": 0, "to": 1, "data": "\xe2\x80\xa8"}', "not valid base64"),
 ])
 def test_hostile_control_requests_get_an_error_reply(supervisor, line, why):
     before = open(supervisor.audit, "rb").read()
