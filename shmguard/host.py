@@ -161,19 +161,25 @@ class HostPeer:
             record = self.recorder.stage("write", actor=request.actor, offset=plan.offset, length=len(plan.data),
                                          sha256=sha, detail={"padding": plan.padding},
                                          rings=[_ring_record(ring) for ring in rang])
+            if plan.wait_for_guest:  # its reply waits for this record's fsync and for the guest: the fsync starts
+                self.recorder.start_commit()  # now, before the ring hands the CPU to QEMU, and runs while it reads
             # before: a hole this write would fill again (and hide) is repaired from the copy first. With rings,
             # the padding our earlier writes left as NULs is looked at after them (finish), while the guest reads.
             finish = self.region.write(plan.offset, plan.data, zero_fill=plan.padding, before=self.guard.before_write,
                                        defer_check=bool(plan.targets))
             try:
-                self.guard.remember(plan.offset, plan.data, plan.padding)  # this write survives every later repair
-                reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data)}
+                # What the guest waits for goes first: the ring; then the guard's copy and the padding's look, which
+                # nothing outside sees before the reply. Nothing between the write and remember() can repair it.
                 started = time.monotonic()  # the clock starts before the ring: the round trip is ring, guest, ack
                 for peer, vector in plan.targets:
                     self._carry_out(self.guest.handle(RingRequested(peer, vector), peers))
-                reply["rang"] = rang
             finally:
-                finish()  # before anyone is answered: the region reads as if every NUL of the padding was written
+                try:
+                    self.guard.remember(plan.offset, plan.data, plan.padding)  # survives every later repair
+                finally:
+                    finish()  # before anyone is answered: the region reads as if every NUL of the padding was written
+            reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data),
+                     "rang": rang}
         except ShmguardError as exc:  # checked when planned; the log or the region may have failed since
             return WriteFailed(token, str(exc))
         return Written(token, tuple(reply.items()), zlib.crc32(plan.data.split(b"\0", 1)[0]), plan.wait_for_guest,
@@ -316,8 +322,8 @@ class HostPeer:
                     fields = dict(fields)
                     if (request := self._requests.pop(token, None)) is None:
                         pass  # answered by an error already
-                    elif "seq" in fields:
-                        request.reply_once_recorded(fields["seq"], **fields)
+                    elif "seq" in fields:  # acknowledged by the guest: its requester waits for this one reply
+                        request.reply_once_recorded(fields["seq"], promptly="ack" in fields, **fields)
                     else:
                         request.reply(**fields)
                 case Fail(token, error, fields):
@@ -379,6 +385,8 @@ class HostPeer:
     def read_reply(self) -> str:
         raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)
         text = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+        if text.isprintable():  # an ack or "ready" line: nothing to replace
+            return text
         return "".join(c if c.isprintable() else "?" for c in text)  # the guest must not forge log lines
 
 

@@ -96,8 +96,12 @@ class KnownGood:
                 self.pages[whole_first:whole_stop] = bytes(whole_stop - whole_first)
         looked = range(0)
         if data and len(data) <= SMALL_WRITE:
-            self._map(offset, end)
-            looked = range(offset // PAGE, -(-end // PAGE))
+            page = offset // PAGE
+            if (end - 1) // PAGE == page and data != _ZERO_CHUNK[:len(data)]:
+                self.pages[page] = 1  # one page, and the write put a non-zero byte into it: no need to look
+            else:
+                self._map(offset, end)
+            looked = range(page, -(-end // PAGE))
         elif data:  # marked without looking (a page that is zeros after all only costs a repair one more write)
             self.pages[offset // PAGE:-(-end // PAGE)] = b"\x01" * (-(-end // PAGE) - offset // PAGE)
         if not zero_fill:
