@@ -307,8 +307,24 @@ class HostPeer:
         while todo:
             action = todo.popleft()
             match action:
+                case WriteNow(token, plan):  # the most frequent cases first: every case tried costs a look
+                    todo.extendleft(reversed(self.guest.handle(self._write(token, plan), self.peers())))
+                case Reply(token, fields):  # a write's is sent once its record is on disk
+                    fields = dict(fields)
+                    if (request := self._requests.pop(token, None)) is None:
+                        pass  # answered by an error already
+                    elif "seq" in fields:  # a write's; with an ack its requester waits for this one reply alone
+                        request.reply_once_recorded(fields["seq"], promptly="ack" in fields, **fields)
+                    else:
+                        request.reply(**fields)
                 case Ring(peer, vector, held=False):
                     self.server.ring(peer, vector)
+                case RefreshGuard(reply_only=True):  # an ack: the guest rewrote its reply area, nothing else
+                    self.guard.refresh((layout.reply_offset(self.region.size), self.region.size))
+                case Log(level, message):
+                    _log(level, message)
+                case ScheduleTimeout(token, seconds):
+                    self.loop.call_later(seconds, lambda t=token: self.feed(TimedOut(t)))
                 case Ring(peer, vector, held=True):
                     try:
                         self.server.ring(peer, vector)
@@ -316,31 +332,15 @@ class HostPeer:
                         log.warning("held ring for peer %d vector %d dropped: %s", peer, vector, exc)
                 case Hold() | Queue():
                     pass  # the session keeps them
-                case WriteNow(token, plan):
-                    todo.extendleft(reversed(self.guest.handle(self._write(token, plan), self.peers())))
-                case Reply(token, fields):  # a write's is sent once its record is on disk
-                    fields = dict(fields)
-                    if (request := self._requests.pop(token, None)) is None:
-                        pass  # answered by an error already
-                    elif "seq" in fields:  # acknowledged by the guest: its requester waits for this one reply
-                        request.reply_once_recorded(fields["seq"], promptly="ack" in fields, **fields)
-                    else:
-                        request.reply(**fields)
                 case Fail(token, error, fields):
                     if (request := self._requests.pop(token, None)) is not None:
                         request.fail(error, **dict(fields))
-                case RefreshGuard(reply_only=True):  # an ack: the guest rewrote its reply area, nothing else
-                    self.guard.refresh((layout.reply_offset(self.region.size), self.region.size))
                 case RefreshGuard():
                     self.guard.refresh()
                 case Record(what, detail):
                     self.recorder.note(what, detail=dict(detail))
-                case Log(level, message):
-                    log.log(logging.getLevelName(level.upper()), "%s", message)
                 case Notify(status):
                     sdnotify.status(status)
-                case ScheduleTimeout(token, seconds):
-                    self.loop.call_later(seconds, lambda t=token: self.feed(TimedOut(t)))
                 case WriteCommand(token, slot, peer, data):
                     try:
                         self._write_slot(self.guests.command(slot), data, self._requests[token].cred,
@@ -418,6 +418,17 @@ class GuestSlots:
     def _line(self, offset: int) -> str | None:
         text = layout.whole_line(self.region.read, offset)
         return None if text is None else "".join(c if c.isprintable() else "?" for c in text)  # no forged log lines
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _log(level: str, message: str) -> None:
+    """A Log action: the record made directly, as log.log would make it but for the look up the stack for its
+    caller (always _carry_out, and the supervisor's log format names no caller). One per acknowledged write."""
+    number = _LEVELS.get(level) or logging.getLevelName(level.upper())
+    if log.isEnabledFor(number):
+        log.handle(log.makeRecord(log.name, number, __file__, 0, "%s", (message,), None, "_carry_out"))
 
 
 def _ring_record(ring: dict) -> dict:
