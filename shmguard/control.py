@@ -60,8 +60,12 @@ class WriteRequest:
         offset = _whole_number(body.get("offset", 0), "offset")
         timeout = _seconds(body.get("timeout", DEFAULT_TIMEOUT), "timeout", wait_seconds)
         ring = body.get("ring")
-        return cls(data, offset, bool(body.get("text")), str(ring) if ring else None, bool(body.get("wait")),
-                   timeout, bool(body.get("allow_unterminated")))
+        # As cls(...) makes it, without the frozen __init__'s setattr per field: one of these per write request.
+        request = object.__new__(cls)
+        request.__dict__.update(data=data, offset=offset, text=bool(body.get("text")),
+                                ring=str(ring) if ring else None, wait=bool(body.get("wait")), timeout=timeout,
+                                allow_unterminated=bool(body.get("allow_unterminated")))
+        return request
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import layout
 from .control import WriteRequest
@@ -60,9 +60,9 @@ from .server import IvshmemServer, Peer
 log = logging.getLogger("shmguard")
 
 
-@dataclass(frozen=True)
-class WritePlan:
-    """A write request, checked in full before anything is written or recorded."""
+class WritePlan(NamedTuple):
+    """A write request, checked in full before anything is written or recorded (a tuple: made for every write,
+    and only read after)."""
 
     data: bytes
     offset: int
@@ -153,37 +153,36 @@ class HostPeer:
         the guest session. The record is in the log before the region is touched; its reply waits for the flush
         that puts it on disk (group commit: the writes of one turn of the loop share one fsync)."""
         request = self._requests[token]
+        data, offset, padding, targets, wait_for_guest, timeout = plan
         try:
-            sha = hashlib.sha256(plan.data).hexdigest()
+            sha = hashlib.sha256(data).hexdigest()
             peers = self.peers()
-            rang = [self._ring_plan(peer, vector, peers) for peer, vector in plan.targets]
+            rang = [self._ring_plan(peer, vector, peers) for peer, vector in targets]
             # Recorded first: if the log cannot be written, the region is not either, nor is anyone rung.
-            record = self.recorder.stage("write", actor=request.actor, offset=plan.offset, length=len(plan.data),
-                                         sha256=sha, detail={"padding": plan.padding},
-                                         rings=[_ring_record(ring) for ring in rang])
-            if plan.wait_for_guest:  # its reply waits for this record's fsync and for the guest: the fsync starts
-                self.recorder.start_commit()  # now, before the ring hands the CPU to QEMU, and runs while it reads
+            record = self.recorder.stage("write", actor=request.actor, offset=offset, length=len(data), sha256=sha,
+                                         detail={"padding": padding}, rings=[_ring_record(ring) for ring in rang])
+            if wait_for_guest:  # its reply waits for this record's fsync and for the guest: the fsync starts now,
+                self.recorder.start_commit()  # before the ring hands the CPU to QEMU, and runs while the guest reads
             # before: a hole this write would fill again (and hide) is repaired from the copy first. With rings,
             # the padding our earlier writes left as NULs is looked at after them (finish), while the guest reads.
-            finish = self.region.write(plan.offset, plan.data, zero_fill=plan.padding, before=self.guard.before_write,
-                                       defer_check=bool(plan.targets))
+            finish = self.region.write(offset, data, zero_fill=padding, before=self.guard.before_write,
+                                       defer_check=bool(targets))
             try:
                 # What the guest waits for goes first: the ring; then the guard's copy and the padding's look, which
                 # nothing outside sees before the reply. Nothing between the write and remember() can repair it.
                 started = time.monotonic()  # the clock starts before the ring: the round trip is ring, guest, ack
-                for peer, vector in plan.targets:
+                for peer, vector in targets:
                     self._carry_out(self.guest.handle(RingRequested(peer, vector), peers))
             finally:
                 try:
-                    self.guard.remember(plan.offset, plan.data, plan.padding)  # survives every later repair
+                    self.guard.remember(offset, data, padding)  # this write survives every later repair
                 finally:
                     finish()  # before anyone is answered: the region reads as if every NUL of the padding was written
-            reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data),
-                     "rang": rang}
+            reply = (("seq", record["seq"]), ("sha256", sha), ("offset", offset), ("length", len(data)),
+                     ("rang", rang))
         except ShmguardError as exc:  # checked when planned; the log or the region may have failed since
             return WriteFailed(token, str(exc))
-        return Written(token, tuple(reply.items()), zlib.crc32(plan.data.split(b"\0", 1)[0]), plan.wait_for_guest,
-                       plan.timeout, started)
+        return Written(token, reply, zlib.crc32(data.split(b"\0", 1)[0]), wait_for_guest, timeout, started)
 
     def handle_ring(self, request: Request) -> None:
         self._looking_once(self._handle_ring, request)

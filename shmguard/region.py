@@ -225,6 +225,8 @@ def nul_ranges(end: int, fill_end: int, expected: tuple[int, int],
     first, stop = max(end, expected[0]), min(fill_end, expected[1])
     if first >= stop:
         return [(end, fill_end)]
+    if first == end and stop == fill_end:  # all of it expected to hold NULs (the same message length again, say)
+        return [] if reads_nuls(end, fill_end) else [(end, fill_end)]
     ranges = [(end, first), (first, first if reads_nuls(first, stop) else stop), (stop, fill_end)]
     merged: list[tuple[int, int]] = []
     for start, finish in ranges:
