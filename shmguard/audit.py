@@ -293,7 +293,7 @@ def _checked_fields(
 
 
 def _checked_rings(rings: Any) -> list[dict]:
-    if not isinstance(rings, list | tuple):
+    if not isinstance(rings, (list, tuple)):  # noqa: UP038 - a constant, not a union made per record
         raise ValueError(f"audit rings must be a list of dicts, not {rings!r}")
     checked = []
     for ring in rings:

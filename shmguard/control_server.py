@@ -515,8 +515,10 @@ class ControlServer:
     def _charge(self, connection: Connection, holding: int) -> None:
         """Count what the connection holds now against its uid's share. Reads never pass the share (they ask for
         no more than the room); a reply already owed is queued even past it, which only stops further reading."""
-        uid, delta = connection.cred.uid, holding - connection.charged
-        connection.charged = holding
+        delta = holding - connection.charged
+        if not delta:
+            return
+        uid, connection.charged = connection.cred.uid, holding
         if delta > 0 and self.buffers.take(uid, delta) is not None:
             self.buffers.owe(uid, delta)
         elif delta < 0:
