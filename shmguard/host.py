@@ -161,18 +161,20 @@ class HostPeer:
             # Recorded first: if the log cannot be written, the region is not either, nor is anyone rung.
             record = self.recorder.stage("write", actor=request.actor, offset=offset, length=len(data), sha256=sha,
                                          detail={"padding": padding}, rings=[_ring_record(ring) for ring in rang])
-            if wait_for_guest:  # its reply waits for this record's fsync and for the guest: the fsync starts now,
-                self.recorder.start_commit()  # before the ring hands the CPU to QEMU, and runs while the guest reads
             # before: a hole this write would fill again (and hide) is repaired from the copy first. With rings,
             # the padding our earlier writes left as NULs is looked at after them (finish), while the guest reads.
             finish = self.region.write(offset, data, zero_fill=padding, before=self.guard.before_write,
                                        defer_check=bool(targets))
             try:
-                # What the guest waits for goes first: the ring; then the guard's copy and the padding's look, which
-                # nothing outside sees before the reply. Nothing between the write and remember() can repair it.
+                # What the guest waits for goes first: the ring. Then what its reply waits for too: the record's fsync,
+                # started at once (not at the end of the turn), so that it runs while the guest reads. Then the guard's
+                # copy and the padding's look, which nothing outside sees before the reply. Nothing between the write
+                # and remember() can repair the region.
                 started = time.monotonic()  # the clock starts before the ring: the round trip is ring, guest, ack
                 for peer, vector in targets:
                     self._carry_out(self.guest.handle(RingRequested(peer, vector), peers))
+                if wait_for_guest:
+                    self.recorder.start_commit()
             finally:
                 try:
                     self.guard.remember(offset, data, padding)  # this write survives every later repair

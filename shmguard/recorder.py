@@ -130,7 +130,7 @@ class Recorder:
         return bool(self._waiting)
 
     def start_commit(self) -> None:
-        """Start the background fsync of what is recorded now, before the turn ends: a write that rings the guest and
+        """Start the background fsync of what is recorded now, before the turn ends: a write that rang the guest and
         waits for its ack then has its fsync run while the guest reads. Only where the fsync runs in the background
         and a slot is free; otherwise the turn's commit does it, as always (never an fsync in line from here)."""
         fsync, last = self._fsync, self.audit.last_seq

@@ -1,5 +1,5 @@
-"""The order of a durable write's work (host.py, recorder.py, control_server.py): its fsync starts before the ring
-when its reply waits for the guest too, never as an fsync in line; a reply its requester waits for alone leaves at
+"""The order of a durable write's work (host.py, recorder.py, control_server.py): its fsync starts right after the
+ring when its reply waits for the guest too, never as an fsync in line; a reply its requester waits for alone leaves at
 once, ahead of the rest of the turn; a connection's next deadline is the one its check would find. Real files,
 real AIO, a real event loop and real sockets."""
 
