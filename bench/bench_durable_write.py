@@ -15,7 +15,9 @@ default /var/tmp, not tmpfs) boots the built-in guest. Then, in alternating bloc
   host, whose supervisor handles it), but no control request is made and nothing is recorded.
 Before a block of writes the benchmark waits until the supervisor has seen every ack of the pings (status
 `guest.last_reply`), so that no ping's ack answers a write. Each row reports
-median and p99 and the ratio median/median (goal <= 2x at both sizes). The 4 MiB figure also depends on how the
+median and p99 and the ratio median/median (goal <= 2x at both sizes), and the CPU time per operation of the
+supervisor and of its QEMU (all their threads, from /proc/PID/task/*/schedstat), which tells how much of a write's
+time is the supervisor's own work on this shared machine. The 4 MiB figure also depends on how the
 supervisor updates its guard's known-good copy and clears the padding after a message (guard/contents.py,
 region.py), which this benchmark does not change.
 """
@@ -100,7 +102,41 @@ class Pinger:
         self.peer.close()
 
 
-def measure_size(root: Path, size: int, count: int) -> tuple[Series, Series, int, str]:
+class CpuClock:
+    """CPU time of a process, all its threads (ns, from the scheduler's own accounting), as a sum of deltas."""
+
+    def __init__(self, pid: int | None):
+        self.pid, self.spent = pid, 0
+
+    def now(self) -> int:
+        if self.pid is None:
+            return 0
+        total = 0
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a thread that ended meanwhile
+        return total
+
+
+def child_named(parent: int, prefix: str) -> int | None:
+    """The pid of parent's child whose command name starts with prefix (the supervisor's QEMU), or None."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            if int(fields[1]) == parent and comm.startswith(prefix):
+                return int(entry)
+    return None
+
+
+def measure_size(root: Path, size: int, count: int) -> tuple[Series, Series, int, str, dict]:
     supervisor = ThrowawaySupervisor("strict", guest=True, parent=root, prefix="durable-", durable=True,
                                      keep=True, timeout=120, region={"size": size})
     try:
@@ -112,15 +148,22 @@ def measure_size(root: Path, size: int, count: int) -> tuple[Series, Series, int
         pings = Series(f"ring-and-ack ping, no audit, {_size(size)}")
         inexact = 0
         number = 0
+        clocks = {"supervisor": CpuClock(supervisor.process.pid),
+                  "qemu": CpuClock(child_named(supervisor.process.pid, "qemu"))}
+        cpu = {(who, what): 0 for who in clocks for what in ("write", "ping")}
         try:
             while len(writes.values) < count or len(pings.values) < count:
+                before = {who: clock.now() for who, clock in clocks.items()}
                 for _ in range(BLOCK):
                     started = time.perf_counter_ns()
                     pinger.ping()
                     if number >= WARMUP:
                         pings.values.append((time.perf_counter_ns() - started) / 1e6)
                     number += 1
-                _caught_up(control, pinger)
+                _caught_up(control, pinger)  # the supervisor's handling of the pings' acks counts with them
+                for who, clock in clocks.items():
+                    cpu[who, "ping"] += clock.now() - before[who]
+                before = {who: clock.now() for who, clock in clocks.items()}
                 for _ in range(BLOCK):
                     request = WriteRequest(f"doorbell {number}".encode(), text=True, ring="guest", wait=True,
                                            timeout=30)
@@ -130,6 +173,8 @@ def measure_size(root: Path, size: int, count: int) -> tuple[Series, Series, int
                         writes.values.append((time.perf_counter_ns() - started) / 1e6)
                     inexact += not reply["delivered_exactly"]
                     number += 1
+                for who, clock in clocks.items():
+                    cpu[who, "write"] += clock.now() - before[who]
                 time.sleep(PAUSE)
         finally:
             pinger.close()
@@ -143,7 +188,9 @@ def measure_size(root: Path, size: int, count: int) -> tuple[Series, Series, int
         raise SystemExit(f"the supervisor exited with status {status_code}; its log: {supervisor.directory}")
     checked = verify(supervisor.policy.audit.path).summary()
     shutil.rmtree(supervisor.directory, ignore_errors=True)
-    return writes, pings, inexact, checked
+    done = {"write": number // 2, "ping": number // 2}  # blocks of each in turn, BLOCK in each, warm-up included
+    per_op = {key: value / done[key[1]] / 1e3 for key, value in cpu.items()}  # µs per operation
+    return writes, pings, inexact, checked, per_op
 
 
 def _caught_up(control: ControlLine, pinger: Pinger) -> None:
@@ -187,11 +234,14 @@ def main() -> None:
         for size in sizes:
             print(f"region {_size(size)}: booting the built-in guest", flush=True)
             rows.append(measure_size(root, size, count))
-        print(f"\n  {'':48} {'median ms':>10} {'p99 ms':>9} {'median ratio':>13}")
-        for writes, pings, inexact, checked in rows:
-            print(f"  {pings.label:48} {pings.median:10.3f} {pings.p99:9.3f} {'1.0x':>13}")
+        print(f"\n  {'':48} {'median ms':>10} {'p99 ms':>9} {'median ratio':>13} {'CPU us/op: sup':>15} "
+              f"{'qemu':>6}")
+        for writes, pings, inexact, checked, cpu in rows:
+            print(f"  {pings.label:48} {pings.median:10.3f} {pings.p99:9.3f} {'1.0x':>13} "
+                  f"{cpu['supervisor', 'ping']:15.0f} {cpu['qemu', 'ping']:6.0f}")
             print(f"  {writes.label:48} {writes.median:10.3f} {writes.p99:9.3f} "
-                  f"{writes.median / pings.median:12.2f}x")
+                  f"{writes.median / pings.median:12.2f}x {cpu['supervisor', 'write']:15.0f} "
+                  f"{cpu['qemu', 'write']:6.0f}")
             print(f"  {'':48} acks not matching the message: {inexact}; audit log: {checked}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -209,7 +209,14 @@ _ALL = _PLAIN | {"length", "offset", "rings", "sha256"}
 
 def _tail(record: dict) -> str:
     """The fields sorting after `hash`, as canonical JSON without the opening brace, for a record as
-    _checked_fields makes it (counts are ints, sha256 is hex, rings are checked)."""
+    _checked_fields makes it (counts are ints, sha256 is hex, rings are checked; _sealed_line has checked that its
+    fields are among _ALL, so one of each of _ALL is all of them)."""
+    if len(record) == len(_ALL):  # a write record, every field present: one format
+        rings = ",".join(f'{{"held_until_ready":{"true" if ring["held_until_ready"] else "false"},'
+                         f'"peer":{ring["peer"]},"vector":{ring["vector"]}}}' for ring in record["rings"])
+        return (f'"length":{record["length"]},"offset":{record["offset"]},"prev":"{record["prev"]}",'
+                f'"result":{_string(record["result"])},"rings":[{rings}],"seq":{record["seq"]},'
+                f'"sha256":"{record["sha256"]}","time":{_string(record["time"])}}}')
     parts = [f'"{name}":{record[name]}' for name in ("length", "offset") if name in record]
     parts.append(f'"prev":"{record["prev"]}","result":{_string(record["result"])}')
     if "rings" in record:
@@ -273,9 +280,11 @@ def _checked_fields(
         fields["rings"] = _checked_rings(rings)
     for name, value in (("offset", offset), ("length", length)):
         if value is not None:
-            if not _is_count(value):
-                raise ValueError(f"audit {name} must be a non-negative integer, not {value!r}")
-            fields[name] = int(value)  # a subclass of int (an IntEnum) formats otherwise than canonical JSON writes it
+            if type(value) is not int or value < 0:
+                if not _is_count(value):
+                    raise ValueError(f"audit {name} must be a non-negative integer, not {value!r}")
+                value = int(value)  # a subclass of int (an IntEnum) formats otherwise than canonical JSON writes it
+            fields[name] = value
     if sha256 is not None:
         if not _is_hex64(sha256):
             raise ValueError(f"audit sha256 must be 64 lowercase hex digits, not {sha256!r}")
@@ -284,7 +293,7 @@ def _checked_fields(
 
 
 def _checked_rings(rings: Any) -> list[dict]:
-    if not isinstance(rings, list | tuple):
+    if not isinstance(rings, (list, tuple)):  # noqa: UP038 - a constant, not a union made per record
         raise ValueError(f"audit rings must be a list of dicts, not {rings!r}")
     checked = []
     for ring in rings:

@@ -23,7 +23,10 @@ A reply that tells of a record (a write's, a ring's) goes out only once that rec
 the audit log's flush at the end of the loop's turn (group commit: the writes of one batch share one fsync), and
 becomes a failure if the flush fails. Replies leave each connection in the order they were given, held or not;
 those given in one turn of the loop leave together, in one send at the end of the turn (a connection closed in
-the turn still sends what the socket takes of them first).
+the turn still sends what the socket takes of them first). The one exception is a reply its requester waits for
+alone (a write's, once the guest acknowledged it: `reply_once_recorded(promptly=True)`): it is sent the moment it
+may go, with whatever is queued before it, and the work that follows it in the turn (a log line, the guard's copy
+of the guest's reply area) runs while the requester reads it.
 """
 
 from __future__ import annotations
@@ -68,10 +71,12 @@ class Request:
         self.connection.pending -= 1
         self.connection.send({"ok": True, **fields, **self.echo})
 
-    def reply_once_recorded(self, seq: int, /, **fields) -> None:
-        """reply(), once audit record `seq` (what the reply tells of) is on disk; a failure if it cannot be."""
+    def reply_once_recorded(self, seq: int, /, promptly: bool = False, **fields) -> None:
+        """reply(), once audit record `seq` (what the reply tells of) is on disk; a failure if it cannot be.
+        promptly: someone waits for this one reply (a write's, once the guest acknowledged it): it is sent as soon as
+        it may go, ahead of the rest of the turn, not with the turn's other replies at its end."""
         self.connection.pending -= 1
-        self.connection.send_once_recorded(seq, {"ok": True, **fields, **self.echo})
+        self.connection.send_once_recorded(seq, {"ok": True, **fields, **self.echo}, promptly)
 
     def fail(self, error: str, **fields) -> None:
         self.connection.pending -= 1
@@ -97,6 +102,7 @@ class HeldReply:
     seq: int | None  # the audit record it waits for; None: it only keeps its place in line
     ready: bool = False
     error: str | None = None  # the flush failed: sent as a failure instead
+    promptly: bool = False  # sent as soon as it may go (Connection.push), not at the end of the turn
 
 
 def held_failure(held: HeldReply) -> dict:
@@ -158,10 +164,10 @@ class Connection:
             return
         self._queue(line)
 
-    def send_once_recorded(self, seq: int, message: dict) -> None:
+    def send_once_recorded(self, seq: int, message: dict, promptly: bool = False) -> None:
         if self.closed:
             return
-        held = HeldReply(message, _encode(message), seq)
+        held = HeldReply(message, _encode(message), seq, promptly=promptly)
         self._hold(held)
         self.server.when_durable(seq, lambda: self._resolve(held, None), lambda why: self._resolve(held, why))
 
@@ -171,10 +177,14 @@ class Connection:
 
     def _resolve(self, held: HeldReply, error: str | None) -> None:
         held.ready, held.error = True, error
+        promptly = False
         while self.held and self.held[0].ready and not self.closed:
             first = self.held.popleft()
             self.held_bytes -= len(first.line)
             self._queue(first.line if first.error is None else _encode(held_failure(first)))
+            promptly = promptly or first.promptly
+        if promptly:
+            self.push()
 
     def _queue(self, line: bytes) -> None:
         """Queue a reply; it is sent with the others queued in the same turn of the loop, in one send: a batch of
@@ -189,6 +199,23 @@ class Connection:
         if not self.flush_due:
             self.flush_due = True
             self.server.loop.call_later(0, self._due_flush)
+
+    def push(self) -> None:
+        """Send what is queued now, as far as the socket takes it, ahead of the rest of the turn: a reply someone
+        waits for leaves before the work that follows it (a log line, the guard's copy of the guest's reply area).
+        What a send leads to (the connection's next requests dispatched, other uids read again) still waits for the
+        turn's flush that _queue scheduled, so nothing is dispatched from inside the caller."""
+        if self.closed or not self.outbox:
+            return
+        try:
+            sent = self.sock.send(self.outbox)
+        except OSError:
+            return  # no room (the flush waits for it), or gone (the flush finds out and closes)
+        del self.outbox[:sent]
+        self.sent += sent
+        self.last_active = time.monotonic()
+        while self.replies and self.replies[0][0] <= self.sent:
+            self.replies.popleft()
 
     def _due_flush(self) -> None:
         self.flush_due = False
@@ -245,15 +272,25 @@ class Connection:
             due.append((self.last_active + idle_seconds, f"idle for {idle_seconds:g} s (policy control.idle_seconds)"))
         return min(due, default=None)
 
+    def next_due(self, request_seconds: float, idle_seconds: float) -> float | None:
+        """When deadline() is due, without saying why (watch() runs after every batch of requests)."""
+        when = None if self.input_since is None else self.input_since + request_seconds
+        if self.replies:
+            due = self.replies[0][1] + request_seconds
+            when = due if when is None or due < when else when
+        if not self.inbox and not self.outbox and not self.pending and not self.held:
+            due = self.last_active + idle_seconds
+            when = due if when is None or due < when else when
+        return when
+
     # --- deadlines: a connection that makes no progress is closed, whatever it sends --------------------
 
     def watch(self) -> None:
         """Make sure a check runs at the next deadline (one timer per connection, reused)."""
         server = self.server
-        next_due = self.deadline(server.shares.request_seconds, server.policy.idle_seconds)
-        if self.closed or next_due is None:
+        when = self.next_due(server.shares.request_seconds, server.policy.idle_seconds)
+        if self.closed or when is None:
             return
-        when = next_due[0]
         if self.watch_at is not None and self.watch_at <= when:
             return  # a check is due earlier; it looks again then
         self.watch_at = when
@@ -478,8 +515,10 @@ class ControlServer:
     def _charge(self, connection: Connection, holding: int) -> None:
         """Count what the connection holds now against its uid's share. Reads never pass the share (they ask for
         no more than the room); a reply already owed is queued even past it, which only stops further reading."""
-        uid, delta = connection.cred.uid, holding - connection.charged
-        connection.charged = holding
+        delta = holding - connection.charged
+        if not delta:
+            return
+        uid, connection.charged = connection.cred.uid, holding
         if delta > 0 and self.buffers.take(uid, delta) is not None:
             self.buffers.owe(uid, delta)
         elif delta < 0:
@@ -616,16 +655,18 @@ def _bound_key(share: Share, uid: int, total_key: str, per_uid_key: str, reserve
 
 
 _ENCODER = json.JSONEncoder(sort_keys=True)  # one encoder for every reply (json.dumps makes one per call)
+# Its C core, made once: the same output, without the record of what it is inside that catches a value holding
+# itself (a reply is made of fresh dicts, lists and scalars: it never does; if one did, RecursionError).
+_C_ENCODER = c_make_encoder and c_make_encoder(None, _ENCODER.default, encode_basestring_ascii, None,
+                                               _ENCODER.key_separator, _ENCODER.item_separator, True, False, True)
 
 
 def _encode(message: dict) -> bytes:
-    """json.dumps(message, sort_keys=True) and a newline: what _ENCODER.encode runs for a dict (json's C encoder, a
-    fresh one for its own record of what it is inside), without the Python layers around it."""
-    if c_make_encoder is None:
+    """json.dumps(message, sort_keys=True) and a newline, through json's C encoder without the Python layers
+    around it."""
+    if _C_ENCODER is None:
         return _ENCODER.encode(message).encode() + b"\n"
-    encode = c_make_encoder({}, _ENCODER.default, encode_basestring_ascii, None, _ENCODER.key_separator,
-                            _ENCODER.item_separator, True, False, True)
-    return "".join(encode(message, 0)).encode() + b"\n"
+    return "".join(_C_ENCODER(message, 0)).encode() + b"\n"
 
 
 def _clip(text: str) -> str:

@@ -10,7 +10,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import layout
 from .control import WriteRequest
@@ -60,9 +60,9 @@ from .server import IvshmemServer, Peer
 log = logging.getLogger("shmguard")
 
 
-@dataclass(frozen=True)
-class WritePlan:
-    """A write request, checked in full before anything is written or recorded."""
+class WritePlan(NamedTuple):
+    """A write request, checked in full before anything is written or recorded (a tuple: made for every write,
+    and only read after)."""
 
     data: bytes
     offset: int
@@ -153,31 +153,38 @@ class HostPeer:
         the guest session. The record is in the log before the region is touched; its reply waits for the flush
         that puts it on disk (group commit: the writes of one turn of the loop share one fsync)."""
         request = self._requests[token]
+        data, offset, padding, targets, wait_for_guest, timeout = plan
         try:
-            sha = hashlib.sha256(plan.data).hexdigest()
+            sha = hashlib.sha256(data).hexdigest()
             peers = self.peers()
-            rang = [self._ring_plan(peer, vector, peers) for peer, vector in plan.targets]
+            rang = [self._ring_plan(peer, vector, peers) for peer, vector in targets]
             # Recorded first: if the log cannot be written, the region is not either, nor is anyone rung.
-            record = self.recorder.stage("write", actor=request.actor, offset=plan.offset, length=len(plan.data),
-                                         sha256=sha, detail={"padding": plan.padding},
-                                         rings=[_ring_record(ring) for ring in rang])
+            record = self.recorder.stage("write", actor=request.actor, offset=offset, length=len(data), sha256=sha,
+                                         detail={"padding": padding}, rings=[_ring_record(ring) for ring in rang])
             # before: a hole this write would fill again (and hide) is repaired from the copy first. With rings,
             # the padding our earlier writes left as NULs is looked at after them (finish), while the guest reads.
-            finish = self.region.write(plan.offset, plan.data, zero_fill=plan.padding, before=self.guard.before_write,
-                                       defer_check=bool(plan.targets))
+            finish = self.region.write(offset, data, zero_fill=padding, before=self.guard.before_write,
+                                       defer_check=bool(targets))
             try:
-                self.guard.remember(plan.offset, plan.data, plan.padding)  # this write survives every later repair
-                reply = {"seq": record["seq"], "sha256": sha, "offset": plan.offset, "length": len(plan.data)}
+                # What the guest waits for goes first: the ring. Then what its reply waits for too: the record's fsync,
+                # started at once (not at the end of the turn), so that it runs while the guest reads. Then the guard's
+                # copy and the padding's look, which nothing outside sees before the reply. Nothing between the write
+                # and remember() can repair the region.
                 started = time.monotonic()  # the clock starts before the ring: the round trip is ring, guest, ack
-                for peer, vector in plan.targets:
+                for peer, vector in targets:
                     self._carry_out(self.guest.handle(RingRequested(peer, vector), peers))
-                reply["rang"] = rang
+                if wait_for_guest:
+                    self.recorder.start_commit()
             finally:
-                finish()  # before anyone is answered: the region reads as if every NUL of the padding was written
+                try:
+                    self.guard.remember(offset, data, padding)  # this write survives every later repair
+                finally:
+                    finish()  # before anyone is answered: the region reads as if every NUL of the padding was written
+            reply = (("seq", record["seq"]), ("sha256", sha), ("offset", offset), ("length", len(data)),
+                     ("rang", rang))
         except ShmguardError as exc:  # checked when planned; the log or the region may have failed since
             return WriteFailed(token, str(exc))
-        return Written(token, tuple(reply.items()), zlib.crc32(plan.data.split(b"\0", 1)[0]), plan.wait_for_guest,
-                       plan.timeout, started)
+        return Written(token, reply, zlib.crc32(data.split(b"\0", 1)[0]), wait_for_guest, timeout, started)
 
     def handle_ring(self, request: Request) -> None:
         self._looking_once(self._handle_ring, request)
@@ -301,8 +308,24 @@ class HostPeer:
         while todo:
             action = todo.popleft()
             match action:
+                case WriteNow(token, plan):  # the most frequent cases first: every case tried costs a look
+                    todo.extendleft(reversed(self.guest.handle(self._write(token, plan), self.peers())))
+                case Reply(token, fields):  # a write's is sent once its record is on disk
+                    fields = dict(fields)
+                    if (request := self._requests.pop(token, None)) is None:
+                        pass  # answered by an error already
+                    elif "seq" in fields:  # a write's; with an ack its requester waits for this one reply alone
+                        request.reply_once_recorded(fields["seq"], promptly="ack" in fields, **fields)
+                    else:
+                        request.reply(**fields)
                 case Ring(peer, vector, held=False):
                     self.server.ring(peer, vector)
+                case RefreshGuard(reply_only=True):  # an ack: the guest rewrote its reply area, nothing else
+                    self.guard.refresh((layout.reply_offset(self.region.size), self.region.size))
+                case Log(level, message):
+                    _log(level, message)
+                case ScheduleTimeout(token, seconds):
+                    self.loop.call_later(seconds, lambda t=token: self.feed(TimedOut(t)))
                 case Ring(peer, vector, held=True):
                     try:
                         self.server.ring(peer, vector)
@@ -310,31 +333,15 @@ class HostPeer:
                         log.warning("held ring for peer %d vector %d dropped: %s", peer, vector, exc)
                 case Hold() | Queue():
                     pass  # the session keeps them
-                case WriteNow(token, plan):
-                    todo.extendleft(reversed(self.guest.handle(self._write(token, plan), self.peers())))
-                case Reply(token, fields):  # a write's is sent once its record is on disk
-                    fields = dict(fields)
-                    if (request := self._requests.pop(token, None)) is None:
-                        pass  # answered by an error already
-                    elif "seq" in fields:
-                        request.reply_once_recorded(fields["seq"], **fields)
-                    else:
-                        request.reply(**fields)
                 case Fail(token, error, fields):
                     if (request := self._requests.pop(token, None)) is not None:
                         request.fail(error, **dict(fields))
-                case RefreshGuard(reply_only=True):  # an ack: the guest rewrote its reply area, nothing else
-                    self.guard.refresh((layout.reply_offset(self.region.size), self.region.size))
                 case RefreshGuard():
                     self.guard.refresh()
                 case Record(what, detail):
                     self.recorder.note(what, detail=dict(detail))
-                case Log(level, message):
-                    log.log(logging.getLevelName(level.upper()), "%s", message)
                 case Notify(status):
                     sdnotify.status(status)
-                case ScheduleTimeout(token, seconds):
-                    self.loop.call_later(seconds, lambda t=token: self.feed(TimedOut(t)))
                 case WriteCommand(token, slot, peer, data):
                     try:
                         self._write_slot(self.guests.command(slot), data, self._requests[token].cred,
@@ -379,6 +386,8 @@ class HostPeer:
     def read_reply(self) -> str:
         raw = self.region.read(layout.reply_offset(self.region.size), layout.REPLY_SIZE)
         text = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+        if text.isprintable():  # an ack or "ready" line: nothing to replace
+            return text
         return "".join(c if c.isprintable() else "?" for c in text)  # the guest must not forge log lines
 
 
@@ -410,6 +419,17 @@ class GuestSlots:
     def _line(self, offset: int) -> str | None:
         text = layout.whole_line(self.region.read, offset)
         return None if text is None else "".join(c if c.isprintable() else "?" for c in text)  # no forged log lines
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _log(level: str, message: str) -> None:
+    """A Log action: the record made directly, as log.log would make it but for the look up the stack for its
+    caller (always _carry_out, and the supervisor's log format names no caller). One per acknowledged write."""
+    number = _LEVELS.get(level) or logging.getLevelName(level.upper())
+    if log.isEnabledFor(number):
+        log.handle(log.makeRecord(log.name, number, __file__, 0, "%s", (message,), None, "_carry_out"))
 
 
 def _ring_record(ring: dict) -> dict:

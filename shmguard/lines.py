@@ -15,7 +15,8 @@ import sys
 from .control_client import ControlClient, Pipeline, write_body
 from .errors import ControlError, ShmguardError
 
-WINDOW = 64  # writes sent ahead of their replies
+WINDOW = 256  # writes sent ahead of their replies: enough that the supervisor serves the next batch while the
+# fsync of the last one runs (with 64 it waited for each fsync with nothing to do)
 WAITING_WINDOW = 2  # writes waiting for the guest's ack: one acknowledged, one queued behind it (shares.queued_writes)
 
 

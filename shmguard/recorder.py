@@ -129,6 +129,20 @@ class Recorder:
         self._answer_waiting()
         return bool(self._waiting)
 
+    def start_commit(self) -> None:
+        """Start the background fsync of what is recorded now, before the turn ends: a write that rang the guest and
+        waits for its ack then has its fsync run while the guest reads. Only where the fsync runs in the background
+        and a slot is free; otherwise the turn's commit does it, as always (never an fsync in line from here)."""
+        fsync, last = self._fsync, self.audit.last_seq
+        if fsync is None or fsync.full or not self.audit.unsynced or last <= max(self._failed_at, self._started_to):
+            return
+        try:
+            fsync.start(last)
+        except OSError:
+            return  # the turn's commit tries again (and falls back to the fsync in line)
+        self._started_to = last
+        self._outcomes[last] = None
+
     def _on_synced(self) -> None:
         if self._fsync is not None:
             self._synced(self._fsync.completed())

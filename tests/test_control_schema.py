@@ -60,6 +60,11 @@ def test_a_line_that_is_not_json_says_so():
     ({"op": "write"}, "a write needs \"data\": the bytes in base64"),
     ({"op": "write", "data": 5}, "a write needs \"data\": the bytes in base64"),
     ({"op": "write", "data": "***"}, "\"data\" is not valid base64"),
+    # not ASCII: a refusal like any other, not an exception out of the parser (it left the request unanswered)
+    ({"op": "write", "data": "aGk\u00e9"}, "\"data\" is not valid base64"),
+    ({"op": "send", "from": 0, "to": 1, "data": "\u2028"}, "\"data\" is not valid base64"),
+    ({"op": "write", "data": "aGk=\n"}, "\"data\" is not valid base64"),
+    ({"op": "write", "data": "aG k="}, "\"data\" is not valid base64"),
     ({"op": "write", "data": "", "offset": "zero"}, "offset 'zero' must be a whole number"),
     ({"op": "write", "data": "", "offset": True}, "offset True must be a whole number"),
     ({"op": "write", "data": "", "offset": 1.5}, "offset 1.5 must be a whole number"),

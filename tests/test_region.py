@@ -267,3 +267,17 @@ def test_a_message_that_leaves_no_room_for_its_nul_needs_allow_unterminated():
 def test_a_text_message_that_does_not_fit_is_refused(message, offset, reason):
     with pytest.raises(RegionError, match=reason):
         text_payload(message, offset, 16, allow_unterminated=True)
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 4095, 4096, 4097, 65535, 65536, 65537, 200000, (1 << 18) - 1, 1 << 18,
+                                  (1 << 18) + 1, 1 << 20, (4 << 20) - 4352])
+def test_is_zero_finds_a_single_non_zero_byte_anywhere(size):
+    """is_zero compares in pieces, the last one overlapping the one before: every byte is still looked at."""
+    from shmguard.region import is_zero
+
+    buffer = bytearray(size)
+    assert is_zero(memoryview(buffer))
+    for at in sorted({0, size - 1, size // 2, 4095, 4096, 65535, 65536, (1 << 18) - 1, 1 << 18} & set(range(size))):
+        buffer[at] = 0x80
+        assert not is_zero(memoryview(buffer)), at
+        buffer[at] = 0

@@ -86,18 +86,27 @@ class KnownGood:
         page the write leaves partly written is looked at once, after the fill."""
         end, fill_end = offset + len(data), offset + len(data) + zero_fill
         self.view[offset:end] = data
-        if zero_fill:
-            for start, stop in list(self.nonzero_runs(end, fill_end)):
-                for at in range(start, stop, CHUNK):
-                    length = min(CHUNK, stop - at)
+        if zero_fill:  # the marked runs of the fill (nonzero_runs, in line: this runs for every write)
+            pages, last = self.pages, -(-fill_end // PAGE)
+            page = pages.find(1, end // PAGE, last)
+            while page >= 0:
+                stop = pages.find(0, page, last)
+                stop = last if stop < 0 else stop
+                for at in range(max(end, page * PAGE), min(fill_end, stop * PAGE), CHUNK):
+                    length = min(CHUNK, fill_end - at, stop * PAGE - at)
                     self.view[at:at + length] = _ZERO_CHUNK[:length]
+                page = pages.find(1, stop, last)
             whole_first, whole_stop = -(-end // PAGE), fill_end // PAGE  # the pages the fill covers whole: zeros
             if whole_stop > whole_first:
                 self.pages[whole_first:whole_stop] = bytes(whole_stop - whole_first)
         looked = range(0)
         if data and len(data) <= SMALL_WRITE:
-            self._map(offset, end)
-            looked = range(offset // PAGE, -(-end // PAGE))
+            page = offset // PAGE
+            if (end - 1) // PAGE == page and data != _ZERO_CHUNK[:len(data)]:
+                self.pages[page] = 1  # one page, and the write put a non-zero byte into it: no need to look
+            else:
+                self._map(offset, end)
+            looked = range(page, -(-end // PAGE))
         elif data:  # marked without looking (a page that is zeros after all only costs a repair one more write)
             self.pages[offset // PAGE:-(-end // PAGE)] = b"\x01" * (-(-end // PAGE) - offset // PAGE)
         if not zero_fill:
