@@ -10,9 +10,9 @@ import errno
 import logging
 import os
 import secrets
+import select
 import socket
 import stat
-import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection
@@ -23,7 +23,7 @@ from .errors import ShmguardError
 from .limits import PEER_IDS
 from .linux import procfs
 from .linux.files import reopen
-from .linux.sockets import PeerCred, accept_nonblocking
+from .linux.sockets import MessageBatch, PeerCred, accept_nonblocking
 from .loop import EventLoop
 from .paths import file_kind, make_directory, trusted_owners
 from .peers import Action, Gone, Peer, PeerIds, PeerTable, Send
@@ -54,9 +54,9 @@ class Connection:
 
 
 ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
-COALESCE = 64  # plain words (no fd) that go out in one send
-_FD = struct.Struct("i")  # an fd in SCM_RIGHTS
-_NOSIGNAL = socket.MSG_NOSIGNAL  # a peer gone is EPIPE, not a SIGPIPE to ignore
+COALESCE = 64  # plain words (no fd) that go out as one message
+BATCH = 64  # messages in one sendmmsg
+_SENDER = MessageBatch(BATCH, COALESCE * 8)  # the loop's one batch: its memory is allocated once
 
 
 @dataclass(eq=False)
@@ -381,42 +381,48 @@ class IvshmemServer:
         self._settle()
 
     def _flush(self, connection: Connection) -> str | None:
-        """Send as much of the queue as the socket takes; why it failed (EPIPE, ECONNRESET: gone), or None."""
-        sock, queue = connection.sock, connection.queue
+        """Send as much of the queue as the socket takes; why it failed (EPIPE, ECONNRESET: gone), or None.
+
+        One sendmmsg carries up to BATCH messages: each word with an fd is a message of its own (its fd travels
+        with its first byte, never with another word's bytes), and plain words in a row are one message. A whole
+        greeting is one system call, and the newcomer, woken by its first word, finds the rest already there."""
+        queue = connection.queue
         while queue:
-            data, fd = queue[0]
-            words = 1
-            try:
-                if fd is not None:  # an fd travels with its own word's first byte, never with another's bytes
-                    sent = sock.sendmsg((data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd.fd)),), _NOSIGNAL)
-                else:  # plain words in a row go out in one send
-                    limit = min(len(queue), COALESCE)
-                    while words < limit and queue[words][1] is None:
+            batch: list[tuple[bytes, int]] = []
+            runs: list[tuple[int, SharedFd | None]] = []  # the words of each message, and its fd
+            taken, queued = 0, len(queue)
+            while taken < queued and len(batch) < BATCH:
+                data, fd = queue[taken]
+                words = 1
+                if fd is None:  # plain words in a row go out as one message
+                    limit = min(queued - taken, COALESCE)
+                    while words < limit and queue[taken + words][1] is None:
                         words += 1
                     if words > 1:
-                        data = b"".join([queue[n][0] for n in range(words)])
-                    sent = sock.send(data, _NOSIGNAL)
+                        data = b"".join([queue[n][0] for n in range(taken, taken + words)])
+                batch.append((data, -1 if fd is None else fd.fd))
+                runs.append((words, fd))
+                taken += words
+            try:
+                sent = _SENDER.send(connection.sock.fileno(), batch)
             except BlockingIOError:
                 if not connection.writing:
                     connection.writing = True
-                    self.loop.add_writer(sock.fileno(), lambda: self._on_writable(connection))
+                    self.loop.add_writer(connection.sock.fileno(), lambda: self._on_writable(connection))
                 return None
             except OSError as exc:
                 return exc.strerror or str(exc)
-            if fd is not None and sent > 0:
-                fd.release()
-            if words > 1:
+            for (data, _), (words, fd), count in zip(batch, runs, sent, strict=False):  # sent: as many as went
+                if fd is not None:
+                    fd.release()  # it went with the message's first byte
                 for _ in range(words):
                     queue.popleft()
-                if sent < len(data):
-                    queue.appendleft((data[sent:], None))
-            elif sent < len(data):  # the fd went with the first byte; the rest goes plain
-                queue[0] = (data[sent:], None)
-            else:
-                queue.popleft()
+                if count < len(data):  # the last one the kernel took, in part: the rest goes plain, next time
+                    queue.appendleft((data[count:], None))
+                    break
         if connection.writing:
             connection.writing = False
-            self.loop.remove_writer(sock.fileno())
+            self.loop.remove_writer(connection.sock.fileno())
         return None
 
     # --- ringing --------------------------------------------------------------------------------------
@@ -501,9 +507,7 @@ class IvshmemServer:
         self._carry_out([action for action in actions if isinstance(action, Send)])
         self._unsent.clear()
         for connection in self.connections.values():
-            if connection.queue:
-                connection.sock.settimeout(linger)  # a last, bounded, blocking flush
-                self._flush(connection)
+            linger_flush(connection, self._flush, linger)
         self._carry_out([action for action in actions if isinstance(action, Gone)])
         if self.listener is not None:
             self.loop.remove_reader(self.listener.sock.fileno())
@@ -523,6 +527,17 @@ def adopt_share(fresh: Share, held: Share) -> Share:
     the next taker, never takes from a holder."""
     fresh.used, fresh.in_use = held.used, held.in_use
     return fresh
+
+
+def linger_flush(connection: Connection, flush: Callable[[Connection], str | None], linger: float) -> None:
+    """A last flush of a connection's queue, waiting up to `linger` s for room in its socket."""
+    deadline = time.monotonic() + linger
+    poller = select.poll()
+    poller.register(connection.sock.fileno(), select.POLLOUT)
+    while connection.queue and flush(connection) is None and connection.queue:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            return
 
 
 def release_all(fds) -> None:
