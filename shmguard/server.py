@@ -389,22 +389,22 @@ class IvshmemServer:
         queue = connection.queue
         while queue:
             batch: list[tuple[bytes, int]] = []
-            runs: list[tuple[int, SharedFd | None]] = []  # the words of each message, and its fd
+            entries: list[int] = []  # how many queue entries each message is
             taken, queued = 0, len(queue)
             while taken < queued and len(batch) < BATCH:
                 data, fd = queue[taken]
-                words = 1
-                if fd is None:  # plain words in a row go out as one message
-                    limit = min(queued - taken, COALESCE)
-                    while words < limit and queue[taken + words][1] is None:
-                        words += 1
-                    if words > 1:
-                        data = b"".join([queue[n][0] for n in range(taken, taken + words)])
-                batch.append((data, -1 if fd is None else fd.fd))
-                runs.append((words, fd))
-                taken += words
+                taken += 1
+                if fd is not None:
+                    batch.append((data, fd.fd))
+                    entries.append(1)
+                    continue
+                run = taken - 1  # plain words in a row go out as one message
+                while taken < queued and taken - run < COALESCE and queue[taken][1] is None:
+                    taken += 1
+                batch.append((data if taken - run == 1 else b"".join([queue[n][0] for n in range(run, taken)]), -1))
+                entries.append(taken - run)
             try:
-                sent = _SENDER.send(connection.sock.fileno(), batch)
+                count, last = _SENDER.send(connection.sock.fileno(), batch)
             except BlockingIOError:
                 if not connection.writing:
                     connection.writing = True
@@ -412,14 +412,19 @@ class IvshmemServer:
                 return None
             except OSError as exc:
                 return exc.strerror or str(exc)
-            for (data, _), (words, fd), count in zip(batch, runs, sent, strict=False):  # sent: as many as went
-                if fd is not None:
-                    fd.release()  # it went with the message's first byte
-                for _ in range(words):
-                    queue.popleft()
-                if count < len(data):  # the last one the kernel took, in part: the rest goes plain, next time
-                    queue.appendleft((data[count:], None))
-                    break
+            if count == len(batch) and last == len(batch[-1][0]):  # all of it: the usual case
+                for _ in range(taken):
+                    fd = queue.popleft()[1]
+                    if fd is not None:
+                        fd.release()  # it went with its message's first byte
+                continue
+            for number in range(count):  # the socket filled: what went leaves the queue, a part-sent one stays
+                for _ in range(entries[number]):
+                    fd = queue.popleft()[1]
+                    if fd is not None:
+                        fd.release()  # it went with its message's first byte
+                if number == count - 1 and last < len(batch[number][0]):  # the rest goes plain, next time
+                    queue.appendleft((batch[number][0][last:], None))
         if connection.writing:
             connection.writing = False
             self.loop.remove_writer(connection.sock.fileno())

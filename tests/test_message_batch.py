@@ -32,7 +32,7 @@ def test_each_message_arrives_with_its_own_fd_in_order(pair):
         sent = MessageBatch(8, 64).send(ours.fileno(), [(MESSAGE.pack(0) + MESSAGE.pack(7), -1),
                                                         (MESSAGE.pack(-1), first), (MESSAGE.pack(3), second),
                                                         (MESSAGE.pack(9), -1)])
-        assert sent == [16, 8, 8, 8]
+        assert sent == (4, 8), "all four, the last whole"
         received = [recv_message(theirs) for _ in range(5)]
         assert [value for value, _ in received] == [0, 7, -1, 3, 9]
         assert [len(fds) for _, fds in received] == [0, 0, 1, 1, 0]
@@ -50,8 +50,8 @@ def test_a_full_socket_stops_the_batch_at_its_partial_message_and_keeps_the_stre
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     batch = MessageBatch(2, 1 << 18)
     big, small = b"a" * (1 << 18), b"b" * 8
-    sent = batch.send(ours.fileno(), [(big, -1), (small, -1)])
-    assert len(sent) == 1 and 0 < sent[0] < len(big), "the first is partial and the kernel reports it last"
+    count, last = batch.send(ours.fileno(), [(big, -1), (small, -1)])
+    assert count == 1 and 0 < last < len(big), "the first is partial and the kernel reports it last"
     with pytest.raises(BlockingIOError):
         batch.send(ours.fileno(), [(small, -1)])  # nothing at all fits: raised, not an empty list
     theirs.setblocking(False)
@@ -61,7 +61,21 @@ def test_a_full_socket_stops_the_batch_at_its_partial_message_and_keeps_the_stre
             data += theirs.recv(1 << 20)
         except BlockingIOError:
             break
-    assert data == big[:sent[0]], "not a byte of the later message went after the partial one"
+    assert data == big[:last], "not a byte of the later message went after the partial one"
+
+
+def test_a_slot_used_again_without_its_fd_sends_none(pair):
+    ours, theirs = pair
+    batch = MessageBatch(1, 8)
+    passed = os.eventfd(0)
+    try:
+        batch.send(ours.fileno(), [(MESSAGE.pack(1), passed)])
+        batch.send(ours.fileno(), [(MESSAGE.pack(2), -1)])
+        first, second = recv_message(theirs), recv_message(theirs)
+        assert first[0] == 1 and len(first[1]) == 1 and second == (2, [])
+        os.close(first[1][0])
+    finally:
+        os.close(passed)
 
 
 def test_a_peer_gone_is_an_error_not_a_signal(pair):

@@ -70,45 +70,52 @@ class MessageBatch:
     def __init__(self, capacity: int = 64, size: int = 512) -> None:
         self.capacity, self.size = capacity, size
         header, iovec = ctypes.sizeof(_Mmsghdr), ctypes.sizeof(_Iovec)
-        self._iovecs = capacity * header
-        self._controls = self._iovecs + capacity * iovec
-        self._data = self._controls + capacity * _FD_SPACE
-        self._memory = bytearray(self._data + capacity * size)
+        iovecs = capacity * header
+        controls = iovecs + capacity * iovec
+        data = controls + capacity * _FD_SPACE
+        self._memory = bytearray(data + capacity * size)
         self._base = base = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
-        self._header, self._iovec = header, iovec
-        self._control_at = _Mmsghdr.msg_hdr.offset + _Msghdr.msg_control.offset
-        self._length_at = _Mmsghdr.msg_len.offset
-        self._iov_len_at = _Iovec.iov_len.offset
-        cmsg_len = socket.CMSG_LEN(4)
+        control_field = _Mmsghdr.msg_hdr.offset + _Msghdr.msg_control.offset
+        # Where each slot's fields are, worked out once: a send only writes what changed since the slot's last.
+        self._data_at = [data + slot * size for slot in range(capacity)]
+        self._iov_len_at = [iovecs + slot * iovec + _Iovec.iov_len.offset for slot in range(capacity)]
+        self._control_at = [slot * header + control_field for slot in range(capacity)]
+        self._cmsg_at = [controls + slot * _FD_SPACE for slot in range(capacity)]
+        self._sent_at = [slot * header + _Mmsghdr.msg_len.offset for slot in range(capacity)]
+        self._lengths = [0] * capacity  # each slot's iov_len as last written
+        self._passed = [-1] * capacity  # each slot's fd as last written (-1: no control message)
         for slot in range(capacity):
             message = _Mmsghdr.from_buffer(self._memory, slot * header)
-            message.msg_hdr.msg_iov, message.msg_hdr.msg_iovlen = base + self._iovecs + slot * iovec, 1
-            vector = _Iovec.from_buffer(self._memory, self._iovecs + slot * iovec)
-            vector.iov_base = base + self._data + slot * size
+            message.msg_hdr.msg_iov, message.msg_hdr.msg_iovlen = base + iovecs + slot * iovec, 1
+            _Iovec.from_buffer(self._memory, iovecs + slot * iovec).iov_base = base + self._data_at[slot]
             # struct cmsghdr: cmsg_len (size_t), cmsg_level, cmsg_type (int); then the fd, set per send
-            struct.pack_into("Nii", self._memory, self._controls + slot * _FD_SPACE, cmsg_len, socket.SOL_SOCKET,
+            struct.pack_into("Nii", self._memory, self._cmsg_at[slot], socket.CMSG_LEN(4), socket.SOL_SOCKET,
                              socket.SCM_RIGHTS)
 
-    def send(self, fd: int, messages: list[tuple[bytes, int]], flags: int = socket.MSG_NOSIGNAL) -> list[int]:
+    def send(self, fd: int, messages: list[tuple[bytes, int]], flags: int = socket.MSG_NOSIGNAL) -> tuple[int, int]:
         """Send `messages` ((data, fd to pass or -1), at most `capacity`, data at most `size` bytes) on socket fd:
-        the bytes sent of each message sent, in order (fewer than given if the socket's buffer filled; only the
-        last may be partial). Raises OSError when none was sent (BlockingIOError: the buffer is full)."""
-        memory, header = self._memory, self._header
+        (how many were sent, the bytes sent of the last of them). Every one before the last went whole; fewer
+        than given, or a last one in part, if the socket's buffer filled. Raises OSError when none was sent
+        (BlockingIOError: the buffer is full)."""
+        memory, lengths, passed_before = self._memory, self._lengths, self._passed
         for slot, (data, passed) in enumerate(messages):
-            at = self._data + slot * self.size
-            memory[at:at + len(data)] = data
-            _SIZE.pack_into(memory, self._iovecs + slot * self._iovec + self._iov_len_at, len(data))
-            if passed >= 0:
-                control = self._controls + slot * _FD_SPACE
-                _INT.pack_into(memory, control + _FD_AT, passed)
-                _CONTROL.pack_into(memory, slot * header + self._control_at, self._base + control, _FD_SPACE)
-            else:
-                _CONTROL.pack_into(memory, slot * header + self._control_at, 0, 0)
+            at, size = self._data_at[slot], len(data)
+            memory[at:at + size] = data
+            if lengths[slot] != size:
+                _SIZE.pack_into(memory, self._iov_len_at[slot], size)
+                lengths[slot] = size
+            if passed_before[slot] != passed:
+                if passed >= 0:
+                    _INT.pack_into(memory, self._cmsg_at[slot] + _FD_AT, passed)
+                    _CONTROL.pack_into(memory, self._control_at[slot], self._base + self._cmsg_at[slot], _FD_SPACE)
+                else:
+                    _CONTROL.pack_into(memory, self._control_at[slot], 0, 0)
+                passed_before[slot] = passed
         while (sent := _sendmmsg(fd, self._base, len(messages), flags)) < 0:
             error = ctypes.get_errno()
             if error != errno.EINTR:
                 raise OSError(error, os.strerror(error))
-        return [_UINT.unpack_from(memory, slot * header + self._length_at)[0] for slot in range(sent)]
+        return sent, _UINT.unpack_from(memory, self._sent_at[sent - 1])[0] if sent else 0
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
