@@ -264,13 +264,28 @@ class ContribServer:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"bench_join: QEMU's ivshmem-server did not start on {self.path}")
             time.sleep(0.01)
-        self.idle_pid = start_raw_idle_peers(self.path, idle) if idle else None
+        self.idle_pid = start_raw_idle_peers(self.path, idle) if idle else wait_listening(self.path)
 
     def stop(self) -> None:
         if self.idle_pid is not None:
             stop(self.idle_pid)
         self.process.kill()
         self.process.wait()
+
+
+def wait_listening(path: str) -> None:
+    """Until a connect succeeds: the C server's socket file appears at bind(), before it listens (the probe is a
+    join and a leave for it, before the measured ones)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+                return None
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.01)
 
 
 def start_raw_idle_peers(path: str, count: int) -> int:
