@@ -274,18 +274,30 @@ class ContribServer:
 
 
 def wait_listening(path: str) -> None:
-    """Until a connect succeeds: the C server's socket file appears at bind(), before it listens (the probe is a
-    join and a leave for it, before the measured ones)."""
+    """Until a connect succeeds: the C server's socket file appears at bind(), before it listens. The probe is a
+    join and a leave for it, before the measured ones; it reads its whole greeting first (the C server dies of
+    SIGPIPE writing to a peer gone)."""
     deadline = time.monotonic() + 10
     while True:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             try:
                 probe.connect(path)
-                return None
             except ConnectionRefusedError:
                 if time.monotonic() > deadline:
                     raise
-        time.sleep(0.01)
+                time.sleep(0.01)
+                continue
+            probe.settimeout(10)
+            own, messages = None, 0
+            while (message := recv_message(probe)) is not None:
+                value, fds = message
+                for received in fds:
+                    os.close(received)
+                messages += 1
+                own = value if messages == 2 else own
+                if messages > 3 and value == own:  # its own vector: the greeting is whole
+                    return None
+            raise SystemExit("bench_join: QEMU's ivshmem-server closed on a peer before its greeting")
 
 
 def start_raw_idle_peers(path: str, count: int) -> int:
