@@ -56,7 +56,8 @@ class Connection:
 ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
 COALESCE = 64  # plain words (no fd) that go out as one message
 BATCH = 64  # messages in one sendmmsg
-_SENDER = MessageBatch(BATCH, COALESCE * 8)  # the loop's one batch: its memory is allocated once
+_RUN_BYTES = COALESCE * MESSAGE.size
+_SENDER = MessageBatch(BATCH, _RUN_BYTES)  # the loop's one batch: its memory is allocated once
 
 
 @dataclass(eq=False)
@@ -398,8 +399,11 @@ class IvshmemServer:
                     batch.append((data, fd.fd))
                     entries.append(1)
                     continue
-                run = taken - 1  # plain words in a row go out as one message
-                while taken < queued and taken - run < COALESCE and queue[taken][1] is None:
+                # Plain words in a row go out as one message of at most COALESCE words' bytes (counted in bytes:
+                # the part-sent rest of an earlier message is shorter than its words).
+                run, size = taken - 1, len(data)
+                while taken < queued and queue[taken][1] is None and size + len(queue[taken][0]) <= _RUN_BYTES:
+                    size += len(queue[taken][0])
                     taken += 1
                 batch.append((data if taken - run == 1 else b"".join([queue[n][0] for n in range(run, taken)]), -1))
                 entries.append(taken - run)
@@ -536,6 +540,8 @@ def adopt_share(fresh: Share, held: Share) -> Share:
 
 def linger_flush(connection: Connection, flush: Callable[[Connection], str | None], linger: float) -> None:
     """A last flush of a connection's queue, waiting up to `linger` s for room in its socket."""
+    if not connection.queue:
+        return
     deadline = time.monotonic() + linger
     poller = select.poll()
     poller.register(connection.sock.fileno(), select.POLLOUT)

@@ -83,3 +83,43 @@ def test_a_peer_gone_is_an_error_not_a_signal(pair):
     theirs.close()
     with pytest.raises(BrokenPipeError):
         MessageBatch(1, 8).send(ours.fileno(), [(MESSAGE.pack(1), -1)])
+
+
+def test_a_slow_reader_gets_every_word_in_order_with_its_fds_through_partial_sends(pair):
+    """The server's flush (IvshmemServer._flush) through a socket that fills again and again: runs of plain words cut
+    where the socket filled, and fd words, all arrive in order, each fd with its own word."""
+    from shmguard.loop import EventLoop
+    from shmguard.protocol import SharedFd
+    from shmguard.server import Connection, IvshmemServer
+
+    ours, theirs = pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server = IvshmemServer.__new__(IvshmemServer)  # only its flush: no policy, no listener
+    server.loop = EventLoop()
+    connection = Connection(1, ours)
+    passed = SharedFd(os.eventfd(0))
+    expected = []
+    for number in range(3000):
+        with_fd = number % 100 in (3, 4, 50)  # runs of up to 64 plain words between fd words
+        connection.queue.append((MESSAGE.pack(number), passed.acquire() if with_fd else None))
+        expected.append((number, with_fd))
+    received = []
+    theirs.settimeout(10)
+    try:
+        while connection.queue or len(received) < len(expected):
+            assert server._flush(connection) is None
+            for _ in range(5):  # a slow reader: a few words at a time
+                if len(received) == len(expected):
+                    break
+                value, fds = recv_message(theirs)
+                received.append((value, len(fds) == 1))
+                assert len(fds) <= 1
+                if fds:
+                    assert inode(fds[0]) == inode(passed.fd)
+                    os.close(fds[0])
+        assert received == expected
+    finally:
+        if connection.writing:
+            server.loop.remove_writer(ours.fileno())
+        server.loop.close()
+        passed.release()

@@ -100,6 +100,8 @@ class MessageBatch:
         memory, lengths, passed_before = self._memory, self._lengths, self._passed
         for slot, (data, passed) in enumerate(messages):
             at, size = self._data_at[slot], len(data)
+            if size > self.size:
+                raise ValueError(f"a message of {size} bytes in a batch of at most {self.size} a message")
             memory[at:at + size] = data
             if lengths[slot] != size:
                 _SIZE.pack_into(memory, self._iov_len_at[slot], size)
