@@ -10,9 +10,9 @@ import errno
 import logging
 import os
 import secrets
-import select
 import socket
 import stat
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection
@@ -23,7 +23,7 @@ from .errors import ShmguardError
 from .limits import PEER_IDS
 from .linux import procfs
 from .linux.files import reopen
-from .linux.sockets import MessageBatch, PeerCred, accept_nonblocking
+from .linux.sockets import PeerCred, accept_nonblocking
 from .loop import EventLoop
 from .paths import file_kind, make_directory, trusted_owners
 from .peers import Action, Gone, Peer, PeerIds, PeerTable, Send
@@ -54,10 +54,9 @@ class Connection:
 
 
 ACCEPT_BATCH = 64  # connections accepted before they are admitted; the listener stays readable for the rest
-COALESCE = 64  # plain words (no fd) that go out as one message
-BATCH = 64  # messages in one sendmmsg
-_RUN_BYTES = COALESCE * MESSAGE.size
-_SENDER = MessageBatch(BATCH, _RUN_BYTES)  # the loop's one batch: its memory is allocated once
+COALESCE = 64  # plain words (no fd) that go out in one send
+_FD = struct.Struct("i")  # an fd in SCM_RIGHTS
+_NOSIGNAL = socket.MSG_NOSIGNAL  # a peer gone is EPIPE, not a SIGPIPE to ignore
 
 
 @dataclass(eq=False)
@@ -382,56 +381,42 @@ class IvshmemServer:
         self._settle()
 
     def _flush(self, connection: Connection) -> str | None:
-        """Send as much of the queue as the socket takes; why it failed (EPIPE, ECONNRESET: gone), or None.
-
-        One sendmmsg carries up to BATCH messages: each word with an fd is a message of its own (its fd travels
-        with its first byte, never with another word's bytes), and plain words in a row are one message. A whole
-        greeting is one system call, and the newcomer, woken by its first word, finds the rest already there."""
-        queue = connection.queue
+        """Send as much of the queue as the socket takes; why it failed (EPIPE, ECONNRESET: gone), or None."""
+        sock, queue = connection.sock, connection.queue
         while queue:
-            batch: list[tuple[bytes, int]] = []
-            entries: list[int] = []  # how many queue entries each message is
-            taken, queued = 0, len(queue)
-            while taken < queued and len(batch) < BATCH:
-                data, fd = queue[taken]
-                taken += 1
-                if fd is not None:
-                    batch.append((data, fd.fd))
-                    entries.append(1)
-                    continue
-                # Plain words in a row go out as one message of at most COALESCE words' bytes (counted in bytes:
-                # the part-sent rest of an earlier message is shorter than its words).
-                run, size = taken - 1, len(data)
-                while taken < queued and queue[taken][1] is None and size + len(queue[taken][0]) <= _RUN_BYTES:
-                    size += len(queue[taken][0])
-                    taken += 1
-                batch.append((data if taken - run == 1 else b"".join([queue[n][0] for n in range(run, taken)]), -1))
-                entries.append(taken - run)
+            data, fd = queue[0]
+            words = 1
             try:
-                count, last = _SENDER.send(connection.sock.fileno(), batch)
+                if fd is not None:  # an fd travels with its own word's first byte, never with another's bytes
+                    sent = sock.sendmsg((data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd.fd)),), _NOSIGNAL)
+                else:  # plain words in a row go out in one send
+                    limit = min(len(queue), COALESCE)
+                    while words < limit and queue[words][1] is None:
+                        words += 1
+                    if words > 1:
+                        data = b"".join([queue[n][0] for n in range(words)])
+                    sent = sock.send(data, _NOSIGNAL)
             except BlockingIOError:
                 if not connection.writing:
                     connection.writing = True
-                    self.loop.add_writer(connection.sock.fileno(), lambda: self._on_writable(connection))
+                    self.loop.add_writer(sock.fileno(), lambda: self._on_writable(connection))
                 return None
             except OSError as exc:
                 return exc.strerror or str(exc)
-            if count == len(batch) and last == len(batch[-1][0]):  # all of it: the usual case
-                for _ in range(taken):
-                    fd = queue.popleft()[1]
-                    if fd is not None:
-                        fd.release()  # it went with its message's first byte
-                continue
-            for number in range(count):  # the socket filled: what went leaves the queue, a part-sent one stays
-                for _ in range(entries[number]):
-                    fd = queue.popleft()[1]
-                    if fd is not None:
-                        fd.release()  # it went with its message's first byte
-                if number == count - 1 and last < len(batch[number][0]):  # the rest goes plain, next time
-                    queue.appendleft((batch[number][0][last:], None))
+            if fd is not None and sent > 0:
+                fd.release()
+            if words > 1:
+                for _ in range(words):
+                    queue.popleft()
+                if sent < len(data):
+                    queue.appendleft((data[sent:], None))
+            elif sent < len(data):  # the fd went with the first byte; the rest goes plain
+                queue[0] = (data[sent:], None)
+            else:
+                queue.popleft()
         if connection.writing:
             connection.writing = False
-            self.loop.remove_writer(connection.sock.fileno())
+            self.loop.remove_writer(sock.fileno())
         return None
 
     # --- ringing --------------------------------------------------------------------------------------
@@ -516,7 +501,9 @@ class IvshmemServer:
         self._carry_out([action for action in actions if isinstance(action, Send)])
         self._unsent.clear()
         for connection in self.connections.values():
-            linger_flush(connection, self._flush, linger)
+            if connection.queue:
+                connection.sock.settimeout(linger)  # a last, bounded, blocking flush
+                self._flush(connection)
         self._carry_out([action for action in actions if isinstance(action, Gone)])
         if self.listener is not None:
             self.loop.remove_reader(self.listener.sock.fileno())
@@ -536,19 +523,6 @@ def adopt_share(fresh: Share, held: Share) -> Share:
     the next taker, never takes from a holder."""
     fresh.used, fresh.in_use = held.used, held.in_use
     return fresh
-
-
-def linger_flush(connection: Connection, flush: Callable[[Connection], str | None], linger: float) -> None:
-    """A last flush of a connection's queue, waiting up to `linger` s for room in its socket."""
-    if not connection.queue:
-        return
-    deadline = time.monotonic() + linger
-    poller = select.poll()
-    poller.register(connection.sock.fileno(), select.POLLOUT)
-    while connection.queue and flush(connection) is None and connection.queue:
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(left * 1000):
-            return
 
 
 def release_all(fds) -> None:
