@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_join.py [--joins N] [--clients N] [--rounds N] [--dir DIR]
     .venv/bin/python bench/bench_join.py --table [--count N] [--rounds N] [--durable]
+    .venv/bin/python bench/bench_join.py --syscalls [--joins N] [--clients N]
 
 The joins row (issue 11): joins per second at 1 vector, audit log durable and not, against QEMU's contrib
 ivshmem-server built from Debian's qemu source package (tools/qemu_contrib.py), with the same churn client
@@ -11,6 +12,10 @@ always there, so the C server has one idle peer connected that reads everything 
 and leave, which shmguard's own peer does not need to); the C server with no peer at all is printed too. Rounds
 alternate between the servers; each figure is the best of --rounds. The audit log is in --dir (/var/tmp by
 default: a durable record is an fsync there; tmpfs would make it free), whose file system is printed.
+
+--syscalls: the system calls per join+leave of the C server (1 idle peer) and of shmguard, durable and not, each
+counted by `strace -c -f` over one churn run, call by call side by side (strace slows both: the counts, not the
+times, are the figure).
 
 --table: the latency table of earlier rounds: 1, 8 and 64 vectors, with 0 and 8 idle peers connected (they read
 everything, as QEMU does, so each join also costs the announcements to them), one sequential Python client.
@@ -259,13 +264,40 @@ class ContribServer:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"bench_join: QEMU's ivshmem-server did not start on {self.path}")
             time.sleep(0.01)
-        self.idle_pid = start_raw_idle_peers(self.path, idle) if idle else None
+        self.idle_pid = start_raw_idle_peers(self.path, idle) if idle else wait_listening(self.path)
 
     def stop(self) -> None:
         if self.idle_pid is not None:
             stop(self.idle_pid)
         self.process.kill()
         self.process.wait()
+
+
+def wait_listening(path: str) -> None:
+    """Until a connect succeeds: the C server's socket file appears at bind(), before it listens. The probe is a
+    join and a leave for it, before the measured ones; it reads its whole greeting first (the C server dies of
+    SIGPIPE writing to a peer gone)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            probe.settimeout(10)
+            own, messages = None, 0
+            while (message := recv_message(probe)) is not None:
+                value, fds = message
+                for received in fds:
+                    os.close(received)
+                messages += 1
+                own = value if messages == 2 else own
+                if messages > 3 and value == own:  # its own vector: the greeting is whole
+                    return None
+            raise SystemExit("bench_join: QEMU's ivshmem-server closed on a peer before its greeting")
 
 
 def start_raw_idle_peers(path: str, count: int) -> int:
@@ -365,6 +397,75 @@ def joins_row(args: argparse.Namespace) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+# --- system calls per join, both servers -------------------------------------------------------------------
+
+
+def traced_calls(binary: Path, path: str, pid: int, clients: int, joins: int, out: Path) -> dict[str, tuple[int, int]]:
+    """{syscall: (calls, errors)} of process pid under `strace -c -f` over one churn run."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise SystemExit("bench_join: --syscalls needs strace (apt-get install strace)")
+    tracer = subprocess.Popen([strace, "-c", "-f", "-o", str(out), "-p", str(pid)], stderr=subprocess.PIPE, text=True)
+    if "attached" not in tracer.stderr.readline():
+        raise SystemExit(f"bench_join: strace did not attach to {pid}")
+    try:
+        churn(binary, path, clients, joins, pid)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+    calls = {}
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+            errors = int(fields[4]) if len(fields) == 6 else 0
+            calls[fields[-1]] = (int(fields[3]), errors)
+    return calls
+
+
+def syscalls_row(args: argparse.Namespace) -> None:
+    """System calls per join+leave of each server over the same churn run, call by call."""
+    import qemu_contrib
+
+    contrib = qemu_contrib.ivshmem_server()
+    directory = Path(tempfile.mkdtemp(prefix="shmguard-bench-join-", dir=args.dir))
+    try:
+        binary = build_churn(directory)
+        joins = args.clients * args.joins
+        counted: dict[str, dict[str, tuple[int, int]]] = {}
+        server = ContribServer(contrib, directory, 1)
+        try:
+            churn(binary, server.path, 1, 200, server.process.pid)
+            counted["C server"] = traced_calls(binary, server.path, server.process.pid, args.clients, args.joins,
+                                               directory / "c.strace")
+        finally:
+            server.stop()
+        for durable in (False, True):
+            supervisor = ThrowawaySupervisor("strict", parent=directory, prefix=f"trace-{int(durable)}-",
+                                             durable=durable, timeout=60, server={"vectors": 1})
+            try:
+                socket_path, pid = supervisor.policy.server.socket, supervisor.process.pid
+                churn(binary, socket_path, 1, 200, pid)
+                counted[f"shmguard{', durable' if durable else ''}"] = traced_calls(
+                    binary, socket_path, pid, args.clients, args.joins, directory / f"s{int(durable)}.strace")
+            finally:
+                supervisor.stop()
+        names = sorted({name for calls in counted.values() for name in calls},
+                       key=lambda name: -max(calls.get(name, (0, 0))[0] for calls in counted.values()))
+        print(f"system calls per join+leave under strace -c -f, {args.clients} churn clients x {args.joins} joins "
+              f"(the C server with 1 idle peer, as in the joins row; (errors) where some failed)")
+        print(f"  {'call':16}" + "".join(f"{label:>20}" for label in counted))
+        for name in names:
+            cells = []
+            for calls in counted.values():
+                count, errors = calls.get(name, (0, 0))
+                cells.append(f"{count / joins:.2f}" + (f" ({errors / joins:.2f})" if errors else ""))
+            print(f"  {name:16}" + "".join(f"{cell:>20}" for cell in cells))
+        print(f"  {'total':16}" + "".join(f"{sum(c for c, _ in calls.values()) / joins:>20.2f}"
+                                          for calls in counted.values()))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # --- the table -----------------------------------------------------------------------------------------------
 
 
@@ -396,11 +497,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, keeping the best figure of each")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where the audit logs go (joins row)")
     parser.add_argument("--table", action="store_true", help="the latency table instead of the joins row")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="system calls per join of both servers under strace instead of the joins row")
     parser.add_argument("--count", type=int, default=1000, help="joins per configuration (--table)")
     parser.add_argument("--durable", action="store_true", help="make the audit log durable (--table)")
     args = parser.parse_args()
     if args.table:
         table(args)
+    elif args.syscalls:
+        syscalls_row(args)
     else:
         joins_row(args)
 

@@ -13,7 +13,7 @@ import pytest
 from test_group_commit import disk_that_fills, fill
 
 from shmguard.audit import AuditLog
-from shmguard.linux.aio import AsyncFsync
+from shmguard.linux.aio import IOCB_CMD_FDSYNC, AsyncFsync
 from shmguard.loop import EventLoop
 from shmguard.recorder import Recorder
 
@@ -22,9 +22,10 @@ def wait_readable(fd: int, timeout: float = 10.0) -> None:
     assert select.select([fd], [], [], timeout)[0], "the fsync never completed"
 
 
-def test_an_fsync_completes_on_its_eventfd_and_says_it_succeeded(tmp_path):
+@pytest.mark.parametrize("datasync", [False, True], ids=["fsync", "fdatasync"])
+def test_an_fsync_completes_on_its_eventfd_and_says_it_succeeded(tmp_path, datasync):
     fd = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    fsync = AsyncFsync(fd)
+    fsync = AsyncFsync(fd, datasync=datasync)
     try:
         for round in range(3):  # the slots, used again and again
             os.write(fd, b"a record\n")
@@ -63,10 +64,11 @@ def test_an_fd_the_kernel_cannot_fsync_is_refused_at_once_and_nothing_is_in_flig
         os.close(write_end)
 
 
-def test_a_failed_write_back_is_the_fsyncs_result(tmp_path):
+@pytest.mark.parametrize("datasync", [False, True], ids=["fsync", "fdatasync"])
+def test_a_failed_write_back_is_the_fsyncs_result(tmp_path, datasync):
     with disk_that_fills(tmp_path) as (mnt, filler):
         fd = os.open(mnt / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fsync = AsyncFsync(fd)
+        fsync = AsyncFsync(fd, datasync=datasync)
         try:
             os.write(fd, b"first\n")
             os.fsync(fd)
@@ -103,6 +105,7 @@ def test_a_record_is_durable_only_after_the_fsync_that_began_after_it(tmp_path):
         first = recorder.stage("write", detail={"n": 1})["seq"]
         recorder.when_durable(first, lambda: told.append(("done", first)), lambda why: told.append((why, first)))
         assert recorder.commit() is False and recorder._fsync.in_flight == 1, "the fsync runs while the loop waits"
+        assert recorder._fsync._opcode == IOCB_CMD_FDSYNC, "the append-only log's commit is an fdatasync"
         second = recorder.stage("write", detail={"n": 2})["seq"]  # written while the first fsync is in flight
         recorder.when_durable(second, lambda: told.append(("done", second)), lambda why: told.append((why, second)))
         assert told == [] and log.synced_seq < first

@@ -29,7 +29,7 @@ from shmguard.control import StatusRequest, WriteRequest, encode
 
 BATCH = 40
 SYNC_CALLS = "fsync,fdatasync,io_submit,io_getevents"  # strace -e trace= for both ways of syncing
-_SYNC_START = re.compile(r"\b(fsync|fdatasync)\(|\bio_submit\(.*IOCB_CMD_FSYNC")
+_SYNC_START = re.compile(r"\b(fsync|fdatasync)\(|\bio_submit\(.*IOCB_CMD_FD?SYNC")
 _SYNC_END = re.compile(r"\b(fsync|fdatasync)\(.*\) = 0|\bio_getevents\(.*\bres=0\b.*\) = 1")
 
 

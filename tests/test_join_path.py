@@ -182,3 +182,30 @@ def test_a_connection_is_accepted_non_blocking_and_close_on_exec_and_an_empty_ba
                 accepted.recv(1)
             assert peer_credentials(accepted)[0] == os.getpid()
         assert accept_nonblocking(listener) is None
+
+
+def test_a_stop_tells_every_peer_of_every_other_leave_before_it_closes(tmp_path):
+    """The server's last flush at a stop (IvshmemServer.close): each remote peer hears the others leave (their bare
+    ids, the supervisor's own peer's included), then EOF."""
+    supervisor = RunningSupervisor(policy_file(tmp_path, server={"vectors": 1}))
+    first = RawPeer(supervisor.socket)
+    read_greeting(first)
+    second = RawPeer(supervisor.socket)
+    greeting = read_greeting(second)
+    ids = {first.messages[1][0], second.messages[1][0]}
+    host = next(value for value, kind in greeting[3:] if kind == "eventfd" and value not in ids)
+    assert first.read(1) == [(second.messages[1][0], "eventfd")]  # the newcomer announced to the first
+    try:
+        assert supervisor.stop() == 0, supervisor.log_tail()
+        for peer, other in ((first, second), (second, first)):
+            heard = []
+            while not peer.quiet(timeout=2):
+                try:
+                    heard += peer.read(1, timeout=2)
+                except AssertionError:
+                    break  # EOF
+            assert {value for value, _ in heard} == {host, other.messages[1][0]}, heard
+            assert all(kind is None for _, kind in heard), heard
+    finally:
+        first.close()
+        second.close()
