@@ -322,8 +322,8 @@ class HostPeer:
                     self.server.ring(peer, vector)
                 case RefreshGuard(reply_only=True):  # an ack: the guest rewrote its reply area, nothing else
                     self.guard.refresh((layout.reply_offset(self.region.size), self.region.size))
-                case Log(level, message):
-                    _log(level, message)
+                case Log(level, message):  # one per acknowledged write
+                    log.log(_LEVELS.get(level) or logging.getLevelName(level.upper()), "%s", message)
                 case ScheduleTimeout(token, seconds):
                     self.loop.call_later(seconds, lambda t=token: self.feed(TimedOut(t)))
                 case Ring(peer, vector, held=True):
@@ -422,14 +422,6 @@ class GuestSlots:
 
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-
-def _log(level: str, message: str) -> None:
-    """A Log action: the record made directly, as log.log would make it but for the look up the stack for its
-    caller (always _carry_out, and the supervisor's log format names no caller). One per acknowledged write."""
-    number = _LEVELS.get(level) or logging.getLevelName(level.upper())
-    if log.isEnabledFor(number):
-        log.handle(log.makeRecord(log.name, number, __file__, 0, "%s", (message,), None, "_carry_out"))
 
 
 def _ring_record(ring: dict) -> dict:
