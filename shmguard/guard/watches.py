@@ -30,6 +30,7 @@ DIR_EVENTS = (F.CREATE | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.ATTRIB | F.DEL
 
 # What a batch of events asks the check to do: (modified, closed, opened) on the region itself.
 OnEvents = Callable[[bool, bool, bool], None]
+TAKE_BYTES = 65536  # what one read of the inotify fd takes
 
 
 class Watches:
@@ -42,21 +43,25 @@ class Watches:
         self._dir_names: dict[int, set[str]] = {}  # directory watch -> the entry names that concern us
         self._socket_watches: dict[str, tuple[tuple[int, int], int]] = {}
         self._on_events: OnEvents = lambda modified, closed, opened: None
-        self._on_wake: Callable[[], bool] = lambda: False
+        self._on_wake: Callable[[], bool] = self._take_only
         self._taken = b""  # events read (take) and not yet handled (dispatch)
+        self.fd = -1  # the inotify fd
+        self.buffers = [memoryview(bytearray(TAKE_BYTES))]  # what a take reads into: made once, never at a wake
 
     def open(self) -> None:
         # inotify_simple looks libc up with ctypes.util.find_library, which runs `ldconfig -p` (a fork and an exec on
         # every start); this process's libc is that library.
         inotify_simple._libc = inotify_simple._libc or libc._libc
         self.inotify = INotify(nonblocking=True)
+        self.fd = self.inotify.fileno()
 
-    def start(self, fd: int, is_file: bool, on_events: OnEvents, on_wake: Callable[[], bool] = lambda: False) -> None:
-        """on_wake: called first, before the events are parsed (what must not wait for them: a resize's repair);
-        True if it repaired, having called take() just before (see _on_inotify). The inotify fd is the loop's
-        first reader: in a batch of ready fds, it is handled before the others."""
+    def start(self, fd: int, is_file: bool, on_events: OnEvents, on_wake: Callable[[], bool] | None = None) -> None:
+        """on_wake: called first when the inotify fd is ready, before the events are parsed (what must not wait for
+        them: a resize's repair, restore.FirstLook.on_inotify); it takes the queued events itself (into buffers,
+        then keep) and returns True if it repaired (see _on_inotify). The inotify fd is the loop's first reader: in a
+        batch of ready fds, it is handled before the others."""
         self._region_wd = self.inotify.add_watch(fd_path(fd), REGION_EVENTS if is_file else MEMFD_EVENTS)
-        self._on_events, self._on_wake = on_events, on_wake
+        self._on_events, self._on_wake = on_events, on_wake or self._take_only
         self.loop.add_reader(self.inotify.fileno(), self._on_inotify, first=True)
 
     def close(self) -> None:
@@ -106,14 +111,27 @@ class Watches:
         happens after it is a new event, and so a new check: a write landing after a repair is never taken into
         the batch that the repair answers (Contents.check undoes it in the tampering's second)."""
         try:
-            self._taken += os.read(self.inotify.fileno(), 65536)
+            taken = os.readv(self.fd, self.buffers)
         except BlockingIOError:
-            pass
+            taken = 0
+        self.keep(taken)
+
+    def keep(self, taken: int) -> None:
+        """The first `taken` bytes of the buffer were read from the inotify fd (by take or by the guard's first
+        look): they join the events to dispatch."""
+        if taken:
+            self._taken += self.buffers[0][:taken]
+
+    def _take_only(self) -> bool:
+        self.take()
+        return False
 
     def _on_inotify(self) -> None:
-        repaired = self._on_wake()  # it took the events queued before its repair; no more go into this batch
-        if not repaired:
-            self.take()
+        try:
+            repaired = self._on_wake()  # it took the events queued before its repair; no more go into this batch
+        except OSError as exc:  # the region could not be looked at; the check looks again
+            log.error("guard: check failed: %s", exc)
+            repaired = False
         self.dispatch(repaired)
 
     def dispatch(self, repaired: bool = False) -> None:
