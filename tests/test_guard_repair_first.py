@@ -218,7 +218,7 @@ def test_a_copy_changed_in_the_same_turn_as_the_truncation_is_what_the_repair_pu
         guarded.region.write(7 * PAGE, b"written this turn")
         guarded.guard.remember(7 * PAGE, b"written this turn")
         truncate_to_zero(guarded)
-        assert guarded.guard.first_look.on_inotify() is True, "repaired on the inotify wake"
+        assert guarded.guard.first_look.look() is True, "repaired on the wake"
         guarded.guard.watches.dispatch(repaired=True)
         guarded.turns_until(1)
         assert [(r["detail"]["kind"], r["result"]) for r in guarded.records] == [("shrink", "repaired")]
@@ -249,9 +249,9 @@ def test_a_write_before_the_first_look_is_seen_by_its_one_fstat_and_put_back_ove
         guarded.close()
 
 
-def test_a_fanotify_wake_repairs_and_leaves_the_inotify_events_for_a_batch_of_their_own(tmp_path):
-    """fanotify is often ready before inotify has the same change queued: its first look repairs without reading
-    inotify (a read finding nothing raises, which costs), and those events are a later batch that finds nothing."""
+def test_a_wake_repairs_before_reading_the_events_and_leaves_them_for_a_batch_of_their_own(tmp_path):
+    """The first look repairs without reading inotify's events (on a fanotify wake inotify may have none yet: a
+    read that raises, which costs); they are a later batch, and here it finds nothing more."""
     guarded = Guarded(tmp_path)
     try:
         truncate_to_zero(guarded)

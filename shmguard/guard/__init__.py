@@ -72,11 +72,11 @@ class Guard:
         self.contents.start()
         self.names.start(anchor=inherited.get("anchor"))
         self.watches.open()
-        self.first_look = FirstLook(self.contents, self.watches.fd, self.watches.buffers, self.watches.keep)
+        self.first_look = FirstLook(self.contents)
         self.loop.before_wait(self.contents.plan_ahead)  # the restore plan is made ahead, never at repair time
         self.attribution.start(target.fd, target.is_file, self._on_touch, self.contents.opened_by,
                                inherited=inherited.get("attribution"))
-        self.watches.start(target.fd, target.is_file, self._on_events, self.first_look.on_inotify)
+        self.watches.start(target.fd, target.is_file, self._on_events, self.first_look.look)
         self.started = True
         self._ensure_watches()
         self.check()  # whatever is already wrong is an incident too
@@ -173,11 +173,11 @@ class Guard:
         self.check(modified=modified, closed=closed, opened=opened)
 
     def _on_wake(self) -> bool:
-        """First on a wake by fanotify (inotify's is restore.FirstLook.on_inotify, called by the watches), before
-        any event is parsed and before anyone is named: a resized region gets its size and contents back; the check
-        that follows records the incident (the inotify events, left queued, are a batch of their own after it)."""
+        """First on every wake by the kernel's watches (the watches call FirstLook.look themselves, _on_touch inline),
+        before any event is read and before anyone is named: a resized region gets its size and contents back; the
+        check that follows records the incident (the events, left queued, are a batch of their own after it)."""
         try:
-            return self.first_look is not None and self.first_look.on_fanotify()
+            return self.first_look is not None and self.first_look.look()
         except OSError as exc:  # the region could not be looked at; the check looks again
             log.error("guard: check failed: %s", exc)
             return False
@@ -187,7 +187,7 @@ class Guard:
         between the wake and the repair), then the check that records it, then the waiting incidents get their
         offenders."""
         try:
-            repaired = self.first_look is not None and self.first_look.on_fanotify()
+            repaired = self.first_look is not None and self.first_look.look()
         except OSError as exc:  # the region could not be looked at; the check looks again
             log.error("guard: check failed: %s", exc)
             repaired = False

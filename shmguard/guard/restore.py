@@ -9,13 +9,16 @@ instructions and system calls there can be, and everything else comes after the 
 - What a repair after a truncation writes is planned ahead, when the known-good copy changes (RestorePlan, made
   before the loop waits again), never at repair time: the copy's runs of pages that may hold anything but NULs, each
   a memoryview ready to write. A truncation leaves holes, which read as NULs; only those runs need writing.
-- On a wake by inotify (FirstLook.on_inotify) the queued events are read into a buffer made ahead, then one fstat;
-  a region of the right size costs nothing more. Reading the events first is what lets one fstat do: a write that
-  lands after it is an event of the next batch, which the check that follows undoes (Contents.check, in the
-  tampering's window); a write before it is seen by the fstat (blocks allocated: put_back, not the plan).
-- On a wake by fanotify (FirstLook.on_fanotify), which is often ready before inotify has the same change queued:
-  one lseek to the end gives the size (no stat result to build); only a wrong size costs the fstat and the repair.
-  The inotify events stay queued for the next batch (a read finding none would cost an exception, 25 us cold).
+- On every wake by the watches (inotify's or fanotify's fd, whichever the loop takes first), one fstat and nothing
+  else (FirstLook.look); a region of the right size costs nothing more.
+- A wrong size is put back before the watches' events are read: they (the truncation's, the repair's own, and any
+  write landing after the fstat) stay queued and are the next batch, whose check finds a write that landed after
+  the fstat and undoes it (Contents.check, in the tampering's window). A write that landed before the fstat is seen
+  by it: pages are allocated, so the whole copy is put back over them (put_back), not only the plan's pages. The
+  check that records the repair, run at once, has no events of its own. (Reading them after the fstat would put a
+  write landing between the two into the batch the repair answers, whose contents are not looked at again; reading
+  them before it costs a read, and on a fanotify wake inotify often has nothing queued yet: a read that raises,
+  25 us cold.)
 - The repair: ftruncate to the size, then the plan's writes (nothing allocated since the truncation) or the copy's
   put_back (pages hold data, as after a truncation to half or a growth). Then the clock; the incident, its offender
   and the completion of the allocation are the check's, after (Contents.check reports what is left in _resized).
@@ -57,50 +60,23 @@ class RestorePlan:
 
 
 class FirstLook:
-    """The guard's first step on every wake by its watches (see the module's docstring); contents: the Contents it
-    repairs for (its target, known-good copy, plan, the state the check reads), take: the watches' event buffer."""
+    """The guard's first step on every wake by its watches, inotify's or fanotify's (see the module's docstring):
+    contents is the Contents it repairs for (its target, known-good copy and plan, the state the check reads)."""
 
-    __slots__ = ("contents", "fd", "size", "inotify_fd", "buffers", "keep")
+    __slots__ = ("contents", "fd", "size")
 
-    def __init__(self, contents, inotify_fd: int, buffers: list[memoryview], keep) -> None:
-        """buffers: [a memoryview to read the inotify events into]; keep(n): the first n bytes of it are events
-        taken (Watches.keep)."""
+    def __init__(self, contents) -> None:
         self.contents = contents
         self.fd, self.size = contents.target.fd, contents.target.size
-        self.inotify_fd, self.buffers, self.keep = inotify_fd, buffers, keep
 
-    def on_inotify(self) -> bool:
-        """The inotify fd is ready: take its events (always: the dispatch that follows handles them), one fstat,
-        and if the size is wrong the repair. True if it repaired (the check that follows records it)."""
+    def look(self) -> bool:
+        """One fstat; if the size is wrong (and the policy repairs it), size and contents back at once. True if it
+        repaired: the caller then runs the check that records it, without reading the watches' events, which are a
+        batch of their own after it (see the module's docstring)."""
         detected_ns = time.monotonic_ns()
-        try:
-            taken = os.readv(self.inotify_fd, self.buffers)
-        except BlockingIOError:
-            taken = 0
-        try:
-            st = os.fstat(self.fd)
-        except OSError:
-            self.keep(taken)
-            raise
-        if st.st_size == self.size or not self.contents.may_restore_size():
-            self.keep(taken)
-            return False
-        return self._repair(detected_ns, st, taken)
-
-    def on_fanotify(self) -> bool:
-        """fanotify is ready (it may be before inotify, whose events of the same change may not be queued yet): one
-        lseek for the size; only if it is wrong the fstat and the repair. The inotify events are left queued: the
-        check the caller runs for the repair has none of them, and they (the truncation's, the repair's own, a
-        write landing after it) are the next batch, whose check undoes such a write. True if it repaired."""
-        detected_ns = time.monotonic_ns()
-        if os.lseek(self.fd, 0, os.SEEK_END) == self.size or not self.contents.may_restore_size():
-            return False
         st = os.fstat(self.fd)
-        if st.st_size == self.size:  # put back in between (by whom, the check says)
+        if st.st_size == self.size or not self.contents.may_restore_size():
             return False
-        return self._repair(detected_ns, st, 0)
-
-    def _repair(self, detected_ns: int, st: os.stat_result, taken: int) -> bool:
         contents, fd = self.contents, self.fd
         known_good = contents.known_good
         try:
@@ -115,7 +91,5 @@ class FirstLook:
             result, after = "repaired", {}
         except (OSError, ShmguardError) as exc:
             result, after = "failed", {"error": str(exc)}
-        done_ns = time.monotonic_ns()
-        self.keep(taken)
-        contents.resized_first(st, Responded(result, after, detected_ns, done_ns))
+        contents.resized_first(st, Responded(result, after, detected_ns, time.monotonic_ns()))
         return True

@@ -43,10 +43,10 @@ class Watches:
         self._dir_names: dict[int, set[str]] = {}  # directory watch -> the entry names that concern us
         self._socket_watches: dict[str, tuple[tuple[int, int], int]] = {}
         self._on_events: OnEvents = lambda modified, closed, opened: None
-        self._on_wake: Callable[[], bool] = self._take_only
+        self._on_wake: Callable[[], bool] = lambda: False
         self._taken = b""  # events read (take) and not yet handled (dispatch)
         self.fd = -1  # the inotify fd
-        self.buffers = [memoryview(bytearray(TAKE_BYTES))]  # what a take reads into: made once, never at a wake
+        self.buffers = [memoryview(bytearray(TAKE_BYTES))]  # what a take reads into: made once
 
     def open(self) -> None:
         # inotify_simple looks libc up with ctypes.util.find_library, which runs `ldconfig -p` (a fork and an exec on
@@ -56,12 +56,12 @@ class Watches:
         self.fd = self.inotify.fileno()
 
     def start(self, fd: int, is_file: bool, on_events: OnEvents, on_wake: Callable[[], bool] | None = None) -> None:
-        """on_wake: called first when the inotify fd is ready, before the events are parsed (what must not wait for
-        them: a resize's repair, restore.FirstLook.on_inotify); it takes the queued events itself (into buffers,
-        then keep) and returns True if it repaired (see _on_inotify). The inotify fd is the loop's first reader: in a
-        batch of ready fds, it is handled before the others."""
+        """on_wake: called first when the inotify fd is ready, before the events are read (what must not wait for
+        them: a resize's repair, restore.FirstLook.look); True if it repaired: the events are then left queued, a
+        batch of their own in the next turn (see _on_inotify). The inotify fd is the loop's first reader: in a batch
+        of ready fds, it is handled before the others."""
         self._region_wd = self.inotify.add_watch(fd_path(fd), REGION_EVENTS if is_file else MEMFD_EVENTS)
-        self._on_events, self._on_wake = on_events, on_wake or self._take_only
+        self._on_events, self._on_wake = on_events, on_wake or (lambda: False)
         self.loop.add_reader(self.inotify.fileno(), self._on_inotify, first=True)
 
     def close(self) -> None:
@@ -113,25 +113,17 @@ class Watches:
         try:
             taken = os.readv(self.fd, self.buffers)
         except BlockingIOError:
-            taken = 0
-        self.keep(taken)
-
-    def keep(self, taken: int) -> None:
-        """The first `taken` bytes of the buffer were read from the inotify fd (by take or by the guard's first
-        look): they join the events to dispatch."""
-        if taken:
-            self._taken += self.buffers[0][:taken]
-
-    def _take_only(self) -> bool:
-        self.take()
-        return False
+            return
+        self._taken += self.buffers[0][:taken]
 
     def _on_inotify(self) -> None:
         try:
-            repaired = self._on_wake()  # it took the events queued before its repair; no more go into this batch
+            repaired = self._on_wake()
         except OSError as exc:  # the region could not be looked at; the check looks again
             log.error("guard: check failed: %s", exc)
             repaired = False
+        if not repaired:  # after a repair the events wait: the next turn's batch, a check of its own
+            self.take()
         self.dispatch(repaired)
 
     def dispatch(self, repaired: bool = False) -> None:
