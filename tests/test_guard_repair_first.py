@@ -10,6 +10,7 @@ import time
 
 from helpers import policy_file
 from shmguard.guard import Allocation, Guard
+from shmguard.guard.restore import PLAN_RUNS
 from shmguard.loop import EventLoop
 from shmguard.policy import load_policy
 from shmguard.region import Region
@@ -182,13 +183,13 @@ def test_the_restore_plan_is_made_before_the_loop_waits_and_never_at_repair_time
         stale_at_wait: list[bool] = []
         guarded.loop.before_wait(lambda: stale_at_wait.append(plan.stale))  # runs after the guard's hook
         guarded.loop.run_once(0)
-        assert [(offset, len(view)) for offset, view in plan.writes] == [(0, PAGE)]
+        assert [(offset, len(view)) for offset, view in plan.writes or ()] == [(0, PAGE)]
         guarded.region.write(5 * PAGE, b"page five")
         guarded.guard.remember(5 * PAGE, b"page five")
         assert plan.stale, "an audited write changes the copy: the plan is made again"
         for _ in range(5):  # the write's own event, and the refresh it asks for
             guarded.loop.run_once(0.02)
-        assert [offset for offset, _ in plan.writes] == [0, 5 * PAGE]
+        assert [offset for offset, _ in plan.writes or ()] == [0, 5 * PAGE]
         assert stale_at_wait and not any(stale_at_wait), "the loop waited with a plan not made again"
         known_good = guarded.guard.contents.known_good
         runs = known_good.nonzero_runs
@@ -265,5 +266,27 @@ def test_a_wake_repairs_before_reading_the_events_and_leaves_them_for_a_batch_of
             guarded.loop.run_once(0.02)
         assert [(r["detail"]["kind"], r["result"]) for r in guarded.records] == [("shrink", "repaired")]
         assert guarded.whole()
+    finally:
+        guarded.close()
+
+
+def test_a_copy_of_scattered_pages_is_planned_within_a_bound_and_still_put_back_whole(tmp_path):
+    """A peer can scatter non-zero pages as it likes: the plan holds at most PLAN_RUNS views (made before every wait
+    in which the copy changed, so its cost must stay bounded), and a copy of more runs is put back from its page
+    map."""
+    guarded = Guarded(tmp_path)
+    try:
+        pages = range(2 * PAGE, 2 * PAGE * (PLAN_RUNS + 10), 2 * PAGE)  # every other page: one run each
+        for offset in pages:
+            guarded.region.write(offset, b"scattered")
+            guarded.guard.remember(offset, b"scattered")
+        for _ in range(5):
+            guarded.loop.run_once(0.02)
+        assert guarded.guard.contents.plan.writes is None, "more runs than a plan holds"
+        truncate_to_zero(guarded)
+        guarded.turns_until(1)
+        assert [(r["detail"]["kind"], r["result"]) for r in guarded.records] == [("shrink", "repaired")]
+        assert all(os.pread(guarded.region.fd, 9, offset) == b"scattered" for offset in pages)
+        assert os.pread(guarded.region.fd, len(MESSAGE), 0) == MESSAGE
     finally:
         guarded.close()

@@ -48,7 +48,7 @@ class Incident:
 
 @dataclass(frozen=True)
 class Responded:
-    """A response carried out before its incident is reported (Contents.restore_size_first: size and contents put
+    """A response carried out before its incident is reported (restore.FirstLook: size and contents put
     back first thing on a wake, before the check that reports it): what respond() returned, when the guard looked
     and when it was done."""
 

@@ -28,35 +28,52 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 
 from ..errors import ShmguardError
 from .incidents import Responded
 from .known_good import KnownGood
 
+PLAN_RUNS = 64  # runs of non-zero pages a plan holds ready; a copy with more is written from its page map
+
 
 class RestorePlan:
     """The writes a repair makes where the region has no data: (offset, memoryview of the copy) for each run of the
     copy's marked pages. The views follow the copy's bytes (it never changes size); only its page map decides the
-    runs, so the plan is made again when the copy changes (stale), before the loop waits (Contents.plan_ahead)."""
+    runs, so the plan is made again when the copy changes (stale), before the loop waits (Contents.plan_ahead).
+
+    Making it costs at most PLAN_RUNS views (and a scan of the page map in C): a peer can make the region's
+    non-zero pages as scattered as it likes, and a copy changed by every acknowledgement must not cost a view per
+    run each time. For a copy of more runs the plan is None, and a repair walks the page map then (its thousands of
+    writes cost far more than that walk)."""
 
     __slots__ = ("source", "stale", "writes")
 
     def __init__(self) -> None:
         self.source: KnownGood | None = None
         self.stale = True
-        self.writes: tuple[tuple[int, memoryview], ...] = ()
+        self.writes: tuple[tuple[int, memoryview], ...] | None = ()
 
-    def make(self, known_good: KnownGood) -> tuple[tuple[int, memoryview], ...]:
-        view = known_good.view
-        self.writes = tuple((start, view[start:stop]) for start, stop in known_good.nonzero_runs())
+    def make(self, known_good: KnownGood) -> None:
+        view, writes = known_good.view, []
+        self.writes = None
+        for start, stop in known_good.nonzero_runs():
+            if len(writes) == PLAN_RUNS:
+                break
+            writes.append((start, view[start:stop]))
+        else:
+            self.writes = tuple(writes)
         self.source, self.stale = known_good, False
-        return self.writes
 
-    def for_copy(self, known_good: KnownGood) -> tuple[tuple[int, memoryview], ...]:
-        """The plan for this copy: the one made ahead, or (the copy changed in this very turn) made now."""
+    def for_copy(self, known_good: KnownGood) -> Iterable[tuple[int, memoryview]]:
+        """The plan for this copy: the one made ahead, or (the copy changed in this very turn) made now; for a copy
+        of more than PLAN_RUNS runs, its runs from the page map."""
         if self.stale or self.source is not known_good:
-            return self.make(known_good)
-        return self.writes
+            self.make(known_good)
+        if self.writes is not None:
+            return self.writes
+        view = known_good.view
+        return ((start, view[start:stop]) for start, stop in known_good.nonzero_runs())
 
 
 class FirstLook:

@@ -107,9 +107,9 @@ class Watches:
             pass  # the inode is already gone, and the watch with it
 
     def take(self) -> None:
-        """Read the events queued now, unparsed (one read; a repair that follows must not wait for more). What
-        happens after it is a new event, and so a new check: a write landing after a repair is never taken into
-        the batch that the repair answers (Contents.check undoes it in the tampering's second)."""
+        """Read the events queued now, unparsed (one read, into a buffer made once). Never right after a repair: the
+        events then wait for the next turn, a batch of their own, so that a write landing after the repair's look is
+        never folded into the batch the repair answers (Contents.check undoes it in the tampering's second)."""
         try:
             taken = os.readv(self.fd, self.buffers)
         except BlockingIOError:
