@@ -4,33 +4,35 @@
 
 A throwaway supervisor (file backend) with a paused QEMU attached; the region holds a message (`--contents
 message`, the default: a text message and its NUL padding, as `shmguard write -m` leaves it) or a random pattern
-in every byte (`pattern`), written through the control socket. The attacker is bench/truncator.c, compiled with gcc
-at the start: each round it ftruncates the region to 0 through an fd, then spins on fstat and pread until the size
-is back and the last page that is not all NULs (the guard writes front to back) holds its bytes again; then this
-script checks every byte.
+in every byte (`pattern`), written through the control socket. Each round ftruncates the region to 0 through an
+fd (the call and the clock reads around it in C: bench/truncator.c, compiled with gcc at the start and called
+through ctypes), then spins on fstat and pread until the size is back and the last page that is not all NULs (the
+guard writes front to back) holds its bytes again, then checks every byte.
 
 The figure (issue 11's "truncation to repaired"): from the end of the attacking syscall, when the kernel has
 truncated the file and told the watchers, to the supervisor's `done_ns` in the incident, taken right after its
 last write of size and contents back (both CLOCK_MONOTONIC). The attacker's own clock read after the call cannot
 give that end: the woken supervisor often preempts the attacker on its way back to user space and repairs before
 the attacker runs again, so that "from the return" would read about 0. So the call's end is taken as the
-attacker's clock read before the call plus the CPU time its thread spent until the call returned, less what its
-clock reads cost on their own (measured at its start): exact to about a microsecond unless the attacker waited for
-the CPU inside the call, and then too early, so the window reads longer than it was. The clocks are read in C: in
-Python the reads after the call cost 4-11 us more than warm, after the truncation emptied the caches, and the
-window read that much shorter. A second row bounds it from the other side: the call's end at its latest (all the
-attacker's waiting for the CPU, from /proc/thread-self/schedstat, put before the return, but never after the guard
-looked). Beside it: the attacking syscall itself (its CPU time, the baseline, and its wall time), when the
-supervisor looked, its own look-to-repaired time, and the attacker's own view (its clock after the call to its spin
-seeing the region whole) over the rounds in which nothing preempted it. Between rounds two status round trips let
-the supervisor's loop go idle. Run as root.
+attacker's clock read before the call plus the CPU time its thread spent until the call returned, less what those
+clock reads cost on their own: exact to about a microsecond unless the attacker waited for the CPU inside the call,
+and then too early, so the window reads longer than it was. (Read from Python, the clocks after the call cost 4 to
+11 us more than warm, after the truncation emptied the caches, and the window read that much shorter.)
+A second row bounds it from the other side: the call's end at its latest (all the attacker's
+waiting for the CPU, from /proc/thread-self/schedstat, put before the return, but never after the guard looked).
+Beside it: the attacking syscall itself (its CPU time, the baseline, and its wall time), when the supervisor
+looked, its own look-to-repaired time, and the attacker's own view (its clock after the call to its spin seeing
+the region whole) over the rounds in which nothing preempted it. Between rounds two status round trips let the
+supervisor's loop go idle. Run as root.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -95,36 +97,49 @@ class Round:
         return max(self.ended_ns, min(self.ended_ns + self.waited_ns, detected_ns))
 
 
-def build_truncator(directory: str) -> str:
-    """bench/truncator.c, the attacker (its clock reads around the call in C: about a microsecond, where Python's
-    cost 4-11 us after the truncation emptied the caches, which read as the window being shorter)."""
-    binary = os.path.join(directory, "truncator")
-    result = subprocess.run(["gcc", "-O2", "-o", binary, os.path.join(HERE, "truncator.c")], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"bench_repair: cannot compile bench/truncator.c: {result.stderr.strip().splitlines()[:1]}")
-    return binary
+def run_delay(schedstat: int) -> int:
+    """The ns this thread has waited in the run queue (the second field of /proc/thread-self/schedstat)."""
+    return int(os.pread(schedstat, 128, 0).split()[1])
 
 
-class Truncator:
-    """The attacker process: one truncation and spin per round (bench/truncator.c says what it measures)."""
+class TimedTruncate:
+    """bench/truncator.c's truncate_timed, compiled into a shared object in directory and called through ctypes: the
+    clock reads around the call in C (about a microsecond; from Python, those after the call cost 4 to 11 us more
+    than warm after the truncation emptied the caches, and the window read that much shorter)."""
 
-    def __init__(self, binary: str, path: str, size: int, pattern: bytes):
-        self.proc = subprocess.Popen([binary, path, str(size), str(last_page(pattern))], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+    def __init__(self, directory: str):
+        library = os.path.join(directory, "truncator.so")
+        result = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", library, os.path.join(HERE, "truncator.c")],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"bench_repair: cannot compile bench/truncator.c: "
+                             f"{result.stderr.strip().splitlines()[:1]}")
+        self._call = ctypes.CDLL(library, use_errno=True).truncate_timed
+        self._call.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_longlong)]
+        self._out = (ctypes.c_longlong * 2)()
 
-    def round(self) -> Round:
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"bench_repair: the truncator exited with status {self.proc.wait()}")
-        started, cpu, waited, wall, seen, preempted = (int(field) for field in line.split())
-        return Round(started, cpu, waited, wall / 1e6, seen / 1e6, bool(preempted))
+    def __call__(self, fd: int) -> tuple[int, int]:
+        """ftruncate(fd, 0): (the clock right before the call, the thread's CPU time in it)."""
+        if self._call(fd, self._out) != 0:
+            raise OSError(ctypes.get_errno(), "ftruncate of the region failed")
+        return self._out[0], self._out[1]
 
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
+
+def one_round(fd: int, size: int, pattern: bytes, schedstat: int, truncate: TimedTruncate) -> Round:
+    at = last_page(pattern)
+    tail = pattern[at:at + PAGE]
+    switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+    waited = run_delay(schedstat)
+    started, spent = truncate(fd)
+    returned = time.monotonic_ns()
+    waited = run_delay(schedstat) - waited
+    while os.fstat(fd).st_size != size or os.pread(fd, PAGE, at) != tail:
+        pass
+    restored = time.monotonic_ns()
+    preempted = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw != switches
+    if os.pread(fd, size, 0) != pattern:
+        raise SystemExit("contents differ after the repair")
+    return Round(started, spent, waited, (returned - started) / 1e6, (restored - returned) / 1e6, preempted)
 
 
 def guard_timings(audit_path: str, rounds: list[Round]) -> dict[str, list[float]]:
@@ -171,18 +186,17 @@ def main() -> int:
         fd = os.open(policy.region.path, os.O_RDONLY | os.O_CLOEXEC)
         if os.pread(fd, size, 0) != pattern:
             raise SystemExit("the region does not hold what was written")
+        os.close(fd)
+        fd = os.open(policy.region.path, os.O_RDWR | os.O_CLOEXEC)
+        schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
         with tempfile.TemporaryDirectory(prefix="bench-repair-") as scratch:
-            truncator = Truncator(build_truncator(scratch), policy.region.path, size, pattern)
-            rounds = []
-            try:
-                for _ in range(args.count):
-                    idle(control)
-                    rounds.append(truncator.round())
-                    if os.pread(fd, size, 0) != pattern:
-                        raise SystemExit("contents differ after the repair")
-            finally:
-                truncator.close()
+            truncate = TimedTruncate(scratch)
+        rounds = []
+        for _ in range(args.count):
+            idle(control)
+            rounds.append(one_round(fd, size, pattern, schedstat, truncate))
         idle(control)
+        os.close(schedstat)
         os.close(fd)
         report(args.count, size, args.contents, rounds, guard_timings(policy.audit.path, rounds), qemu.poll() is None)
         if qemu.poll() is not None:
