@@ -18,6 +18,7 @@ from collections.abc import Callable
 Callback = Callable[[], None]
 WaitHook = Callable[[], "bool | None"]  # True: it has more to do at once, so the loop must not wait
 log = logging.getLogger("shmguard")
+_NOT_IN, _NOT_OUT = ~select.EPOLLIN, ~select.EPOLLOUT  # hang-up and error count as both (see run_once)
 
 
 class EventLoop:
@@ -33,6 +34,7 @@ class EventLoop:
         self._running = False
         self._before_wait: list[WaitHook] = []
         self._first: set[int] = set()  # readers whose callbacks run before the others of a batch
+        self._later = lambda item, first=self._first: item[0] not in first  # the sort key: made once, not per turn
 
     def add_reader(self, fd: int, callback: Callback, *, first: bool = False) -> None:
         """first: in a batch of ready fds, this one's callback runs before the others (the guard's watches: a
@@ -105,15 +107,21 @@ class EventLoop:
             wait = max(0.0, self._deadlines[0][0] - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
         ready = self._epoll.poll(-1 if timeout is None else timeout)
-        if self._first and len(ready) > 1:
-            ready.sort(key=lambda item: item[0] not in self._first)  # stable: the rest in the kernel's order
+        if len(ready) > 1 and self._first:
+            ready.sort(key=self._later)  # stable: the rest in the kernel's order
+        readers, writers = self._readers, self._writers
         for fd, events in ready:
             # A callback may close and unregister another fd of this batch: look up each one afresh. Hang-up and
             # error count as both readable and writable (as selectors has it): the callback's read or write says.
-            if events & ~select.EPOLLIN and fd in self._writers:
-                self._call(self._writers[fd])
-            if events & ~select.EPOLLOUT and fd in self._readers:
-                self._call(self._readers[fd])
+            # The call is inline, not through _call: the guard's first reader runs right after the wait, where
+            # every frame costs (see the module's docstring).
+            if events & _NOT_IN and fd in writers:
+                self._call(writers[fd])
+            if events & _NOT_OUT and fd in readers:
+                try:
+                    readers[fd]()
+                except Exception:  # noqa: BLE001 - as _call
+                    log.exception("internal error in an event handler (still serving)")
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
             self._call(heapq.heappop(self._deadlines)[2])

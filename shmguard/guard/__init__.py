@@ -29,6 +29,7 @@ from .contents import Allocation, Contents, KnownGood, first_hole
 from .entries import FollowUp, GuardError, Target
 from .incidents import Incidents
 from .names import Names
+from .restore import FirstLook
 from .sockets import GuardedSocket, Sockets, guarded_sockets
 from .watches import Watches
 
@@ -54,6 +55,7 @@ class Guard:
         self.names = Names(self.target, policy, self.incidents, self.follow_up, region_attributes)
         self.sockets = Sockets(list(sockets), policy, self.incidents, self._ensure_watches)
         self.watches = Watches(loop, self.attribution)
+        self.first_look: FirstLook | None = None  # the repair of a resize, first on every wake (restore.py)
         self.started = False
         self._checking = False  # a check is under way (a repair it makes may ask for another: see check)
 
@@ -70,9 +72,11 @@ class Guard:
         self.contents.start()
         self.names.start(anchor=inherited.get("anchor"))
         self.watches.open()
+        self.first_look = FirstLook(self.contents)
+        self.loop.before_wait(self.contents.plan_ahead)  # the restore plan is made ahead, never at repair time
         self.attribution.start(target.fd, target.is_file, self._on_touch, self.contents.opened_by,
                                inherited=inherited.get("attribution"))
-        self.watches.start(target.fd, target.is_file, self._on_events, self._on_wake)
+        self.watches.start(target.fd, target.is_file, self._on_events, self.first_look.look)
         self.started = True
         self._ensure_watches()
         self.check()  # whatever is already wrong is an incident too
@@ -117,6 +121,7 @@ class Guard:
     def remember(self, offset: int, data: bytes, zero_fill: int = 0) -> None:
         """The supervisor's hook after an audited write (data, then zero_fill NULs): it survives every repair."""
         self.contents.known_good.remember(offset, data, zero_fill)
+        self.contents.copy_changed()
 
     def refresh(self, area: tuple[int, int] | None = None) -> bool:
         """The supervisor's hook after its guest reported: take the region (or only area), if intact, as the
@@ -168,19 +173,25 @@ class Guard:
         self.check(modified=modified, closed=closed, opened=opened)
 
     def _on_wake(self) -> bool:
-        """First on every wake by the kernel's watches (inotify or fanotify), before their events are parsed and
-        before anyone is named: a resized region gets its size and contents back (Contents.restore_size_first),
-        the inotify events queued until then taken just before; the check that follows records the incident."""
+        """First on every wake by the kernel's watches (the watches call FirstLook.look themselves, _on_touch inline),
+        before any event is read and before anyone is named: a resized region gets its size and contents back; the
+        check that follows records the incident (the events, left queued, are a batch of their own after it)."""
         try:
-            return self.contents.restore_size_first(self.watches.take)
+            return self.first_look is not None and self.first_look.look()
         except OSError as exc:  # the region could not be looked at; the check looks again
             log.error("guard: check failed: %s", exc)
             return False
 
     def _on_touch(self) -> None:
-        """fanotify has events (it may be ready before inotify): repair first, then the check on the inotify
-        events taken before the repair (it records the incident), then the waiting incidents get their offenders."""
-        if self._on_wake():
+        """fanotify has events (it may be ready before inotify): repair first (as _on_wake, inline: one frame less
+        between the wake and the repair), then the check that records it, then the waiting incidents get their
+        offenders."""
+        try:
+            repaired = self.first_look is not None and self.first_look.look()
+        except OSError as exc:  # the region could not be looked at; the check looks again
+            log.error("guard: check failed: %s", exc)
+            repaired = False
+        if repaired:
             self.watches.dispatch(repaired=True)
         self.attribution.take_openers()  # whichever fd the loop took first, the open's incident waits for its touch
         self.incidents.on_touch()

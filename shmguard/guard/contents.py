@@ -19,6 +19,7 @@ from ..region import pwrite_all
 from .entries import FollowUp, Target, region_state
 from .incidents import Incidents, Responded
 from .known_good import PAGE, Allocation, KnownGood, first_hole, next_extent  # noqa: F401 - PAGE: its unit
+from .restore import RestorePlan
 
 TAMPER_WINDOW_NS = 1_000_000_000  # after a resize or hole, writes until the writer's close are undone too
 HOLE_SEEK_BYTES = 64 << 20  # bytes a scan looks through for holes (SEEK_HOLE costs about 10 us per MiB)
@@ -68,6 +69,7 @@ class Contents:
         self.follow_up = follow_up  # a look at everything, at once (a refresh that finds the region not intact)
         self._check_everything = check
         self.known_good = KnownGood(target.region.snapshot())
+        self.plan = RestorePlan()  # what a repair after a truncation writes, made before the loop waits (plan_ahead)
         self.full_blocks = 0
         self.tampered_until_ns = 0  # until then (or a close), writes continue a tampering and are undone
         self.closed = False
@@ -121,6 +123,7 @@ class Contents:
         now = time.monotonic_ns()
         if area is not None and now >= self.tampered_until_ns:
             if self.known_good.refresh_range(self.target.fd, *area, self.full_blocks):
+                self.copy_changed()
                 return True
             self.follow_up.schedule()
             return False
@@ -132,6 +135,7 @@ class Contents:
             return False
         self._last_refresh_ns = now
         if self.known_good.refresh(self.target.fd, self.target.size, self.full_blocks):
+            self.copy_changed()
             return True
         self.follow_up.schedule()  # not intact (a hole that made no event, say): look, and repair, at once
         return False
@@ -165,24 +169,29 @@ class Contents:
 
     # --- the checks --------------------------------------------------------------------------------------
 
-    def restore_size_first(self, before_repair: Callable[[], None] = lambda: None) -> bool:
-        """The first thing the guard does when woken, before it parses what woke it and before anything else in
-        the loop: a region of the wrong size gets its size and contents back at once (one fstat when it is whole).
-        before_repair (the watches' take) runs just before the repair: events queued after it, a write landing
-        after the repair included, are a batch of their own. The check that follows records the incident, names
-        the offender and completes the allocation. Only where the policy repairs resizes, and not while a failed
-        repair of one stands (the check retries that). True if it repaired (a check must follow)."""
-        if self.closed or self._resized is not None or self.responses.on_resize != "repair":
-            return False
-        detected_ns = time.monotonic_ns()
-        st = os.fstat(self.target.fd)
-        if st.st_size == self.target.size or self.incidents.unresolved(SIZE_KINDS):
-            return False
-        before_repair()
-        responded = Responded.now("repair", {}, self._restore_size_and_contents, detected_ns)
+    def may_restore_size(self) -> bool:
+        """May a wrong size be put back first thing on a wake (restore.FirstLook)? Only where the policy repairs
+        resizes, not after close, not while a resize put back first waits for its check to record it, and not while
+        a failed repair of one stands (the check retries that)."""
+        return (not self.closed and self._resized is None and self.responses.on_resize == "repair"
+                and not self.incidents.unresolved(SIZE_KINDS))
+
+    def resized_first(self, st: os.stat_result, responded: Responded) -> None:
+        """restore.FirstLook put size and contents back (or failed to): the check that follows records it, names
+        the offender and completes the allocation. st: what the look found."""
         self._resized = (st, responded)
-        self.tampered_until_ns = detected_ns + TAMPER_WINDOW_NS
-        return True
+        self.tampered_until_ns = responded.detected_ns + TAMPER_WINDOW_NS
+
+    def copy_changed(self) -> None:
+        """The known-good copy changed (an audited write, a refresh): the restore plan is made again before the loop
+        waits."""
+        self.plan.stale = True
+
+    def plan_ahead(self) -> None:
+        """The loop's hook before it waits: the restore plan made now if the copy changed, so that a repair never
+        makes it (RestorePlan)."""
+        if not self.closed and (self.plan.stale or self.plan.source is not self.known_good):
+            self.plan.make(self.known_good)
 
     def check(self, modified: bool, closed: bool) -> None:
         fd, size, path = self.target.fd, self.target.size, self.target.path
@@ -238,12 +247,13 @@ class Contents:
         """After a resize: the size back (no fstat first: the size was seen wrong, and an ftruncate to the right
         size is right whatever happened since), then the contents (_restore_contents). With nothing allocated
         after the ftruncate (a truncation to 0: all of it reads as zeros) only the copy's non-zero pages are
-        written, known from one fstat: put_back's SEEK_DATA would fail with ENXIO, which costs 20 us cold."""
+        written (the restore plan), known from one fstat: put_back's SEEK_DATA would fail with ENXIO, which costs
+        20 us cold. (A resize seen first thing on a wake is put back by restore.FirstLook instead.)"""
         fd, known_good = self.target.fd, self.known_good
         os.ftruncate(fd, self.target.size)
         if os.fstat(fd).st_blocks == 0:
-            for start, stop in known_good.nonzero_runs():
-                pwrite_all(fd, known_good.view[start:stop], start)
+            for offset, data in self.plan.for_copy(known_good):
+                pwrite_all(fd, data, offset)
         else:
             known_good.put_back(fd)
         return {}

@@ -48,7 +48,7 @@ class Incident:
 
 @dataclass(frozen=True)
 class Responded:
-    """A response carried out before its incident is reported (Contents.restore_size_first: size and contents put
+    """A response carried out before its incident is reported (restore.FirstLook: size and contents put
     back first thing on a wake, before the check that reports it): what respond() returned, when the guard looked
     and when it was done."""
 
@@ -143,7 +143,8 @@ class Incidents:
         self._seen.add((kind, path))
 
     def unresolved(self, kinds: frozenset[str]) -> bool:
-        return any(kind in kinds for kind, _ in self._outstanding)
+        # (first the empty case, without a generator: this runs between a wake and a repair, see restore.py)
+        return bool(self._outstanding) and any(kind in kinds for kind, _ in self._outstanding)
 
     def report(self, kind: str, path: str, before: dict, response: str, repair: Callable[[], dict] | None,
                complete: Callable[[], dict] | None = None, responded: Responded | None = None) -> None:

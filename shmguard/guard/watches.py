@@ -30,6 +30,7 @@ DIR_EVENTS = (F.CREATE | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.ATTRIB | F.DEL
 
 # What a batch of events asks the check to do: (modified, closed, opened) on the region itself.
 OnEvents = Callable[[bool, bool, bool], None]
+TAKE_BYTES = 65536  # what one read of the inotify fd takes
 
 
 class Watches:
@@ -44,19 +45,23 @@ class Watches:
         self._on_events: OnEvents = lambda modified, closed, opened: None
         self._on_wake: Callable[[], bool] = lambda: False
         self._taken = b""  # events read (take) and not yet handled (dispatch)
+        self.fd = -1  # the inotify fd
+        self.buffers = [memoryview(bytearray(TAKE_BYTES))]  # what a take reads into: made once
 
     def open(self) -> None:
         # inotify_simple looks libc up with ctypes.util.find_library, which runs `ldconfig -p` (a fork and an exec on
         # every start); this process's libc is that library.
         inotify_simple._libc = inotify_simple._libc or libc._libc
         self.inotify = INotify(nonblocking=True)
+        self.fd = self.inotify.fileno()
 
-    def start(self, fd: int, is_file: bool, on_events: OnEvents, on_wake: Callable[[], bool] = lambda: False) -> None:
-        """on_wake: called first, before the events are parsed (what must not wait for them: a resize's repair);
-        True if it repaired, having called take() just before (see _on_inotify). The inotify fd is the loop's
-        first reader: in a batch of ready fds, it is handled before the others."""
+    def start(self, fd: int, is_file: bool, on_events: OnEvents, on_wake: Callable[[], bool] | None = None) -> None:
+        """on_wake: called first when the inotify fd is ready, before the events are read (what must not wait for
+        them: a resize's repair, restore.FirstLook.look); True if it repaired: the events are then left queued, a
+        batch of their own in the next turn (see _on_inotify). The inotify fd is the loop's first reader: in a batch
+        of ready fds, it is handled before the others."""
         self._region_wd = self.inotify.add_watch(fd_path(fd), REGION_EVENTS if is_file else MEMFD_EVENTS)
-        self._on_events, self._on_wake = on_events, on_wake
+        self._on_events, self._on_wake = on_events, on_wake or (lambda: False)
         self.loop.add_reader(self.inotify.fileno(), self._on_inotify, first=True)
 
     def close(self) -> None:
@@ -102,17 +107,22 @@ class Watches:
             pass  # the inode is already gone, and the watch with it
 
     def take(self) -> None:
-        """Read the events queued now, unparsed (one read; a repair that follows must not wait for more). What
-        happens after it is a new event, and so a new check: a write landing after a repair is never taken into
-        the batch that the repair answers (Contents.check undoes it in the tampering's second)."""
+        """Read the events queued now, unparsed (one read, into a buffer made once). Never right after a repair: the
+        events then wait for the next turn, a batch of their own, so that a write landing after the repair's look is
+        never folded into the batch the repair answers (Contents.check undoes it in the tampering's second)."""
         try:
-            self._taken += os.read(self.inotify.fileno(), 65536)
+            taken = os.readv(self.fd, self.buffers)
         except BlockingIOError:
-            pass
+            return
+        self._taken += self.buffers[0][:taken]
 
     def _on_inotify(self) -> None:
-        repaired = self._on_wake()  # it took the events queued before its repair; no more go into this batch
-        if not repaired:
+        try:
+            repaired = self._on_wake()
+        except OSError as exc:  # the region could not be looked at; the check looks again
+            log.error("guard: check failed: %s", exc)
+            repaired = False
+        if not repaired:  # after a repair the events wait: the next turn's batch, a check of its own
             self.take()
         self.dispatch(repaired)
 
