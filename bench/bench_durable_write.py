@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Series, file_system_of
+from common import Series, file_system_of, region_sizes
 
 from shmguard import layout
 from shmguard.audit import verify
@@ -219,12 +219,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 of each per size")
     parser.add_argument("--count", type=int, help="writes and pings per size (default 300; --quick 100)")
-    parser.add_argument("--sizes", default="4096,4194304", help="region sizes, comma-separated")
+    parser.add_argument("--sizes", type=region_sizes, default="4096,4194304",
+                        help="region sizes, comma-separated (4096, 4K, 4M)")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                         help="where the sockets and the audit log go (default /var/tmp, not tmpfs)")
     args = parser.parse_args()
     count = args.count or (100 if args.quick else 300)
-    sizes = [int(text) for text in args.sizes.split(",")]
+    sizes = args.sizes
     root = Path(tempfile.mkdtemp(prefix="shmguard-bench-durable-", dir=args.dir))
     root.chmod(0o755)
     try:

@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Series, file_system_of
+from common import Series, file_system_of, region_sizes
 
 from shmguard.audit import verify
 from shmguard.control import ControlClient, ControlError, WriteRequest
@@ -215,8 +215,9 @@ def main() -> None:
     parser.add_argument("--durable-count", type=int, help="requests in the durable rate (default 500; --quick 100)")
     parser.add_argument("--rounds", type=int, help="rate rounds, best kept (default 3; --quick 1)")
     parser.add_argument("--budget", type=float, help="seconds at most per rate measurement (default 3; --quick 1)")
-    parser.add_argument("--sizes", default="4096,4194304",
-                        help="region sizes in bytes (default 4096,4194304: the Zephyr x86_64 size, the seed's)")
+    parser.add_argument("--sizes", type=region_sizes, default="4096,4194304",
+                        help="region sizes, 4096 or 4K as a policy writes them (default 4096,4194304: the Zephyr "
+                        "x86_64 size, the seed's)")
     parser.add_argument("--message", default="hello world")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                         help="where the sockets and audit logs go (default /var/tmp, not tmpfs)")
@@ -227,7 +228,7 @@ def main() -> None:
     durable_count = args.durable_count or (100 if args.quick else 500)
     rounds = args.rounds or (1 if args.quick else 3)
     budget = args.budget or (1.0 if args.quick else 3.0)
-    sizes = [int(text) for text in args.sizes.split(",")]
+    sizes = args.sizes
     message = args.message.encode()
 
     root = Path(tempfile.mkdtemp(prefix="shmguard-bench-write-", dir=args.dir))

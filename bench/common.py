@@ -70,3 +70,16 @@ def file_system_of(directory: Path) -> str:
                 best, fs_type = mount_point, after
     return fs_type
 
+
+
+def region_sizes(text: str) -> list[int]:
+    """An argparse type: region sizes, comma-separated, each as a policy writes it (4096, 4K, 4M); a bad one is
+    argparse's one-line usage error, not a traceback."""
+    import argparse
+
+    from shmguard.policy import parse_size
+
+    try:
+        return [parse_size(part.strip()) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
