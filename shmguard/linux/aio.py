@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 from . import libc
 
@@ -45,9 +44,10 @@ class AsyncFsync:
     line. datasync: fdatasync(fd) instead (IOCB_CMD_FDSYNC, Linux 4.18 as well)."""
 
     def __init__(self, fd: int, slots: int = 4, datasync: bool = False) -> None:
-        numbers = _SYSCALLS.get(platform.machine())
+        machine = os.uname().machine  # what platform.machine() returns, without importing platform (~3 ms)
+        numbers = _SYSCALLS.get(machine)
         if numbers is None:
-            raise OSError(0, f"native AIO's system call numbers are not known on {platform.machine()}")
+            raise OSError(0, f"native AIO's system call numbers are not known on {machine}")
         self._setup, self._destroy, self._getevents, self._submit = numbers
         self._opcode = IOCB_CMD_FDSYNC if datasync else IOCB_CMD_FSYNC
         self._context = ctypes.c_ulong(0)
