@@ -5,6 +5,7 @@ the records it could not vouch for."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -94,14 +95,26 @@ def turn_until(loop: EventLoop, condition, turns: int = 1000) -> None:
     raise AssertionError("the loop never got there")
 
 
-def test_a_record_is_durable_only_after_the_fsync_that_began_after_it(tmp_path):
+@contextlib.contextmanager
+def attached_recorder(path):
+    """A durable log at path and its recorder, attached to a loop of its own (the fsync in the background); all
+    three closed after."""
     loop = EventLoop()
-    log = AuditLog.open(tmp_path / "audit.log", durable=True)
+    log = AuditLog.open(path, durable=True)
     recorder = Recorder(log)
     recorder.attach(loop)
-    loop.before_wait(recorder.commit)
-    told: list[tuple[str, int]] = []
     try:
+        yield loop, log, recorder
+    finally:
+        recorder.close()
+        log.close()
+        loop.close()
+
+
+def test_a_record_is_durable_only_after_the_fsync_that_began_after_it(tmp_path):
+    told: list[tuple[str, int]] = []
+    with attached_recorder(tmp_path / "audit.log") as (loop, log, recorder):
+        loop.before_wait(recorder.commit)
         first = recorder.stage("write", detail={"n": 1})["seq"]
         recorder.when_durable(first, lambda: told.append(("done", first)), lambda why: told.append((why, first)))
         assert recorder.commit() is False and recorder._fsync.in_flight == 1, "the fsync runs while the loop waits"
@@ -114,19 +127,11 @@ def test_a_record_is_durable_only_after_the_fsync_that_began_after_it(tmp_path):
         turn_until(loop, lambda: len(told) == 2)  # the next fsync, begun by the next turn's commit
         assert told == [("done", first), ("done", second)] and log.synced_seq == second
         assert not recorder._fsync.in_flight
-    finally:
-        recorder.close()
-        log.close()
-        loop.close()
 
 
 def test_a_stop_waits_for_the_fsync_in_flight_and_answers_everyone(tmp_path):
-    loop = EventLoop()
-    log = AuditLog.open(tmp_path / "audit.log", durable=True)
-    recorder = Recorder(log)
-    recorder.attach(loop)
     told = []
-    try:
+    with attached_recorder(tmp_path / "audit.log") as (_loop, log, recorder):
         seq = recorder.stage("write")["seq"]
         recorder.when_durable(seq, lambda: told.append("done"), told.append)
         recorder.commit()
@@ -134,10 +139,6 @@ def test_a_stop_waits_for_the_fsync_in_flight_and_answers_everyone(tmp_path):
         recorder.when_durable(later, lambda: told.append("done"), told.append)
         recorder.flush()  # in line, as a stop or a hand-over does: no turn of the loop needed
         assert told == ["done", "done"] and log.synced_seq == later
-    finally:
-        recorder.close()
-        log.close()
-        loop.close()
 
 
 def test_a_failed_background_fsync_fails_what_it_could_not_vouch_for_and_does_not_spin(tmp_path):

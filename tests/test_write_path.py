@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections import deque
 
 import pytest
+from test_background_commit import attached_recorder, turn_until
 
 from shmguard.audit import AuditLog
 from shmguard.control_server import Connection, ControlServer
@@ -21,12 +21,8 @@ from shmguard.recorder import Recorder
 
 
 def test_start_commit_starts_the_background_fsync_of_what_is_recorded_now_and_the_turn_adds_none(tmp_path):
-    loop = EventLoop()
-    log = AuditLog.open(tmp_path / "audit.log", durable=True)
-    recorder = Recorder(log)
-    recorder.attach(loop)
     told = []
-    try:
+    with attached_recorder(tmp_path / "audit.log") as (loop, log, recorder):
         recorder.start_commit()
         assert recorder._fsync.in_flight == 0, "nothing recorded: nothing to start"
         seq = recorder.stage("write")["seq"]
@@ -35,14 +31,8 @@ def test_start_commit_starts_the_background_fsync_of_what_is_recorded_now_and_th
         assert recorder._fsync.in_flight == 1 and told == [], "started, and nobody told before it completes"
         recorder.start_commit()
         assert recorder.commit() is False and recorder._fsync.in_flight == 1, "the turn's commit has nothing new"
-        deadline = time.monotonic() + 10
-        while told != ["done"] and time.monotonic() < deadline:
-            loop.run_once(timeout=0.05)
-        assert told == ["done"] and log.synced_seq == seq
-    finally:
-        recorder.close()
-        log.close()
-        loop.close()
+        turn_until(loop, lambda: told == ["done"])
+        assert log.synced_seq == seq
 
 
 def test_start_commit_never_fsyncs_in_line_and_never_takes_the_last_slot_twice(tmp_path):
@@ -56,11 +46,7 @@ def test_start_commit_never_fsyncs_in_line_and_never_takes_the_last_slot_twice(t
     finally:
         recorder.close()
         log.close()
-    loop = EventLoop()
-    log = AuditLog.open(tmp_path / "other.log", durable=True)
-    recorder = Recorder(log)
-    recorder.attach(loop)
-    try:
+    with attached_recorder(tmp_path / "other.log") as (_loop, log, recorder):
         slots = 0
         while not recorder._fsync.full:
             recorder.stage("write")
@@ -70,10 +56,6 @@ def test_start_commit_never_fsyncs_in_line_and_never_takes_the_last_slot_twice(t
         recorder.stage("write")
         recorder.start_commit()  # every slot taken: a completion starts it, as for the turn's commit
         assert recorder._fsync.in_flight == slots and log.unsynced
-    finally:
-        recorder.close()
-        log.close()
-        loop.close()
 
 
 @pytest.fixture
