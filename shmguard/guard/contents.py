@@ -19,7 +19,7 @@ from ..region import pwrite_all
 from .entries import FollowUp, Target, region_state
 from .incidents import Incidents, Responded
 from .known_good import PAGE, Allocation, KnownGood, first_hole, next_extent  # noqa: F401 - PAGE: its unit
-from .restore import RestorePlan
+from .restore import RestorePlan, write_back
 
 TAMPER_WINDOW_NS = 1_000_000_000  # after a resize or hole, writes until the writer's close are undone too
 HOLE_SEEK_BYTES = 64 << 20  # bytes a scan looks through for holes (SEEK_HOLE costs about 10 us per MiB)
@@ -249,13 +249,9 @@ class Contents:
         after the ftruncate (a truncation to 0: all of it reads as zeros) only the copy's non-zero pages are
         written (the restore plan), known from one fstat: put_back's SEEK_DATA would fail with ENXIO, which costs
         20 us cold. (A resize seen first thing on a wake is put back by restore.FirstLook instead.)"""
-        fd, known_good = self.target.fd, self.known_good
+        fd = self.target.fd
         os.ftruncate(fd, self.target.size)
-        if os.fstat(fd).st_blocks == 0:
-            for offset, data in self.plan.for_copy(known_good):
-                pwrite_all(fd, data, offset)
-        else:
-            known_good.put_back(fd)
+        write_back(fd, self.known_good, self.plan, allocated=os.fstat(fd).st_blocks != 0)
         return {}
 
     def _restore_contents(self) -> dict:

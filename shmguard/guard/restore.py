@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable
 
 from ..errors import ShmguardError
+from ..region import pwrite_all
 from .incidents import Responded
 from .known_good import KnownGood
 
@@ -76,6 +77,16 @@ class RestorePlan:
         return ((start, view[start:stop]) for start, stop in known_good.nonzero_runs())
 
 
+def write_back(fd: int, known_good: KnownGood, plan: RestorePlan, allocated: bool) -> None:
+    """The contents back after the size: with nothing allocated (a truncation to 0: all of it reads as NULs) only
+    the plan's writes; where pages hold data (a truncation to half, a growth), the whole copy (put_back)."""
+    if allocated:
+        known_good.put_back(fd)
+        return
+    for offset, data in plan.for_copy(known_good):
+        pwrite_all(fd, data, offset)
+
+
 class FirstLook:
     """The guard's first step on every wake by its watches, inotify's or fanotify's (see the module's docstring):
     contents is the Contents it repairs for (its target, known-good copy and plan, the state the check reads)."""
@@ -98,13 +109,7 @@ class FirstLook:
         known_good = contents.known_good
         try:
             os.ftruncate(fd, self.size)
-            if st.st_blocks == 0:  # nothing allocated: all of it reads as NULs but for what the plan writes
-                for offset, data in contents.plan.for_copy(known_good):
-                    written = os.pwrite(fd, data, offset)
-                    while written < len(data):
-                        written += os.pwrite(fd, data[written:], offset + written)
-            else:
-                known_good.put_back(fd)
+            write_back(fd, known_good, contents.plan, allocated=st.st_blocks != 0)
             result, after = "repaired", {}
         except (OSError, ShmguardError) as exc:
             result, after = "failed", {"error": str(exc)}
