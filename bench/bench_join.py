@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import file_system_of, percentile
+from common import append_sync_times, file_system_of, percentile
 
 from shmguard.client import IvshmemClient
 from shmguard.launcher import ThrowawaySupervisor
@@ -125,6 +125,86 @@ def reference_server(listener: socket.socket, vectors: int, others: int) -> None
         for fd in own:
             os.close(fd)
         next_id += 1
+
+
+def floor_server(listener: socket.socket, vectors: int) -> None:
+    """The ivshmem protocol alone in Python, as fast as this interpreter speaks it: one epoll loop that greets, tells
+    the others of each join and leave, and nothing else (no credentials, policy, audit, log, queues or bounds).
+    Blocking sends: every peer of the joins row reads everything, and a peer gone is EPIPE, its leave to come."""
+    import select
+
+    pack, nosignal, rights = MESSAGE.pack, socket.MSG_NOSIGNAL, (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+    shm = os.memfd_create("bench-floor")
+    os.ftruncate(shm, 4 << 20)
+    listener.setblocking(False)
+    poller = select.epoll()
+    poller.register(listener.fileno(), select.EPOLLIN)
+    peers: dict[int, tuple[socket.socket, int, list[tuple[int, bytes]]]] = {}  # by fd: socket, id, vectors
+
+    def send(sock: socket.socket, word: bytes, fd_bytes: bytes | None = None) -> None:
+        try:
+            if fd_bytes is None:
+                sock.send(word, nosignal)
+            else:
+                sock.sendmsg((word,), ((*rights, fd_bytes),), nosignal)
+        except OSError:
+            pass  # gone: its own leave comes through the loop
+
+    shm_fd = array.array("i", [shm]).tobytes()
+    next_id = 0
+    while True:
+        for fd, _ in poller.poll():
+            if fd != listener.fileno():
+                sock, gone, own = peers.pop(fd)
+                poller.unregister(fd)
+                sock.close()
+                for efd, _ in own:
+                    os.close(efd)
+                word = pack(gone)
+                for other, _, _ in peers.values():
+                    send(other, word)
+                continue
+            try:  # one join per wake, as the C server: leaves come in between (a batch would starve them)
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            peer_id, next_id = next_id, next_id + 1
+            own = []
+            for _ in range(vectors):
+                efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                own.append((efd, array.array("i", [efd]).tobytes()))
+            word = pack(peer_id)
+            send(sock, pack(0) + word)
+            send(sock, pack(-1), shm_fd)
+            for _, other_id, vectors_of in peers.values():
+                other_word = pack(other_id)
+                for _, fd_bytes in vectors_of:
+                    send(sock, other_word, fd_bytes)
+            for _, fd_bytes in own:
+                send(sock, word, fd_bytes)
+            for other, _, _ in peers.values():
+                for _, fd_bytes in own:
+                    send(other, word, fd_bytes)
+            peers[sock.fileno()] = (sock, peer_id, own)
+            poller.register(sock.fileno(), select.EPOLLIN)
+
+
+class FloorServer:
+    """floor_server in a forked child on its own socket, with `idle` peers connected that read everything."""
+
+    def __init__(self, directory: Path, vectors: int, idle: int):
+        self.path = str(directory / f"floor-{idle}-{next(RUNS)}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(128)
+        self.pid = fork_server(lambda: floor_server(listener, vectors))
+        listener.close()
+        self.idle_pid = start_raw_idle_peers(self.path, idle) if idle else None
+
+    def stop(self) -> None:
+        if self.idle_pid is not None:
+            stop(self.idle_pid)
+        stop(self.pid)
 
 
 def idle_peers(path: str, count: int, vectors: int, ready: int) -> None:
@@ -371,6 +451,12 @@ def joins_row(args: argparse.Namespace) -> None:
                         keep(f"c{idle}", churn(binary, server.path, args.clients, args.joins, server.process.pid))
                     finally:
                         server.stop()
+                floor = FloorServer(directory, 1, 1)
+                try:
+                    churn(binary, floor.path, 1, 200, floor.pid)
+                    keep("p1", churn(binary, floor.path, args.clients, args.joins, floor.pid))
+                finally:
+                    floor.stop()
                 for durable, supervisor in supervisors.items():
                     socket_path = supervisor.policy.server.socket
                     pid = supervisor.process.pid
@@ -384,15 +470,24 @@ def joins_row(args: argparse.Namespace) -> None:
         print(f"  {'server':48} {'joins/s':>8} {'CPU/join':>9}  ratio to the C server (1 idle peer; no peer)")
         rows = [("QEMU's C ivshmem-server, 1 idle peer (same greeting)", "c1"),
                 ("QEMU's C ivshmem-server, no peer", "c0"),
+                ("the protocol alone in Python, 1 idle peer (floor)", "p1"),
                 ("shmguard, audit not durable", "s0"), ("shmguard, audit durable", "s1")]
         for label, key in rows:
             line = f"  {label:48} {best[key]:8.0f} {cpu[key] * 1e6:7.1f}us"
+            if key == "p1":
+                line += (f"  {best[key] / best['c1']:.2f}x: what Python reaches with no work but the protocol; "
+                         f"CPU {cpu[key] / cpu['c1']:.1f}x the C server's")
             if key.startswith("s"):
                 ratio = best[key] / best["c1"]
                 goal = GOALS[key == "s1"]
                 line += (f"  {ratio:.2f}x; {best[key] / best['c0']:.2f}x (goal >= {goal}x: "
                          f"{'met' if ratio >= goal else 'not met'}); CPU {cpu[key] / cpu['c1']:.1f}x the C server's")
             print(line)
+        sync = append_sync_times(directory).median / 1e3
+        ceiling = args.clients / sync
+        print(f"  an append + fdatasync alone on this file system: p50 {sync * 1e3:.3f} ms. A durable join is greeted "
+              f"once its record is on disk, so {args.clients} churn clients, each waiting for at least one, join at "
+              f"most about {ceiling:.0f}/s ({ceiling / best['c1']:.2f}x the C server) before any CPU is spent")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

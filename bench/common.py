@@ -1,6 +1,6 @@
 """What the benchmarks share: figures (nearest-rank percentiles, series of timings), timed loops with a warm-up,
-and the file system under a directory. A benchmark starts its supervisor with shmguard.launcher.ThrowawaySupervisor,
-the one way the tests, `shmguard attack` and the demo start theirs too.
+the file system under a directory, and the time a durable append takes there. A benchmark starts its supervisor
+with shmguard.launcher.ThrowawaySupervisor, the one way the tests, `shmguard attack` and the demo start theirs too.
 
 A benchmark run as `.venv/bin/python bench/NAME.py` (from the repository or from bench/) has bench/ first on its
 module path, so `import common` finds this file.
@@ -69,6 +69,27 @@ def file_system_of(directory: Path) -> str:
             if inside and len(mount_point) >= len(best):
                 best, fs_type = mount_point, after
     return fs_type
+
+
+def append_sync_times(directory: Path, count: int = 300, line_bytes: int = 450) -> Series:
+    """The floor of a durable record on the file system under directory: `count` appends of one line the size of
+    an audit record to a new file, each followed by an fdatasync (what the audit log's commit is), in ms."""
+    import os
+    import tempfile
+
+    times = Series("append + fdatasync")
+    line = b"x" * (line_bytes - 1) + b"\n"
+    fd, path = tempfile.mkstemp(prefix="sync-floor-", dir=directory)
+    try:
+        for _ in range(count):
+            os.write(fd, line)
+            start = time.perf_counter_ns()
+            os.fdatasync(fd)
+            times.values.append((time.perf_counter_ns() - start) / 1e6)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return times
 
 
 
