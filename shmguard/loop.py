@@ -1,4 +1,4 @@
-"""The one event loop: an epoll loop of fd callbacks. No threads, no timers that poll.
+"""The one event loop: an epoll loop of fd callbacks and cancellable deadlines. No threads, no timers that poll.
 
 epoll is used directly, not through selectors: the guard's repair of a truncated region runs right after the
 kernel's truncation has emptied the CPU's caches, where every line of Python between epoll_wait and the repair
@@ -21,6 +21,25 @@ log = logging.getLogger("shmguard")
 _NOT_IN, _NOT_OUT = ~select.EPOLLIN, ~select.EPOLLOUT  # hang-up and error count as both (see run_once)
 
 
+COMPACT_AFTER = 64  # cancelled deadlines the heap may hold before it is rebuilt (also at most half of it)
+
+
+class Timer:
+    """What call_at returns. cancel() drops the callback at once; its place in the heap goes when it comes up, or
+    when cancelled ones are half the heap: a cancelled deadline never holds its callback, nor the heap long."""
+
+    __slots__ = ("callback", "_loop")
+
+    def __init__(self, callback: Callback, loop: EventLoop):
+        self.callback: Callback | None = callback
+        self._loop = loop
+
+    def cancel(self) -> None:
+        if self.callback is not None:  # not run, not cancelled yet
+            self.callback = None
+            self._loop._cancelled_one()
+
+
 class EventLoop:
     """Calls a callback when its fd is readable or writable, and deadlines (for timeouts, never polling)."""
 
@@ -29,7 +48,8 @@ class EventLoop:
         self._registered: dict[int, int] = {}  # fd -> the epoll events it is registered for
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
-        self._deadlines: list[tuple[float, int, Callback]] = []
+        self._deadlines: list[tuple[float, int, Timer]] = []
+        self._cancelled = 0  # cancelled timers still in the heap
         self._order = itertools.count()
         self._running = False
         self._before_wait: list[WaitHook] = []
@@ -59,14 +79,23 @@ class EventLoop:
         self._writers.pop(fd, None)
         self._update(fd)
 
-    def call_at(self, when: float, callback: Callback) -> None:
-        """Run callback once at time.monotonic() >= when."""
+    def call_at(self, when: float, callback: Callback) -> Timer:
+        """Run callback once at time.monotonic() >= when, unless the Timer returned is cancelled first."""
         if not math.isfinite(when):
             raise ValueError(f"deadline {when!r} is not a finite time")  # a NaN at the heap's top spins the loop
-        heapq.heappush(self._deadlines, (when, next(self._order), callback))
+        timer = Timer(callback, self)
+        heapq.heappush(self._deadlines, (when, next(self._order), timer))
+        return timer
 
-    def call_later(self, delay: float, callback: Callback) -> None:
-        self.call_at(time.monotonic() + delay, callback)
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        return self.call_at(time.monotonic() + delay, callback)
+
+    def _cancelled_one(self) -> None:
+        self._cancelled += 1
+        if self._cancelled > COMPACT_AFTER and 2 * self._cancelled > len(self._deadlines):
+            self._deadlines = [entry for entry in self._deadlines if entry[2].callback is not None]
+            heapq.heapify(self._deadlines)
+            self._cancelled = 0
 
     def before_wait(self, hook: WaitHook) -> None:
         """Run hook once per turn, before the loop waits again (and once more when it stops): the audit log's
@@ -103,8 +132,12 @@ class EventLoop:
         """Wait for one batch of events (or the next deadline) and dispatch it."""
         if self._run_before_wait():
             timeout = 0.0
-        if self._deadlines:
-            wait = max(0.0, self._deadlines[0][0] - time.monotonic())
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].callback is None:  # cancelled: never a wake of its own
+            heapq.heappop(deadlines)
+            self._cancelled -= 1
+        if deadlines:
+            wait = max(0.0, deadlines[0][0] - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
         ready = self._epoll.poll(-1 if timeout is None else timeout)
         if len(ready) > 1 and self._first:
@@ -123,8 +156,15 @@ class EventLoop:
                 except Exception:  # noqa: BLE001 - as _call
                     log.exception("internal error in an event handler (still serving)")
         now = time.monotonic()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            self._call(heapq.heappop(self._deadlines)[2])
+        deadlines = self._deadlines  # afresh: a callback of the batch may have compacted the heap
+        while deadlines and deadlines[0][0] <= now:
+            timer = heapq.heappop(deadlines)[2]
+            callback, timer.callback = timer.callback, None  # run once: a cancel() from now on is nothing
+            if callback is None:
+                self._cancelled -= 1
+            else:
+                self._call(callback)
+            deadlines = self._deadlines  # a callback may have cancelled enough to compact it
 
     def _run_before_wait(self) -> bool:
         more = False

@@ -96,3 +96,61 @@ def test_removing_an_fd_already_closed_is_quiet(loop):
     os.close(w)
     loop.remove_reader(r)  # epoll dropped it with the close; nothing to say
     loop.run_once(0)
+
+
+def test_a_cancelled_deadline_never_runs_and_a_cancel_after_it_ran_is_nothing(loop):
+    seen: list[str] = []
+    kept = loop.call_later(0, lambda: seen.append("kept"))
+    dropped = loop.call_later(0, lambda: seen.append("dropped"))
+    dropped.cancel()
+    dropped.cancel()  # twice is once
+    loop.run_once(0)
+    assert seen == ["kept"]
+    kept.cancel()  # it has run: nothing to take back, and nothing counted
+    assert loop._cancelled == 0 and loop._deadlines == []
+
+
+def test_a_cancelled_deadline_at_the_top_does_not_wake_the_loop_early(loop):
+    """The wait is until the next deadline that will run: a cancelled sooner one is not a wake of its own."""
+    seen: list[str] = []
+    loop.call_later(0.0, lambda: seen.append("soon")).cancel()
+    loop.call_later(60.0, lambda: seen.append("later"))
+    r, w = readable_pipe()
+    try:
+        loop.add_reader(r, lambda: seen.append("readable"))
+        loop.run_once()  # would block for 60 s if the later deadline were not the wait: the pipe wakes it
+        assert seen == ["readable"] and len(loop._deadlines) == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize(("scheduled", "cancelled", "at_most"), [
+    (10, 10, 10),  # a few: they wait for their time in the heap
+    (10_000, 10_000, 128),  # a flood of timeouts answered at once: the heap is rebuilt, never holds them all
+    (10_000, 9_000, 2_000),  # cancelled ones are at most half of the heap (and at most COMPACT_AFTER past that)
+])
+def test_cancelled_deadlines_do_not_pile_up_in_the_heap(loop, scheduled, cancelled, at_most):
+    timers = [loop.call_later(3600, lambda: None) for _ in range(scheduled)]
+    for timer in timers[:cancelled]:
+        timer.cancel()
+    assert len(loop._deadlines) <= at_most
+    live = [entry for entry in loop._deadlines if entry[2].callback is not None]
+    assert len(live) == scheduled - cancelled, "no live deadline is lost by a rebuild"
+
+
+def test_a_deadline_may_cancel_another_of_the_same_turn(loop):
+    seen: list[str] = []
+    second = None
+
+    def first() -> None:
+        seen.append("first")
+        second.cancel()
+        for timer in [loop.call_later(3600, lambda: None) for _ in range(200)]:
+            timer.cancel()  # enough to rebuild the heap inside the turn
+
+    loop.call_later(0, first)
+    second = loop.call_later(0, lambda: seen.append("second"))
+    third = loop.call_later(0, lambda: seen.append("third"))
+    loop.run_once(0)
+    assert seen == ["first", "third"] and third.callback is None
