@@ -52,7 +52,7 @@ from .guest_session import (
     Written,
 )
 from .linux import eventfd, sdnotify
-from .loop import EventLoop
+from .loop import EventLoop, Timer
 from .recorder import Recorder
 from .region import Region, text_padding
 from .server import IvshmemServer, Peer
@@ -83,6 +83,7 @@ class HostPeer:
         self.guests = guests  # several built-in guests: their slots (guest.exchange holds their state)
         self.slots = GuestSlots(guests, region, server, slot_qemus) if guests else None
         self._requests: dict[int, Request] = {}  # the control requests the guest session knows by token
+        self._timers: dict[tuple[int, str], Timer] = {}  # (token, "timeout" or "nudge"): cancelled once answered
         self._tokens = itertools.count()
         self._looked: Peers | None = None  # the peers as looked at for the request or ring being handled
         for vector, fd in enumerate(peer.vectors):
@@ -115,7 +116,7 @@ class HostPeer:
         try:
             self.feed(WriteRequested(token, plan, request.cred.uid, plan.wait_for_guest, len(plan.data)))
         except BaseException:
-            self._requests.pop(token, None)  # answered by the control server, which the exception reaches
+            self._answered(token)  # answered by the control server, which the exception reaches
             raise
 
     def _plan_write(self, asked: WriteRequest) -> WritePlan:
@@ -281,7 +282,7 @@ class HostPeer:
             self._carry_out(exchange.handle(SendRequested(token, asked.source, asked.target, asked.data,
                                                           asked.timeout, time.monotonic()), self.slot_peers()))
         except BaseException:
-            if self._requests.pop(token, None) is not None:  # answered by the control server, which this reaches
+            if self._answered(token) is not None:  # answered by the control server, which this reaches
                 exchange.handle(SendFailed(token, "failed"), self.slot_peers())  # its guest may be asked again
             raise
 
@@ -312,7 +313,7 @@ class HostPeer:
                     todo.extendleft(reversed(self.guest.handle(self._write(token, plan), self.peers())))
                 case Reply(token, fields):  # a write's is sent once its record is on disk
                     fields = dict(fields)
-                    if (request := self._requests.pop(token, None)) is None:
+                    if (request := self._answered(token)) is None:
                         pass  # answered by an error already
                     elif "seq" in fields:  # a write's; with an ack its requester waits for this one reply alone
                         request.reply_once_recorded(fields["seq"], promptly="ack" in fields, **fields)
@@ -325,7 +326,8 @@ class HostPeer:
                 case Log(level, message):  # one per acknowledged write
                     log.log(_LEVELS.get(level) or logging.getLevelName(level.upper()), "%s", message)
                 case ScheduleTimeout(token, seconds):
-                    self.loop.call_later(seconds, lambda t=token: self.feed(TimedOut(t)))
+                    self._timers[token, "timeout"] = self.loop.call_later(seconds,
+                                                                          lambda t=token: self.feed(TimedOut(t)))
                 case Ring(peer, vector, held=True):
                     try:
                         self.server.ring(peer, vector)
@@ -334,7 +336,7 @@ class HostPeer:
                 case Hold() | Queue():
                     pass  # the session keeps them
                 case Fail(token, error, fields):
-                    if (request := self._requests.pop(token, None)) is not None:
+                    if (request := self._answered(token)) is not None:
                         request.fail(error, **dict(fields))
                 case RefreshGuard():
                     self.guard.refresh()
@@ -357,12 +359,20 @@ class HostPeer:
                     except ShmguardError as exc:
                         log.warning("guest %d was not told who is there: %s", slot, exc)
                 case ScheduleNudge(token, seconds):
-                    self.loop.call_later(seconds, lambda t=token: self._nudge(t))
+                    self._timers[token, "nudge"] = self.loop.call_later(seconds, lambda t=token: self._nudge(t))
                 case PassOn(vector, reply):
                     todo.extendleft(reversed(self.guest.handle(HostRung(vector, reply, time.monotonic()),
                                                                self.peers())))
                 case _:
                     raise AssertionError(f"not an action of the guest session: {action!r}")
+
+    def _answered(self, token: int) -> Request | None:
+        """The request of token, gone from those waiting, and its timers cancelled: a flood of acknowledged writes
+        must not leave a timeout each in the loop's heap for the whole of its timeout."""
+        for kind in ("timeout", "nudge"):
+            if (timer := self._timers.pop((token, kind), None)) is not None:
+                timer.cancel()
+        return self._requests.pop(token, None)
 
     def _on_host_rung(self, vector: int, fd: int) -> None:
         if eventfd.drain(fd) is None:  # a peer drained it between epoll and now; never a blocking read

@@ -84,3 +84,9 @@ def as_user(user: str, func, *args, groups_from_user: bool = True):
     if kind == "error":
         raise value
     return value
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of a process (VmRSS), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("VmRSS:")))

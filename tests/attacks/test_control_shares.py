@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import MEMBER_USER, RunningSupervisor, as_user, policy_file
+from helpers import MEMBER_USER, RunningSupervisor, as_user, policy_file, rss_kib
 from shmguard.control import StatusRequest, encode
 
 POLICIES = ("strict", "standard")
@@ -96,11 +96,6 @@ def wait_until(predicate, what: str, timeout: float = 30) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
         time.sleep(0.02)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith("VmRSS:")))
 
 
 def root_status(supervisor) -> dict:

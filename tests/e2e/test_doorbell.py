@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SHMGUARD, RunningSupervisor, policy_file
+from helpers import SHMGUARD, RunningSupervisor, policy_file, rss_kib
 from shmguard.client import IvshmemClient
-from shmguard.control import WriteRequest
+from shmguard.control import DEFAULT_WAIT_SECONDS, WriteRequest, encode
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 4096
@@ -53,6 +53,23 @@ def test_a_hundred_messages_delivered_acknowledged_and_printed_in_order(booted):
     while len(guest_lines(booted)) < already + 100 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert guest_lines(booted)[already:] == [f"received IRQ and full message: {text}" for text in sent]
+
+
+def test_acknowledged_writes_leave_no_timeout_behind(booted):
+    """A write that waits for its ack holds one timeout, up to the longest the policy allows, and gives it back with
+    the ack: 4000 of them, each with that longest timeout, leave the supervisor's memory where it was (VmRSS). Each
+    one used to stay in the loop's heap until its time was up (60 s of writes: about 1 MiB per 4000)."""
+    def flood(count: int) -> None:
+        with booted.client(timeout=90).connect() as connection:
+            for n in range(count):
+                connection.send(encode(WriteRequest(f"flood {n}".encode(), text=True, ring="guest", wait=True,
+                                                    timeout=DEFAULT_WAIT_SECONDS)))
+                reply = connection.receive()
+                assert reply["ok"] and reply["delivered_exactly"], reply
+    flood(500)  # the log, the audit log and the allocator's pools at their working size
+    before = rss_kib(booted.proc.pid)
+    flood(4000)
+    assert rss_kib(booted.proc.pid) - before < 512
 
 
 def test_a_message_filling_the_region_without_nul_is_printed_as_truncated(booted):
