@@ -30,7 +30,12 @@ INSIDE = r"""#!/bin/bash
 out=/mnt/out
 step() { local name=$1; shift; "$@" >"$out/$name" 2>&1; echo $? >"$out/$name.rc"; }
 wheel=/mnt/work/dist/@WHEEL@
-step install-1 bash /mnt/work/tree/scripts/install-systemd --source "$wheel" --wheelhouse /mnt/work/wheels
+# root's PATH starts with a python3 of its own (a pyenv shim, say): the units could not reach it (ProtectHome=yes).
+mkdir -p /root/bin && printf '#!/bin/sh\necho "the python3 on PATH was run" >&2\nexit 97\n' >/root/bin/python3
+chmod +x /root/bin/python3
+step install-1 env PATH="/root/bin:$PATH" bash /mnt/work/tree/scripts/install-systemd --source "$wheel" \
+    --wheelhouse /mnt/work/wheels
+step interpreter readlink -f /opt/shmguard/bin/python
 step install-2 bash /opt/shmguard/share/shmguard/scripts/install-systemd --wheelhouse /mnt/work/wheels
 step program readlink -f /usr/local/bin/shmguard
 step start-main systemctl start shmguard.service
@@ -147,6 +152,8 @@ def test_install_systemd_installs_shmguard_where_the_units_run_it_and_again_noth
     assert status == 0, again
     assert "installed shmguard" not in again and "/usr/local/bin/shmguard ->" not in again, again
     assert seen(container, "program")[1].strip() == "/opt/shmguard/bin/shmguard"
+    interpreter = seen(container, "interpreter")[1].strip()
+    assert interpreter.startswith("/usr/bin/python3"), f"the units run {interpreter}, not Debian's python3"
 
 
 def test_the_unit_is_ready_with_its_status(container):
