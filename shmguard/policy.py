@@ -11,15 +11,13 @@ import dataclasses
 import json
 import os
 import re
-import stat
 import tomllib
 from dataclasses import field
 from pathlib import Path
 
-from .errors import PolicyError, ShmguardError
+from .errors import PolicyError
 from .limits import MAX_VECTORS, MIN_SIZE, PEER_IDS
-from .paths import check_directory_chain, file_kind
-from .policy_facts import builtin_dir, resolve_gid, resolve_uid
+from .policy_facts import builtin_dir, resolve_gid, resolve_uid, trusted_local
 from .values import Value, value
 
 # policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip). Its __file__,
@@ -498,18 +496,7 @@ def locate(name_or_path: str) -> Path:
 
 
 def _trusted_local(path: Path) -> Path:
-    """/etc/shmguard/NAME.toml replaces a built-in by name alone, so it must be root's and writable by nobody else
-    (nor any directory on the way to it): one that someone else could have planted is refused, never read."""
-    try:
-        check_directory_chain(path.parent, {0})
-    except ShmguardError as exc:
-        raise PolicyError(str(exc)) from None
-    st = path.lstat()
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-        raise PolicyError(f"{path}: refusing a policy that is not a regular file owned by root and writable by "
-                          f"root alone (it is {file_kind(st.st_mode)}, uid {st.st_uid}, mode "
-                          f"0{stat.S_IMODE(st.st_mode):o}): fix it with chown root: and chmod go-w")
-    return path
+    return Path(trusted_local(str(path)))  # policy_facts: the client's fast path checks it the same way
 
 
 def _read(path: Path) -> str:
