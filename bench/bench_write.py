@@ -12,7 +12,8 @@ hook's ~20 ms to every process. Against a running `shmguard run --no-guest` (str
 size measured, durable audit log as strict has it):
 - latency of one message, a new process per message as a user or a script would run it:
   `shmguard write -m TEXT --policy strict --control-socket SOCKET` (the built-in policy: read from its record),
-  `shmguard write -m TEXT --policy FILE` (a policy file: parsed and checked), the first through the click CLI
+  `shmguard write -m TEXT --policy FILE` (a policy file: checked in full by the warm-up, then read from this
+  user's cache of it, policy_facts.FactsCache), the first through the click CLI
   (what every command cost before write took the lean path), and the seed's script, reduced to
   the command it runs for a message that fits: `printf %s "$MSG" | dd of=/dev/shm/FILE ibs=SIZE conv=sync
   status=none` under /bin/sh, against a scratch file of the same size in /dev/shm (dd truncates it and writes
