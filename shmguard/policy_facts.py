@@ -115,8 +115,8 @@ class FactsCache:
     (30-40 ms) for a file it has read before. An entry is the record builtin_policies.py keeps of a built-in: it is
     used only for the very same text at the very same path, its names are looked up again each time, and it is
     trusted only where only this user (or root) can have written it: a directory chain make_directory accepts for
-    this uid, and a file of this uid that nobody else may write. The parser's own files and shmguard's version are
-    in the key: another parser reads every file afresh."""
+    this uid, and a file of this uid that nobody else may write. The parser's own files (PARSER_FILES: device,
+    inode, size, time) are its key: another parser, an upgrade say, reads every file afresh."""
 
     def __init__(self, directory: str, key: str):
         self.directory, self.key, self.uid = directory, key, os.geteuid()
@@ -143,10 +143,12 @@ class FactsCache:
         from .paths import check_directory_chain, file_problem
 
         file = self._file(path)
+        if file is None:
+            return None
         try:
             check_directory_chain(self.directory, {self.uid})
             fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except (OSError, TypeError, ShmguardError):
+        except (OSError, ShmguardError):
             return None
         try:
             if file_problem(os.fstat(fd), frozenset({self.uid})) is not None:
