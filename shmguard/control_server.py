@@ -208,9 +208,12 @@ class Connection:
         if self.closed or not self.outbox:
             return
         try:
-            sent = self.sock.send(self.outbox)
+            self._sent(self.sock.send(self.outbox))
         except OSError:
             return  # no room (the flush waits for it), or gone (the flush finds out and closes)
+
+    def _sent(self, sent: int) -> None:
+        """sent bytes of the outbox went out: the replies wholly sent no longer wait to be read."""
         del self.outbox[:sent]
         self.sent += sent
         self.last_active = time.monotonic()
@@ -231,11 +234,7 @@ class Connection:
             except OSError:
                 self.close()
                 return
-            del self.outbox[:sent]
-            self.sent += sent
-            self.last_active = time.monotonic()
-            while self.replies and self.replies[0][0] <= self.sent:
-                self.replies.popleft()
+            self._sent(sent)
         if self.closed:
             return
         if not self.outbox:
@@ -261,27 +260,26 @@ class Connection:
 
     def deadline(self, request_seconds: float, idle_seconds: float) -> tuple[float, str] | None:
         """The next moment this connection has made no progress for too long, and why; None if it need not end."""
-        due: list[tuple[float, str]] = []
-        if self.input_since is not None:
-            due.append((self.input_since + request_seconds, f"the request did not arrive whole within "
-                                                            f"{request_seconds:g} s (policy shares.request_seconds)"))
-        if self.replies:
-            due.append((self.replies[0][1] + request_seconds, f"its reply was not read within {request_seconds:g} s "
-                                                              "(policy shares.request_seconds)"))
-        if not self.inbox and not self.outbox and not self.pending and not self.held:
-            due.append((self.last_active + idle_seconds, f"idle for {idle_seconds:g} s (policy control.idle_seconds)"))
-        return min(due, default=None)
+        first = min(self._dues(request_seconds, idle_seconds), default=None)
+        if first is None:
+            return None
+        return first[0], _DEADLINE_REASONS[first[1]].format(request=request_seconds, idle=idle_seconds)
 
     def next_due(self, request_seconds: float, idle_seconds: float) -> float | None:
         """When deadline() is due, without saying why (watch() runs after every batch of requests)."""
-        when = None if self.input_since is None else self.input_since + request_seconds
+        first = min(self._dues(request_seconds, idle_seconds), default=None)
+        return None if first is None else first[0]
+
+    def _dues(self, request_seconds: float, idle_seconds: float) -> list[tuple[float, str]]:
+        """(when, which) of each deadline that applies now; which is a key of _DEADLINE_REASONS."""
+        due = []
+        if self.input_since is not None:
+            due.append((self.input_since + request_seconds, "request"))
         if self.replies:
-            due = self.replies[0][1] + request_seconds
-            when = due if when is None or due < when else when
+            due.append((self.replies[0][1] + request_seconds, "reply"))
         if not self.inbox and not self.outbox and not self.pending and not self.held:
-            due = self.last_active + idle_seconds
-            when = due if when is None or due < when else when
-        return when
+            due.append((self.last_active + idle_seconds, "idle"))
+        return due
 
     # --- deadlines: a connection that makes no progress is closed, whatever it sends --------------------
 
@@ -654,6 +652,11 @@ def _bound_key(share: Share, uid: int, total_key: str, per_uid_key: str, reserve
     return reserved_key
 
 
+_DEADLINE_REASONS = {  # why a connection is closed, by Connection._dues' names (formatted only when it is)
+    "request": "the request did not arrive whole within {request:g} s (policy shares.request_seconds)",
+    "reply": "its reply was not read within {request:g} s (policy shares.request_seconds)",
+    "idle": "idle for {idle:g} s (policy control.idle_seconds)",
+}
 _ENCODER = json.JSONEncoder(sort_keys=True)  # one encoder for every reply (json.dumps makes one per call)
 # Its C core, made once: the same output, without the record of what it is inside that catches a value holding
 # itself (a reply is made of fresh dicts, lists and scalars: it never does; if one did, RecursionError).

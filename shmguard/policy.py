@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import tomllib
 from dataclasses import field
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from .errors import PolicyError
 from .limits import MAX_VECTORS, MIN_SIZE, PEER_IDS
-from .policy_facts import builtin_dir, resolve_gid, resolve_uid, trusted_local
+from .policy_facts import builtin_dir, local_policy, resolve_gid, resolve_uid
 from .values import Value, value
 
 # policies/ at the top of the repository, installed as shmguard.policies (a directory, never a zip). Its __file__,
@@ -481,9 +480,9 @@ def builtin_names() -> list[str]:
 def locate(name_or_path: str) -> Path:
     """A policy name (/etc/shmguard/NAME.toml first, then the built-in NAME) or a path to a TOML file."""
     if "/" not in name_or_path and not name_or_path.endswith(".toml"):
-        local = LOCAL_DIR / f"{name_or_path}.toml"
-        if os.path.lexists(local):
-            return _trusted_local(local)
+        local = local_policy(name_or_path, str(LOCAL_DIR))
+        if local is not None:
+            return Path(local)
         path = BUILTIN_DIR / f"{name_or_path}.toml"
         if path.is_file():
             return path
@@ -493,10 +492,6 @@ def locate(name_or_path: str) -> Path:
     if not path.is_file():
         raise PolicyError(f"{name_or_path}: policy file not found")
     return path
-
-
-def _trusted_local(path: Path) -> Path:
-    return Path(trusted_local(str(path)))  # policy_facts: the client's fast path checks it the same way
 
 
 def _read(path: Path) -> str:

@@ -76,10 +76,9 @@ def _located_file(name_or_path: str) -> tuple[str, str] | None:
     """(path, text) of a policy file that load_policy would read: /etc/shmguard/NAME.toml (checked as load_policy
     checks it) or a path given; None for anything else, which load_policy then reads or refuses itself."""
     if "/" not in name_or_path and not name_or_path.endswith(".toml"):
-        path = os.path.join(LOCAL_DIR, f"{name_or_path}.toml")
-        if not os.path.lexists(path):
+        path = local_policy(name_or_path, LOCAL_DIR)
+        if path is None:
             return None
-        trusted_local(path)
     elif os.path.isfile(name_or_path):
         path = name_or_path
     else:
@@ -89,6 +88,12 @@ def _located_file(name_or_path: str) -> tuple[str, str] | None:
             return path, f.read().decode()
     except (OSError, UnicodeDecodeError):
         return None  # load_policy's own error line
+
+
+def local_policy(name: str, local_dir: str) -> str | None:
+    """local_dir/NAME.toml if it is there, checked (trusted_local): it takes the built-in NAME's place; else None."""
+    path = os.path.join(local_dir, f"{name}.toml")
+    return trusted_local(path) if os.path.lexists(path) else None
 
 
 def trusted_local(path: str) -> str:

@@ -37,3 +37,10 @@ def test_the_environment_runs_debians_interpreter_whatever_python3_comes_first(t
                             timeout=600, env={**os.environ, "PATH": f"{decoy.parent}:{os.environ['PATH']}"})
     assert result.returncode == 0 and "was run" not in result.stderr, result.stderr
     assert (checkout / ".venv/bin/python").resolve() == Path("/usr/bin/python3").resolve()
+    # An environment made from another interpreter (its stamp says which) is made again, from Debian's.
+    stamp = checkout / ".venv/.shmguard-installed"
+    stamp.write_text(stamp.read_text().rsplit(" ", 1)[0] + " /root/.pyenv/versions/3.11.7/bin/python3.11\n")
+    again = subprocess.run(["bash", "scripts/bootstrap", "setup"], cwd=checkout, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and "creating the virtual environment" in again.stderr, again.stderr
+    assert stamp.read_text().split()[-1] == str(Path("/usr/bin/python3").resolve())
